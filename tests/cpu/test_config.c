@@ -30,7 +30,13 @@ static void load(Config *c, const char *name) {
   config_load_file(c, path);
 }
 
-TestSuite(config, .init = make_dir);
+static void remove_dir(void) {
+  char command[300];
+  snprintf(command, sizeof command, "rm -rf %s", dir);
+  cr_assert_eq(system(command), 0);
+}
+
+TestSuite(config, .init = make_dir, .fini = remove_dir);
 
 Test(config, include_then_local_keys_then_overrides) {
   write_file("model.ini", "[model]\nhidden_size = 64\nnum_layers = 2\n[optim]\nlr = 0.5\n");

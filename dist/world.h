@@ -1,0 +1,30 @@
+/* The MPI world and klt's rank layout. world = dp x cp ranks; experts are spread over an
+ * expert-parallel group of ep ranks inside each dp group. Host-buffer collectives go through MPI
+ * here (device buffers through NCCL, with the CUDA backend), so every parallel path runs on a
+ * CPU-only machine too. A failing rank aborts the whole world (through klt's exit hook), so no rank
+ * is left waiting. */
+#pragma once
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "common/real.h"
+
+typedef struct {
+  int rank, size;          // in the world
+  int local_rank;          // on this node (picks the GPU)
+  int dp, ep, cp;          // layout
+  int dp_rank, ep_rank;    // this rank's place: dp group index, and index inside its ep group
+  bool initialized_mpi;    // whether world_init called MPI_Init (and world_finalize must finalize)
+} World;
+
+// Initializes MPI (if not yet) and checks that the layout divides the world; user errors exit 2.
+void world_init(World *world, int *argc, char ***argv, int dp, int ep, int cp);
+void world_finalize(World *world);
+static inline bool world_is_main(const World *world) { return world->rank == 0; }
+
+// Host collectives over the data-parallel ranks (the whole world while cp = 1).
+void world_sum_reals(const World *world, real *values, size_t count);        // in place
+void world_sum_doubles(const World *world, double *values, size_t count);    // in place
+void world_max_reals(const World *world, real *values, size_t count);        // in place
+void world_broadcast_bytes(const World *world, void *bytes, size_t count, int root);
+void world_barrier(const World *world);
