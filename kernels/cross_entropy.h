@@ -1,0 +1,29 @@
+/* The language-model head fused with the token cross-entropy. The full (N, V) logits of a large
+ * vocabulary (163840 in the released model) would dwarf every other activation, so they never exist:
+ * the forward walks the vocabulary in chunks, one gemm per chunk, keeping an online log-sum-exp per
+ * token, and saves only that log-sum-exp; the backward recomputes each chunk's logits from it. Rows
+ * are also taken in blocks, so the scratch is (row block, vocab_chunk) whatever N is. The loss is per
+ * token; the caller turns a masked mean into dlosses (mask / count). */
+#pragma once
+
+#include "common/real.h"
+
+// losses[n] = logsumexp_v(x_n . w_v) - x_n . w_targets[n]; lse[n] = logsumexp_v(x_n . w_v), saved for
+// the backward. A target < 0 means "no loss here": losses[n] = 0. Targets must be < V.
+void lm_head_cross_entropy_forward(real *losses,        // (N)
+                                   real *lse,           // (N)
+                                   const real *x,       // (N, C)
+                                   const real *weight,  // (V, C)
+                                   const int *targets,  // (N)
+                                   int N, int C, int V, int vocab_chunk);
+
+// With dlogits[n, v] = (softmax(x_n W^T)[v] - [v == targets[n]]) * dlosses[n] (zero where the target
+// is < 0): dx += dlogits W, dweight += dlogits^T x. Either gradient may be NULL.
+void lm_head_cross_entropy_backward(real *dx,             // (N, C)
+                                    real *dweight,        // (V, C)
+                                    const real *dlosses,  // (N)
+                                    const real *x,        // (N, C)
+                                    const real *weight,   // (V, C)
+                                    const int *targets,   // (N)
+                                    const real *lse,      // (N)
+                                    int N, int C, int V, int vocab_chunk);
