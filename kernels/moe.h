@@ -1,0 +1,68 @@
+/* Mixture-of-experts routing and token shuffling, the parts of a MoE layer that are not expert
+ * GEMMs. The router (DeepSeek-V3 / Kimi style) scores experts with a sigmoid, chooses each token's
+ * top_k experts by score + bias (the bias, moved by aux-loss-free balancing, only routes) and weights
+ * them by their plain scores renormalized to sum 1 times routed_scaling. The permutation groups the
+ * N * top_k (token, slot) assignments by expert, so each expert's rows are contiguous for one GEMM
+ * (and for the expert-parallel all-to-all); unpermute combines the expert outputs back per token with
+ * the routing weights. No token is dropped. */
+#pragma once
+
+#include "common/real.h"
+
+// scores = sigmoid(logits); expert_index[n, :] = the top_k experts of token n by scores + bias, in
+// decreasing order of that sum, ties broken by the lower expert index; expert_weight[n, j] =
+// scores[n, expert_index[n, j]] / (sum of the chosen scores + 1e-20) * routed_scaling.
+void moe_router_forward(int *expert_index,    // (N, top_k)
+                        real *expert_weight,  // (N, top_k)
+                        real *scores,         // (N, E)
+                        const real *logits,   // (N, E)
+                        const real *bias,     // (E) or NULL
+                        int N, int E, int top_k, real routed_scaling);
+
+// dlogits += gradient through expert_weight for the chosen experts (the choice is piecewise constant,
+// so it carries no gradient; unchosen experts get none).
+void moe_router_backward(real *dlogits,               // (N, E)
+                         const real *dexpert_weight,  // (N, top_k)
+                         const real *scores,          // (N, E)
+                         const int *expert_index,     // (N, top_k)
+                         int N, int E, int top_k, real routed_scaling);
+
+// Groups the N * top_k assignments by expert, stable in (token, slot) order within an expert:
+// expert e owns rows [expert_offsets[e], expert_offsets[e + 1]) of the sorted buffer, holding
+// expert_counts[e] rows; assignment (n, j) lands in row row_of_assignment[n * top_k + j], and row r
+// holds token token_of_row[r].
+void moe_permute_plan(int *expert_counts,       // (E)
+                      int *expert_offsets,      // (E + 1)
+                      int *row_of_assignment,   // (N * top_k)
+                      int *token_of_row,        // (N * top_k)
+                      const int *expert_index,  // (N, top_k)
+                      int N, int E, int top_k);
+
+// sorted[r] = x[token_of_row[r]] for the rows = N * top_k rows of the sorted buffer.
+void moe_permute_forward(real *sorted,             // (rows, C)
+                         const real *x,            // (N, C)
+                         const int *token_of_row,  // (rows)
+                         int rows, int C);
+
+// dx[token_of_row[r]] += dsorted[r].
+void moe_permute_backward(real *dx,                 // (N, C)
+                          const real *dsorted,      // (rows, C)
+                          const int *token_of_row,  // (rows)
+                          int rows, int C);
+
+// out[n] = sum_j expert_weight[n, j] * expert_out[row_of_assignment[n * top_k + j]]; overwrites out.
+void moe_unpermute_forward(real *out,                     // (N, C)
+                           const real *expert_out,        // (N * top_k, C)
+                           const real *expert_weight,     // (N, top_k)
+                           const int *row_of_assignment,  // (N * top_k)
+                           int N, int top_k, int C);
+
+// dexpert_out[row(n, j)] += expert_weight[n, j] * dout[n];
+// dexpert_weight[n, j] += dout[n] . expert_out[row(n, j)]. Either gradient may be NULL.
+void moe_unpermute_backward(real *dexpert_out,             // (N * top_k, C)
+                            real *dexpert_weight,          // (N, top_k)
+                            const real *dout,              // (N, C)
+                            const real *expert_out,        // (N * top_k, C)
+                            const real *expert_weight,     // (N, top_k)
+                            const int *row_of_assignment,  // (N * top_k)
+                            int N, int top_k, int C);
