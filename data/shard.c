@@ -140,6 +140,7 @@ void shard_writer_append(ShardWriter *writer, const uint32_t *tokens, const uint
 }
 
 uint64_t shard_writer_token_count(const ShardWriter *writer) { return writer->written + writer->buffered; }
+uint64_t shard_writer_document_count(const ShardWriter *writer) { return writer->doc_count; }
 
 static void writer_set_attribute(ShardWriter *writer, const char *name, hid_t file_type, hid_t memory_type,
                                  const void *value) {

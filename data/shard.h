@@ -35,6 +35,7 @@ void shard_writer_begin_document(ShardWriter *writer);
 void shard_writer_append(ShardWriter *writer, const uint32_t *tokens, const uint8_t *loss_mask,
                          size_t count);
 uint64_t shard_writer_token_count(const ShardWriter *writer);
+uint64_t shard_writer_document_count(const ShardWriter *writer);
 // Writes doc_offsets and the attributes, closes and renames `path`.tmp to `path`; frees writer.
 // A shard must hold at least one token and begin with a document.
 void shard_writer_close(ShardWriter *writer);
