@@ -167,7 +167,9 @@ Loader *loader_open(const LoaderConfig *config, const LoaderState *resume) {
                    (unsigned long long)(T + 1));
   loader->val_windows = 0;
   if (config->val_fraction > 0) {
-    loader->val_windows = (uint64_t)ceil(config->val_fraction * (double)loader->window_count);
+    // The tolerance keeps 0.05 * 220 = 11.000000000000002 from rounding up to 12.
+    double share = config->val_fraction * (double)loader->window_count;
+    loader->val_windows = (uint64_t)ceil(share * (1 - 1e-12));
     if (loader->val_windows < 1) loader->val_windows = 1;
   }
   if (loader->val_windows >= loader->window_count)
