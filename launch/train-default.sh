@@ -9,7 +9,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${KLT_BUILD_DIR:-$root/build}
 cd "$root"
 if [[ ! -f data/sample/shards/shard_00000.h5 ]]; then
-  "$build/klt-data" prep --format text --output data/sample/shards data/sample/text/*.txt
+  "$build/klt-data" prep --format text --output data/sample/shards data/sample/*.txt
 fi
 "$build/klt-data" inspect data/sample/shards
 exec "$build/klt-train" configs/default.ini "$@"
