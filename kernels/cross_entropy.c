@@ -18,19 +18,21 @@ static void cross_entropy_check_shapes(const int *targets, int N, int C, int V, 
   for (int n = 0; n < N; n++) CHECK(targets[n] < V, "target %d of row %d is not below V=%d", targets[n], n, V);
 }
 
-void lm_head_cross_entropy_forward(real *losses, real *lse, const real *x, const real *weight, const int *targets,
-                                   int N, int C, int V, int vocab_chunk) {
+void lm_head_cross_entropy_forward(real *losses, real *lse, int *argmax, const real *x, const real *weight,
+                                   const int *targets, int N, int C, int V, int vocab_chunk) {
   cross_entropy_check_shapes(targets, N, C, V, vocab_chunk);
   if (vocab_chunk > V) vocab_chunk = V;
   real *logits = klt_malloc(sizeof(real) * CROSS_ENTROPY_BLOCK_ROWS * vocab_chunk);  // (rows, vocab_chunk)
   real running_max[CROSS_ENTROPY_BLOCK_ROWS], running_sum[CROSS_ENTROPY_BLOCK_ROWS];
   real target_logit[CROSS_ENTROPY_BLOCK_ROWS];
+  int best[CROSS_ENTROPY_BLOCK_ROWS];
   for (int n0 = 0; n0 < N; n0 += CROSS_ENTROPY_BLOCK_ROWS) {
     int rows = N - n0 < CROSS_ENTROPY_BLOCK_ROWS ? N - n0 : CROSS_ENTROPY_BLOCK_ROWS;
     for (int r = 0; r < rows; r++) {
       running_max[r] = -INFINITY;
       running_sum[r] = 0;
       target_logit[r] = 0;
+      best[r] = 0;
     }
     for (int v0 = 0; v0 < V; v0 += vocab_chunk) {
       int width = V - v0 < vocab_chunk ? V - v0 : vocab_chunk;
@@ -38,7 +40,13 @@ void lm_head_cross_entropy_forward(real *losses, real *lse, const real *x, const
       for (int r = 0; r < rows; r++) {
         const real *row = logits + (size_t)r * width;
         real chunk_max = row[0];
-        for (int c = 1; c < width; c++) chunk_max = row[c] > chunk_max ? row[c] : chunk_max;
+        int chunk_best = 0;
+        for (int c = 1; c < width; c++)
+          if (row[c] > chunk_max) {
+            chunk_max = row[c];
+            chunk_best = c;
+          }
+        if (chunk_max > running_max[r]) best[r] = v0 + chunk_best;
         real new_max = chunk_max > running_max[r] ? chunk_max : running_max[r];
         real sum = 0;
         for (int c = 0; c < width; c++) sum += exp(row[c] - new_max);
@@ -51,6 +59,7 @@ void lm_head_cross_entropy_forward(real *losses, real *lse, const real *x, const
     for (int r = 0; r < rows; r++) {
       lse[n0 + r] = running_max[r] + log(running_sum[r]);
       losses[n0 + r] = targets[n0 + r] < 0 ? 0 : lse[n0 + r] - target_logit[r];
+      if (argmax) argmax[n0 + r] = best[r];
     }
   }
   free(logits);

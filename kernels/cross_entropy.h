@@ -10,8 +10,10 @@
 
 // losses[n] = logsumexp_v(x_n . w_v) - x_n . w_targets[n]; lse[n] = logsumexp_v(x_n . w_v), saved for
 // the backward. A target < 0 means "no loss here": losses[n] = 0. Targets must be < V.
+// argmax (N), if not NULL, receives each row's most likely token (lowest index on ties), for accuracy.
 void lm_head_cross_entropy_forward(real *losses,        // (N)
                                    real *lse,           // (N)
+                                   int *argmax,         // (N) or NULL
                                    const real *x,       // (N, C)
                                    const real *weight,  // (V, C)
                                    const int *targets,  // (N)

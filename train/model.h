@@ -26,6 +26,8 @@ const ModelConfig *model_config(const Model *model);
 // mean). Returns the sum of the unweighted token losses. Keeps what the backward needs.
 double model_forward(Model *model, const int *inputs, const int *targets, const unsigned char *doc_start, int B,
                      int T, real loss_weight);
+// The most likely next token at each position of the last forward (B, T).
+const int *model_predictions(const Model *model);
 // Backward of the last forward: adds every parameter's gradient into the registry's gradient arena.
 void model_backward(Model *model);
 

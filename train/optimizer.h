@@ -28,5 +28,5 @@ void optimizer_free(Optimizer *opt);
 // One update from the (already reduced and clipped) gradients, at schedule position `position`
 // (steps or tokens, as the stage says). Max logits and expert loads must already be reduced over ranks.
 OptimizerReport optimizer_step(Optimizer *opt, double position);
-// Schedule position of the start of step `step` in the stage's unit.
+// Schedule position at which step `step` (0-based) takes its learning rate, in the stage's unit.
 double optimizer_position(const Optimizer *opt, long step);

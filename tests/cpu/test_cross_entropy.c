@@ -10,6 +10,7 @@ typedef struct {
   real *x, *weight, *dlosses;  // (N, C), (V, C), (N)
   real *losses, *lse;          // (N), (N)
   int *targets;                // (N), some < 0
+  int *argmax;                 // (N)
 } CrossEntropyCase;
 
 static CrossEntropyCase case_create(int N, int C, int V, int vocab_chunk, uint64_t seed) {
@@ -18,6 +19,7 @@ static CrossEntropyCase case_create(int N, int C, int V, int vocab_chunk, uint64
   c.x = test_alloc((size_t)N * C); c.weight = test_alloc((size_t)V * C); c.dlosses = test_alloc(N);
   c.losses = test_alloc(N); c.lse = test_alloc(N);
   c.targets = malloc(sizeof(int) * N);
+  c.argmax = malloc(sizeof(int) * N);
   test_fill_normal(c.x, (size_t)N * C, 1, &rng);
   test_fill_normal(c.weight, (size_t)V * C, 1, &rng);
   test_fill_normal(c.dlosses, N, 1, &rng);
@@ -26,14 +28,14 @@ static CrossEntropyCase case_create(int N, int C, int V, int vocab_chunk, uint64
 }
 
 static void case_free(CrossEntropyCase *c) {
-  free(c->x); free(c->weight); free(c->dlosses); free(c->losses); free(c->lse); free(c->targets);
+  free(c->x); free(c->weight); free(c->dlosses); free(c->losses); free(c->lse); free(c->targets); free(c->argmax);
 }
 
 static void case_forward(CrossEntropyCase *c) {
-  lm_head_cross_entropy_forward(c->losses, c->lse, c->x, c->weight, c->targets, c->N, c->C, c->V, c->vocab_chunk);
+  lm_head_cross_entropy_forward(c->losses, c->lse, c->argmax, c->x, c->weight, c->targets, c->N, c->C, c->V, c->vocab_chunk);
 }
 
-static void naive_cross_entropy(const CrossEntropyCase *c, real *losses, real *lse) {
+static void naive_cross_entropy(const CrossEntropyCase *c, real *losses, real *lse, int *argmax) {
   double *logits = malloc(sizeof(double) * c->V);
   for (int n = 0; n < c->N; n++) {
     double m = -INFINITY;
@@ -41,6 +43,7 @@ static void naive_cross_entropy(const CrossEntropyCase *c, real *losses, real *l
       double s = 0;
       for (int i = 0; i < c->C; i++) s += (double)c->x[(size_t)n * c->C + i] * c->weight[(size_t)v * c->C + i];
       logits[v] = s;
+      if (s > m) argmax[n] = v;
       m = fmax(m, s);
     }
     double z = 0;
@@ -56,8 +59,11 @@ Test(cross_entropy, forward_matches_full_logits) {
   // give logits of several units, so the log-sum-exp shift matters.
   CrossEntropyCase c = case_create(130, 16, 37, 8, 21);
   real *losses = test_alloc(c.N), *lse = test_alloc(c.N);
+  int *argmax = malloc(sizeof(int) * c.N);
   case_forward(&c);
-  naive_cross_entropy(&c, losses, lse);
+  naive_cross_entropy(&c, losses, lse, argmax);
+  for (int n = 0; n < c.N; n++) cr_assert_eq(c.argmax[n], argmax[n], "row %d argmax", n);
+  free(argmax);
   cr_assert_lt(test_rel_error(c.losses, losses, c.N), 1e-13);
   cr_assert_lt(test_rel_error(c.lse, lse, c.N), 1e-13);
   for (int n = 0; n < c.N; n++) {

@@ -1,0 +1,133 @@
+// Which optimizer rule applies to which tensor, and the per-step QK-Clip and router-bias updates; see
+// optimizer.h.
+#include "train/optimizer.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/check.h"
+#include "optim/adamw.h"
+#include "optim/muon.h"
+#include "optim/qk_clip.h"
+#include "optim/router_bias.h"
+#include "train/layer_params.h"
+
+static bool uses_muon(const Optimizer *opt, const ParamInfo *p) {
+  return p->group == GROUP_MUON && strcmp(opt->config->optim.optimizer, "muonclip") == 0;
+}
+
+static bool is_embedding(const ParamInfo *p) {
+  return strcmp(p->name, "model.embed_tokens.weight") == 0 || strcmp(p->name, "lm_head.weight") == 0;
+}
+
+static real decay_of(const Optimizer *opt, const ParamInfo *p) {
+  const OptimSection *o = &opt->config->optim;
+  if (!p->decay) return 0;
+  if (p->init == INIT_ONES && !o->decay_norms) return 0;
+  if (is_embedding(p) && !o->decay_embeddings) return 0;
+  return (real)o->weight_decay;
+}
+
+static void schedule_from_config(Schedule *s, const Config *c) {
+  const StageSection *st = &c->stage;
+  memset(s, 0, sizeof *s);
+  int kind = schedule_parse_kind(st->schedule), shape = schedule_parse_decay_shape(st->decay_shape);
+  CHECK(kind >= 0 && shape >= 0, "config accepted an unknown schedule '%s' / '%s'", st->schedule, st->decay_shape);
+  s->kind = (ScheduleKind)kind;
+  s->decay_shape = (DecayShape)shape;
+  s->peak_lr = c->optim.lr;
+  s->warmup = st->warmup;
+  bool tokens = strcmp(st->schedule_unit, "tokens") == 0;
+  s->total = (double)st->steps * (tokens ? (double)st->global_batch * st->seq_len : 1.0);
+  s->decay_fraction = st->decay_fraction;
+  s->min_lr_fraction = st->lr_floor;
+  const char *problem = schedule_problem(s);
+  if (problem) klt_user_error("[stage] schedule: %s", problem);
+}
+
+void optimizer_create(Optimizer *opt, Model *model, const Config *config) {
+  memset(opt, 0, sizeof *opt);
+  opt->config = config;
+  opt->model = model;
+  ParamRegistry *r = model_params(model);
+  opt->state1 = klt_calloc(r->total, sizeof(real));
+  opt->state2 = klt_calloc(r->total, sizeof(real));
+  size_t scratch = 1;
+  for (int i = 0; i < r->count; i++) {
+    const ParamInfo *p = &r->params[i];
+    if (uses_muon(opt, p)) {
+      size_t need = muon_scratch_elements((int)p->shape[0], (int)p->shape[1]);
+      if (need > scratch) scratch = need;
+    }
+  }
+  opt->scratch = klt_calloc(scratch, sizeof(real));
+  schedule_from_config(&opt->schedule, config);
+}
+
+void optimizer_free(Optimizer *opt) {
+  free(opt->state1);
+  free(opt->state2);
+  free(opt->scratch);
+}
+
+// The rate of step s is the schedule's value at the end of that step (tokens including its batch),
+// so the first step of a warmup already moves the weights.
+double optimizer_position(const Optimizer *opt, long step) {
+  const StageSection *st = &opt->config->stage;
+  bool tokens = strcmp(st->schedule_unit, "tokens") == 0;
+  return (double)(step + 1) * (tokens ? (double)st->global_batch * st->seq_len : 1.0);
+}
+
+OptimizerReport optimizer_step(Optimizer *opt, double position) {
+  const OptimSection *o = &opt->config->optim;
+  ParamRegistry *r = model_params(opt->model);
+  const ModelConfig *mc = model_config(opt->model);
+  OptimizerReport report = {0};
+  report.lr = schedule_lr(&opt->schedule, position);
+  real lr = (real)report.lr;
+  opt->step++;
+  MuonConfig muon = {.momentum = (real)o->muon_momentum, .nesterov = o->muon_nesterov, .ns_steps = o->muon_ns_steps};
+  AdamWConfig adamw = {.beta1 = (real)o->adam_beta1, .beta2 = (real)o->adam_beta2, .eps = (real)o->adam_eps};
+  for (int i = 0; i < r->count; i++) {
+    const ParamInfo *p = &r->params[i];
+    if (p->group == GROUP_NONE) continue;
+    real *w = params_value(r, i), *g = params_grad(r, i);
+    real *s1 = opt->state1 + p->offset, *s2 = opt->state2 + p->offset;
+    if (uses_muon(opt, p)) {
+      muon.weight_decay = decay_of(opt, p);
+      muon_step(w, s1, g, (int)p->shape[0], (int)p->shape[1], &muon, lr, opt->scratch);
+    } else {
+      adamw.weight_decay = decay_of(opt, p);
+      adamw_step(w, s1, s2, g, p->numel, &adamw, lr, opt->step);
+    }
+  }
+  // QK-Clip on every MLA layer from the step's (already reduced) maximum logits.
+  report.max_logit = -INFINITY;
+  for (int l = 0; l < mc->num_layers; l++) {
+    real *max_logit = model_max_logits(opt->model, l);
+    if (!max_logit) continue;
+    for (int h = 0; h < mc->mla_heads; h++)
+      if (max_logit[h] > report.max_logit) report.max_logit = max_logit[h];
+    if (o->qk_clip_tau <= 0 || strcmp(o->optimizer, "muonclip") != 0) continue;
+    real *q_proj, *kv_b_proj, *unused;
+    layer_param(r, l, "self_attn.q_proj.weight", &q_proj, &unused);
+    layer_param(r, l, "self_attn.kv_b_proj.weight", &kv_b_proj, &unused);
+    report.clipped_heads += qk_clip_apply(q_proj, kv_b_proj, max_logit, (real)o->qk_clip_tau, mc->mla_heads,
+                                          mc->qk_nope_dim, mc->qk_pe_dim, mc->v_dim, mc->hidden_size,
+                                          mc->kv_lora_rank);
+  }
+  // Aux-loss-free balancing from the step's (already reduced) expert loads.
+  report.load_imbalance = 0;
+  for (int l = 0; l < mc->num_layers; l++) {
+    double *load = model_expert_load(opt->model, l);
+    if (!load) continue;
+    double imbalance = load_imbalance(load, mc->num_experts);
+    if (imbalance > report.load_imbalance) report.load_imbalance = imbalance;
+    real *bias, *unused;
+    layer_param(r, l, "block_sparse_moe.gate.e_score_correction_bias", &bias, &unused);
+    router_bias_update(bias, load, mc->num_experts, (real)opt->config->moe.bias_update_rate);
+  }
+  return report;
+}
