@@ -1,8 +1,192 @@
 // The training loop; see trainer.h.
 #include "train/trainer.h"
 
-#include "common/check.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
-int train_run(const Config *config, const ModelConfig *model) {
-  klt_user_error("training is not built yet in this revision; use --print-config");
+#include "common/check.h"
+#include "data/loader.h"
+#include "dist/world.h"
+#include "optim/grad_norm.h"
+#include "train/metrics.h"
+#include "train/model.h"
+#include "train/optimizer.h"
+
+static double resident_megabytes(void) {
+  long pages = 0, resident = 0;
+  FILE *f = fopen("/proc/self/statm", "r");
+  if (!f) return NAN;
+  if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+  fclose(f);
+  return (double)resident * (double)sysconf(_SC_PAGESIZE) / 1e6;
+}
+
+static long count_loss_tokens(const Batch *batch) {
+  long count = 0;
+  for (long i = 0; i < (long)batch->B * batch->T; i++) count += batch->targets[i] >= 0;
+  return count;
+}
+
+// Runs the model over one rank-local batch in micro-batches of at most max_rows rows; returns the
+// summed token loss. With backward, gradients accumulate over the micro-batches. With correct, adds the
+// number of loss positions whose most likely token is the target.
+static double forward_backward(Model *model, const Batch *batch, int max_rows, real loss_weight, bool backward,
+                               double *correct) {
+  double loss = 0;
+  for (int row = 0; row < batch->B; row += max_rows) {
+    int rows = batch->B - row < max_rows ? batch->B - row : max_rows;
+    size_t offset = (size_t)row * batch->T;
+    loss += model_forward(model, batch->inputs + offset, batch->targets + offset, batch->doc_start + offset, rows,
+                          batch->T, loss_weight);
+    if (correct) {
+      const int *predictions = model_predictions(model);
+      for (size_t i = 0; i < (size_t)rows * batch->T; i++)
+        *correct += batch->targets[offset + i] >= 0 && predictions[i] == batch->targets[offset + i];
+    }
+    if (backward) model_backward(model);
+  }
+  return loss;
+}
+
+typedef struct {
+  double loss;
+  double accuracy;         // share of loss positions where the most likely token is the target
+  double unigram_entropy;  // of the same target tokens: the loss of the best context-free model
+  long tokens;
+} Validation;
+
+static Validation validate(Model *model, Loader *loader, Batch *batch, int max_rows, const World *world,
+                           const Config *c) {
+  int batches = loader_val_batches(loader);
+  if (c->train.val_batches < batches) batches = c->train.val_batches;
+  int V = model_config(model)->vocab_size;
+  // Counts per token, then the summed loss, the number of loss tokens and of correct predictions.
+  double *histogram = klt_calloc((size_t)V + 3, sizeof(double));
+  for (int i = 0; i < batches; i++) {
+    loader_val_batch(loader, i, batch);
+    histogram[V] += forward_backward(model, batch, max_rows, 0, false, &histogram[V + 2]);
+    for (long j = 0; j < (long)batch->B * batch->T; j++)
+      if (batch->targets[j] >= 0) {
+        histogram[batch->targets[j]] += 1;
+        histogram[V + 1] += 1;
+      }
+  }
+  world_sum_doubles(world, histogram, (size_t)V + 3);
+  Validation v = {.tokens = (long)histogram[V + 1]};
+  v.loss = histogram[V] / fmax(histogram[V + 1], 1);
+  v.accuracy = histogram[V + 2] / fmax(histogram[V + 1], 1);
+  for (int t = 0; t < V; t++)
+    if (histogram[t] > 0) {
+      double p = histogram[t] / histogram[V + 1];
+      v.unigram_entropy -= p * log(p);
+    }
+  free(histogram);
+  return v;
+}
+
+int train_run(const Config *c, const ModelConfig *mc) {
+  World world;
+  world_init(&world, NULL, NULL, c->parallel.dp, c->parallel.ep, c->parallel.cp);
+  const bool main_rank = world_is_main(&world);
+  if (strcmp(c->train.device, "cuda") == 0)
+    klt_user_error("[train] device = cuda: the CUDA training path is not part of this build yet; use device = cpu");
+  if (c->parallel.cp > 1) klt_user_error("[parallel] cp = %d: context parallelism is not available yet; use cp = 1", c->parallel.cp);
+
+  const int G = c->stage.global_batch, T = c->stage.seq_len;
+  const int local_batch = G / c->parallel.dp;
+  const int micro_rows = local_batch / c->train.micro_batches;
+
+  LoaderConfig lc = {.path = c->data.path, .seq_len = T, .global_batch = G, .dp_rank = world.dp_rank,
+                     .dp_size = c->parallel.dp, .seed = (uint64_t)c->train.seed, .stage = 0,
+                     .val_fraction = c->data.val_fraction, .vocab_size = (unsigned)mc->vocab_size};
+  Loader *loader = loader_open(&lc, NULL);
+  Model *model = model_create(mc, micro_rows, T, (uint64_t)c->train.seed, &world);
+  Optimizer opt;
+  optimizer_create(&opt, model, c);
+  MetricsLog metrics = {0};
+  if (main_rank) metrics_open(&metrics, c->train.run_dir);
+
+  ParamCount count = model_count_params(mc);
+  const double flops_per_token = model_flops_per_token(mc, T);
+  if (main_rank) {
+    printf("klt-train: model %s, %.3fM parameters (%.3fM active per token), %d layers\n", c->model.name,
+           count.total / 1e6, count.active / 1e6, mc->num_layers);
+    printf("klt-train: %d ranks (dp %d, ep %d), global batch %d x %d tokens, %d micro-batches, %lld steps, "
+           "optimizer %s, data %s\n",
+           world.size, c->parallel.dp, c->parallel.ep, G, T, c->train.micro_batches, c->stage.steps,
+           c->optim.optimizer, c->data.path);
+    fflush(stdout);
+  }
+
+  ParamRegistry *params = model_params(model);
+  Batch batch;
+  loader_alloc_batch(loader, &batch);
+  double run_start = klt_now_seconds();
+  for (long step = 0; step < c->stage.steps; step++) {
+    double start = klt_now_seconds();
+    loader_next_batch(loader, &batch);
+    double loss_tokens = (double)count_loss_tokens(&batch);
+    world_sum_doubles(&world, &loss_tokens, 1);
+    params_zero_grads(params);
+    model_reset_step_stats(model);
+    double loss = forward_backward(model, &batch, micro_rows, (real)(1.0 / fmax(loss_tokens, 1)), true, NULL);
+    world_sum_doubles(&world, &loss, 1);
+    loss /= fmax(loss_tokens, 1);
+    world_sum_reals(&world, params->grads, params->total);
+    for (int l = 0; l < mc->num_layers; l++) {
+      if (model_max_logits(model, l)) world_max_reals(&world, model_max_logits(model, l), (size_t)mc->mla_heads);
+      if (model_expert_load(model, l)) world_sum_doubles(&world, model_expert_load(model, l), (size_t)mc->num_experts);
+    }
+    double grad_norm = sqrt(grad_norm_squared(params->grads, params->total));
+    if (c->optim.grad_clip > 0) {
+      real scale = grad_clip_scale(grad_norm, (real)c->optim.grad_clip);
+      if (scale < 1)
+        for (size_t i = 0; i < params->total; i++) params->grads[i] *= scale;
+    }
+    OptimizerReport report = optimizer_step(&opt, optimizer_position(&opt, step));
+    double seconds = klt_now_seconds() - start;
+    double tokens_per_second = (double)G * T / seconds;
+
+    bool last = step + 1 == c->stage.steps;
+    if (main_rank && ((step + 1) % c->log.every == 0 || step == 0 || last)) {
+      double memory = resident_megabytes();
+      printf("step %6ld/%lld | loss %.4f | lr %.2e | grad %.3f | %.1fK tok/s | %.2f GFLOP/s | max logit %.1f "
+             "(%d clipped) | load %.2f | mem %.0f MB | %.0f ms\n",
+             step + 1, c->stage.steps, loss, report.lr, grad_norm, tokens_per_second / 1e3,
+             tokens_per_second * flops_per_token / 1e9, report.max_logit, report.clipped_heads, report.load_imbalance,
+             memory, seconds * 1e3);
+      fflush(stdout);
+      const char *names[] = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "flops_per_second", "mfu",
+                             "max_attention_logit", "clipped_heads", "load_imbalance", "memory_mb", "step_seconds",
+                             "tokens"};
+      double values[] = {(double)step + 1, loss, report.lr, grad_norm, tokens_per_second,
+                         tokens_per_second * flops_per_token, NAN /* no peak for a CPU */, report.max_logit,
+                         report.clipped_heads, report.load_imbalance, memory, seconds,
+                         (double)(step + 1) * G * T};
+      metrics_write(&metrics, "step", (int)(sizeof values / sizeof values[0]), names, values);
+    }
+    if (last || (c->train.val_every > 0 && (step + 1) % c->train.val_every == 0)) {
+      Validation v = validate(model, loader, &batch, micro_rows, &world, c);
+      if (main_rank) {
+        printf("validation at step %ld: loss %.4f, accuracy %.4f over %ld tokens (unigram entropy of these tokens "
+               "%.4f)\n",
+               step + 1, v.loss, v.accuracy, v.tokens, v.unigram_entropy);
+        fflush(stdout);
+        const char *names[] = {"step", "val_loss", "val_accuracy", "unigram_entropy", "val_tokens"};
+        double values[] = {(double)step + 1, v.loss, v.accuracy, v.unigram_entropy, (double)v.tokens};
+        metrics_write(&metrics, "validation", 5, names, values);
+      }
+    }
+  }
+  if (main_rank) printf("klt-train: done in %.1f s\n", klt_now_seconds() - run_start);
+  loader_free_batch(&batch);
+  metrics_close(&metrics);
+  optimizer_free(&opt);
+  model_free(model);
+  loader_close(loader);
+  world_finalize(&world);
+  return 0;
 }

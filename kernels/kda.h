@@ -1,0 +1,41 @@
+/* Kimi Delta Attention (KDA), the gated delta rule with per-channel decay, per batch row and head:
+ *   S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (scale * q_t)
+ * with the state S (K, V) in fp32 (real on the CPU). Two forms with forward and backward: the
+ * token-by-token recurrence (the oracle) and the chunkwise algorithm (the one the model uses, and the
+ * blueprint of the CUDA kernel). q and k arrive L2-normalized; g is the log decay (<= 0).
+ * Documents: where doc_start[b, t] = 1 and t > 0 the state entering t is zero; at t = 0 it is
+ * initial_state (zero when NULL). final_state is the state after the last position.
+ * Backwards recompute what they need from the inputs, add into every gradient (NULL = not needed),
+ * and take dfinal_state (NULL = zero). */
+#pragma once
+#include "common/real.h"
+
+void kda_recurrent_forward(real *out,                        // (B, T, H, V)
+                           real *final_state,                // (B, H, K, V) or NULL
+                           const real *q,                    // (B, T, H, K)
+                           const real *k,                    // (B, T, H, K)
+                           const real *v,                    // (B, T, H, V)
+                           const real *g,                    // (B, T, H, K)
+                           const real *beta,                 // (B, T, H)
+                           const real *initial_state,        // (B, H, K, V) or NULL
+                           const unsigned char *doc_start,   // (B, T) or NULL
+                           real scale, int B, int T, int H, int K, int V);
+
+void kda_recurrent_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, real *dinitial_state,
+                            const real *dout,          // (B, T, H, V)
+                            const real *dfinal_state,  // (B, H, K, V) or NULL
+                            const real *q, const real *k, const real *v, const real *g, const real *beta,
+                            const real *initial_state, const unsigned char *doc_start, real scale, int B, int T,
+                            int H, int K, int V);
+
+// Chunkwise: chunks of chunk_size tokens that never span a document start; within a chunk the gates
+// are cumulated in log space, the WY representation comes from the UT transform (I + A)^-1 by forward
+// substitution, and the state passes from chunk to chunk.
+void kda_chunk_forward(real *out, real *final_state, const real *q, const real *k, const real *v, const real *g,
+                       const real *beta, const real *initial_state, const unsigned char *doc_start, real scale, int B,
+                       int T, int H, int K, int V, int chunk_size);
+
+void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, real *dinitial_state, const real *dout,
+                        const real *dfinal_state, const real *q, const real *k, const real *v, const real *g,
+                        const real *beta, const real *initial_state, const unsigned char *doc_start, real scale,
+                        int B, int T, int H, int K, int V, int chunk_size);

@@ -1,0 +1,199 @@
+// The hybrid model's forward and backward on the CPU; see model.h.
+#include "train/model.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/check.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/embedding.h"
+#include "kernels/norm.h"
+#include "train/ffn_layer.h"
+#include "train/kda_layer.h"
+#include "train/layer_params.h"
+#include "train/mla_layer.h"
+#include "train/moe_layer.h"
+
+// Vocabulary columns per block of the fused lm head + cross-entropy.
+#define LM_HEAD_VOCAB_CHUNK 4096
+
+typedef struct {
+  bool is_mla, is_moe;
+  KdaLayer kda;
+  MlaLayer mla;
+  DenseFfn dense;
+  MoeLayer moe;
+  real *input_norm, *dinput_norm, *post_norm, *dpost_norm;
+} Layer;
+
+struct Model {
+  ModelConfig config;
+  ParamRegistry params;
+  int max_rows;
+  Layer *layers;
+  real *embed, *dembed, *final_norm, *dfinal_norm, *lm_head, *dlm_head;
+  // Activations of the last forward, rows N = B*T.
+  int B, T;
+  const int *inputs, *targets;
+  real loss_weight;
+  real **residual;  // (2L+1) x (N, d): the stream after embedding, after each mixer, after each FFN
+  real **normed;    // (2L) x (N, d): input of each mixer and FFN
+  real **rstd;      // (2L) x (N)
+  real *final_normed, *final_rstd;  // (N, d), (N)
+  real *losses, *lse, *dlosses;     // (N)
+  int *predictions;                 // (N) most likely next token of the last forward
+  real *branch;                     // (N, d) a mixer's or FFN's output before the residual add
+  real *dresidual, *dnormed;        // (N, d)
+};
+
+static real *param_value(Model *m, const char *name, real **grad) {
+  int i = params_find(&m->params, name);
+  CHECK(i >= 0, "parameter %s is not registered", name);
+  *grad = params_grad(&m->params, i);
+  return params_value(&m->params, i);
+}
+
+Model *model_create(const ModelConfig *config, int max_batch, int seq_len, uint64_t seed, const World *world) {
+  Model *m = klt_calloc(1, sizeof *m);
+  m->config = *config;
+  params_init(&m->params);
+  model_register_params(config, &m->params);
+  params_allocate(&m->params);
+  params_initialize(&m->params, config->init_std, seed);
+  const int L = config->num_layers, d = config->hidden_size;
+  const size_t N = (size_t)max_batch * seq_len;
+  m->max_rows = (int)N;
+  m->embed = param_value(m, "model.embed_tokens.weight", &m->dembed);
+  m->final_norm = param_value(m, "model.norm.weight", &m->dfinal_norm);
+  m->lm_head = param_value(m, "lm_head.weight", &m->dlm_head);
+  m->layers = klt_calloc((size_t)L, sizeof(Layer));
+  for (int l = 0; l < L; l++) {
+    Layer *layer = &m->layers[l];
+    layer->is_mla = config->layer_is_mla[l];
+    layer->is_moe = model_layer_is_moe(config, l);
+    layer_param(&m->params, l, "input_layernorm.weight", &layer->input_norm, &layer->dinput_norm);
+    layer_param(&m->params, l, "post_attention_layernorm.weight", &layer->post_norm, &layer->dpost_norm);
+    if (layer->is_mla) mla_layer_init(&layer->mla, config, &m->params, l, (int)N);
+    else kda_layer_init(&layer->kda, config, &m->params, l, (int)N);
+    if (layer->is_moe) moe_layer_init(&layer->moe, config, &m->params, l, (int)N, world);
+    else dense_ffn_init(&layer->dense, config, &m->params, l, (int)N);
+  }
+  m->residual = klt_calloc(2 * (size_t)L + 1, sizeof(real *));
+  m->normed = klt_calloc(2 * (size_t)L, sizeof(real *));
+  m->rstd = klt_calloc(2 * (size_t)L, sizeof(real *));
+  for (int i = 0; i < 2 * L + 1; i++) m->residual[i] = klt_calloc(N * d, sizeof(real));
+  for (int i = 0; i < 2 * L; i++) {
+    m->normed[i] = klt_calloc(N * d, sizeof(real));
+    m->rstd[i] = klt_calloc(N, sizeof(real));
+  }
+  m->final_normed = klt_calloc(N * d, sizeof(real));
+  m->final_rstd = klt_calloc(N, sizeof(real));
+  m->losses = klt_calloc(N, sizeof(real));
+  m->lse = klt_calloc(N, sizeof(real));
+  m->dlosses = klt_calloc(N, sizeof(real));
+  m->predictions = klt_calloc(N, sizeof(int));
+  m->branch = klt_calloc(N * d, sizeof(real));
+  m->dresidual = klt_calloc(N * d, sizeof(real));
+  m->dnormed = klt_calloc(N * d, sizeof(real));
+  model_reset_step_stats(m);
+  return m;
+}
+
+void model_free(Model *m) {
+  const int L = m->config.num_layers;
+  for (int l = 0; l < L; l++) {
+    Layer *layer = &m->layers[l];
+    if (layer->is_mla) mla_layer_free(&layer->mla);
+    else kda_layer_free(&layer->kda);
+    if (layer->is_moe) moe_layer_free(&layer->moe);
+    else dense_ffn_free(&layer->dense);
+  }
+  for (int i = 0; i < 2 * L + 1; i++) free(m->residual[i]);
+  for (int i = 0; i < 2 * L; i++) {
+    free(m->normed[i]);
+    free(m->rstd[i]);
+  }
+  free(m->residual); free(m->normed); free(m->rstd);
+  free(m->final_normed); free(m->final_rstd); free(m->losses); free(m->lse); free(m->dlosses); free(m->predictions);
+  free(m->branch); free(m->dresidual); free(m->dnormed);
+  free(m->layers);
+  params_free(&m->params);
+  free(m);
+}
+
+ParamRegistry *model_params(Model *m) { return &m->params; }
+const ModelConfig *model_config(const Model *m) { return &m->config; }
+
+void model_reset_step_stats(Model *m) {
+  for (int l = 0; l < m->config.num_layers; l++) {
+    Layer *layer = &m->layers[l];
+    if (layer->is_mla)
+      for (int h = 0; h < layer->mla.H; h++) layer->mla.step_max_logit[h] = -(real)1e30;
+    if (layer->is_moe) memset(layer->moe.load, 0, (size_t)layer->moe.E * sizeof(double));
+  }
+}
+
+const int *model_predictions(const Model *m) { return m->predictions; }
+
+real *model_max_logits(Model *m, int l) { return m->layers[l].is_mla ? m->layers[l].mla.step_max_logit : NULL; }
+double *model_expert_load(Model *m, int l) { return m->layers[l].is_moe ? m->layers[l].moe.load : NULL; }
+
+double model_forward(Model *m, const int *inputs, const int *targets, const unsigned char *doc_start, int B, int T,
+                     real loss_weight) {
+  const ModelConfig *c = &m->config;
+  const int N = B * T, d = c->hidden_size, L = c->num_layers;
+  CHECK(N <= m->max_rows, "forward over %d rows exceeds the planned %d", N, m->max_rows);
+  m->B = B;
+  m->T = T;
+  m->inputs = inputs;
+  m->targets = targets;
+  m->loss_weight = loss_weight;
+  const real eps = (real)c->rms_norm_eps;
+  embedding_forward(m->residual[0], inputs, m->embed, N, d);
+  for (int l = 0; l < L; l++) {
+    Layer *layer = &m->layers[l];
+    real *in = m->residual[2 * l], *mid = m->residual[2 * l + 1], *out = m->residual[2 * l + 2];
+    rmsnorm_forward(m->normed[2 * l], m->rstd[2 * l], in, layer->input_norm, eps, N, d);
+    if (layer->is_mla) mla_layer_forward(&layer->mla, m->branch, m->normed[2 * l], doc_start, B, T);
+    else kda_layer_forward(&layer->kda, m->branch, m->normed[2 * l], doc_start, B, T);
+    for (size_t i = 0; i < (size_t)N * d; i++) mid[i] = in[i] + m->branch[i];
+    rmsnorm_forward(m->normed[2 * l + 1], m->rstd[2 * l + 1], mid, layer->post_norm, eps, N, d);
+    if (layer->is_moe) moe_layer_forward(&layer->moe, m->branch, m->normed[2 * l + 1], N);
+    else dense_ffn_forward(&layer->dense, m->branch, m->normed[2 * l + 1], N);
+    for (size_t i = 0; i < (size_t)N * d; i++) out[i] = mid[i] + m->branch[i];
+  }
+  rmsnorm_forward(m->final_normed, m->final_rstd, m->residual[2 * L], m->final_norm, eps, N, d);
+  lm_head_cross_entropy_forward(m->losses, m->lse, m->predictions, m->final_normed, m->lm_head, targets, N, d, c->vocab_size,
+                                LM_HEAD_VOCAB_CHUNK);
+  double total = 0;
+  for (int n = 0; n < N; n++)
+    if (targets[n] >= 0) total += m->losses[n];
+  return total;
+}
+
+void model_backward(Model *m) {
+  const ModelConfig *c = &m->config;
+  const int N = m->B * m->T, d = c->hidden_size, L = c->num_layers;
+  const size_t width = (size_t)N * d;
+  for (int n = 0; n < N; n++) m->dlosses[n] = m->targets[n] >= 0 ? m->loss_weight : 0;
+  memset(m->dnormed, 0, width * sizeof(real));
+  lm_head_cross_entropy_backward(m->dnormed, m->dlm_head, m->dlosses, m->final_normed, m->lm_head, m->targets, m->lse,
+                                 N, d, c->vocab_size, LM_HEAD_VOCAB_CHUNK);
+  memset(m->dresidual, 0, width * sizeof(real));
+  rmsnorm_backward(m->dresidual, m->dfinal_norm, m->dnormed, m->residual[2 * L], m->final_norm, m->final_rstd, N, d);
+  // dresidual holds the gradient of the stream; each branch adds its path back into it.
+  for (int l = L - 1; l >= 0; l--) {
+    Layer *layer = &m->layers[l];
+    memset(m->dnormed, 0, width * sizeof(real));
+    if (layer->is_moe) moe_layer_backward(&layer->moe, m->dnormed, m->dresidual);
+    else dense_ffn_backward(&layer->dense, m->dnormed, m->dresidual);
+    rmsnorm_backward(m->dresidual, layer->dpost_norm, m->dnormed, m->residual[2 * l + 1], layer->post_norm,
+                     m->rstd[2 * l + 1], N, d);
+    memset(m->dnormed, 0, width * sizeof(real));
+    if (layer->is_mla) mla_layer_backward(&layer->mla, m->dnormed, m->dresidual);
+    else kda_layer_backward(&layer->kda, m->dnormed, m->dresidual);
+    rmsnorm_backward(m->dresidual, layer->dinput_norm, m->dnormed, m->residual[2 * l], layer->input_norm,
+                     m->rstd[2 * l], N, d);
+  }
+  embedding_backward(m->dembed, m->dresidual, m->inputs, N, d);
+}
