@@ -3,19 +3,18 @@
  *   bounded form:                g = lower_bound * sigmoid(exp(A_log[h]) * (f + dt_bias)), lb in [-5, 0)
  * g is KDA's per-channel log decay (fp32 on the GPU). */
 #pragma once
-#include <math.h>
 #include <stddef.h>
 
 #include "common/real.h"
 
-static inline real sigmoid_of(real x) { return (real)(1.0 / (1.0 + exp(-(double)x))); }
+static inline real sigmoid_of(real x) { return 1 / (1 + real_exp(-x)); }
 static inline real silu_of(real x) { return x * sigmoid_of(x); }
 static inline real silu_derivative(real x) {
   real s = sigmoid_of(x);
   return s * (1 + x * (1 - s));
 }
 // log(1 + exp(x)) without overflow: for large x it is x (to within exp(-x)).
-static inline real softplus_of(real x) { return x > 20 ? x : (real)log1p(exp((double)x)); }
+static inline real softplus_of(real x) { return x > 20 ? x : real_log1p(real_exp(x)); }
 
 // out (n) = sigmoid(x); backward dx += dout * out * (1 - out).
 void sigmoid_forward(real *out, const real *x, size_t n);

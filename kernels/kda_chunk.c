@@ -12,6 +12,12 @@
 //   S' = diag(exp(gc_last)) S + (exp(gc_last - gc) * K)^T Vp
 // The backward walks the chunks in reverse with the chunk-entry states recomputed by a forward pass,
 // and inverts each step of the above; the pairwise terms give the gate gradient, reverse-cumulated.
+//
+// Pairwise decays, as a kernel does them: the chunk is cut into sub-chunks of 16 rows. Between a
+// sub-chunk I and all earlier rows j the decay factors through the anchor a = gc at I's first row,
+// exp(gc_i - gc_j) = exp(gc_i - a) * exp(a - gc_j), and both factors are <= 1 because gc only falls:
+// the block is one GEMM of rescaled rows, and nothing can overflow. Inside a sub-chunk the decays are
+// formed pair by pair.
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -34,6 +40,10 @@ typedef struct {
   real *vp;                      // (C, V) pseudo-values
   real *qg, *kl;                 // (C, K): exp(gc) * qs, exp(gc_last - gc) * k
   real *el;                      // (K) exp(gc_last)
+  real *eg;                      // (C, K) exp(gc)
+  real *KK;                      // (C, C) sum_c k_i k_j exp(gc_i - gc_j), lower with diagonal
+  real *fa, *ka, *qa, *fb, *kb;  // (C, K) anchored factors and rescaled rows of the current sub-chunk
+  real *G1, *G2, *GJ, *WL;       // (C, K) (C, K) (C, K) (C, C) backward products
   // backward
   real *dvp, *dX, *dL, *dA, *dqg, *dkl, *dqs, *dk, *dgc, *del, *dS_in;
 } ChunkScratch;
@@ -42,11 +52,12 @@ static void scratch_init(ChunkScratch *s, int C, int K, int V) {
   s->C = C;
   s->K = K;
   s->V = V;
-  real **ck[] = {&s->qs, &s->k, &s->gc, &s->qg, &s->kl, &s->dqg, &s->dkl, &s->dqs, &s->dk, &s->dgc};
+  real **ck[] = {&s->qs, &s->k, &s->gc, &s->qg, &s->kl, &s->dqg, &s->dkl, &s->dqs, &s->dk, &s->dgc, &s->eg,
+                 &s->fa, &s->ka, &s->qa, &s->fb, &s->kb, &s->G1, &s->G2, &s->GJ};
   for (size_t i = 0; i < sizeof ck / sizeof ck[0]; i++) *ck[i] = klt_calloc((size_t)C * K, sizeof(real));
   real **cv[] = {&s->v, &s->vp, &s->dvp};
   for (size_t i = 0; i < sizeof cv / sizeof cv[0]; i++) *cv[i] = klt_calloc((size_t)C * V, sizeof(real));
-  real **cc[] = {&s->L, &s->Aqk, &s->dL, &s->dA};
+  real **cc[] = {&s->L, &s->Aqk, &s->dL, &s->dA, &s->KK, &s->WL};
   for (size_t i = 0; i < sizeof cc / sizeof cc[0]; i++) *cc[i] = klt_calloc((size_t)C * C, sizeof(real));
   s->X = klt_calloc((size_t)C * (K + V), sizeof(real));
   s->rhs = klt_calloc((size_t)C * (K + V), sizeof(real));
@@ -59,7 +70,8 @@ static void scratch_init(ChunkScratch *s, int C, int K, int V) {
 
 static void scratch_free(ChunkScratch *s) {
   real *all[] = {s->qs, s->k, s->gc, s->qg, s->kl, s->dqg, s->dkl, s->dqs, s->dk, s->dgc, s->v, s->vp, s->dvp,
-                 s->L, s->Aqk, s->dL, s->dA, s->X, s->rhs, s->dX, s->beta, s->el, s->del, s->dS_in};
+                 s->L, s->Aqk, s->dL, s->dA, s->X, s->rhs, s->dX, s->beta, s->el, s->del, s->dS_in, s->eg, s->KK,
+                 s->fa, s->ka, s->qa, s->fb, s->kb, s->G1, s->G2, s->GJ, s->WL};
   for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
 }
 
@@ -68,6 +80,110 @@ static int chunk_end(const unsigned char *doc_start, int b, int t0, int T, int C
   int end = t0 + 1;
   while (end < T && end < t0 + C && !(doc_start && doc_start[(size_t)b * T + end])) end++;
   return end;
+}
+
+#define KDA_SUBCHUNK 16
+
+// For the sub-chunk starting at row I0 (m rows) and all rows j < I0: the anchored factors and rescaled
+// rows fa = exp(gc_i - a), ka = k * fa, qa = qs * fa (rows of I) and fb = exp(a - gc_j), kb = k * fb.
+static void anchor_rows(ChunkScratch *s, int I0, int m) {
+  const int K = s->K;
+  const real *a = s->gc + I0 * K;
+  for (int r = 0; r < m; r++)
+    for (int c = 0; c < K; c++) {
+      int i = I0 + r;
+      real f = real_exp(s->gc[i * K + c] - a[c]);
+      s->fa[r * K + c] = f;
+      s->ka[r * K + c] = f * s->k[i * K + c];
+      s->qa[r * K + c] = f * s->qs[i * K + c];
+    }
+  for (int j = 0; j < I0; j++)
+    for (int c = 0; c < K; c++) {
+      real f = real_exp(a[c] - s->gc[j * K + c]);
+      s->fb[j * K + c] = f;
+      s->kb[j * K + c] = f * s->k[j * K + c];
+    }
+}
+
+// KK[i][j] = sum_c k_i k_j exp(gc_i - gc_j) and Aqk[i][j] = sum_c qs_i k_j exp(gc_i - gc_j), j <= i;
+// the upper triangles are zero.
+static void pairwise_forward(ChunkScratch *s, int n) {
+  const int K = s->K, C = s->C;
+  memset(s->KK, 0, sizeof(real) * C * C);
+  memset(s->Aqk, 0, sizeof(real) * C * C);
+  for (int I0 = 0; I0 < n; I0 += KDA_SUBCHUNK) {
+    int m = n - I0 < KDA_SUBCHUNK ? n - I0 : KDA_SUBCHUNK;
+    for (int i = I0; i < I0 + m; i++)
+      for (int j = I0; j <= i; j++) {
+        real kk = 0, qk = 0;
+        for (int c = 0; c < K; c++) {
+          real e = real_exp(s->gc[i * K + c] - s->gc[j * K + c]);
+          kk += s->k[i * K + c] * s->k[j * K + c] * e;
+          qk += s->qs[i * K + c] * s->k[j * K + c] * e;
+        }
+        s->KK[i * C + j] = kk;
+        s->Aqk[i * C + j] = qk;
+      }
+    if (I0 == 0) continue;
+    anchor_rows(s, I0, m);
+    gemm(false, true, m, I0, K, 1, s->ka, K, s->kb, K, 0, s->KK + I0 * C, C);
+    gemm(false, true, m, I0, K, 1, s->qa, K, s->kb, K, 0, s->Aqk + I0 * C, C);
+  }
+}
+
+// Given dL (strictly lower) and dA = dAqk (lower): adds into dk, dqs, dgc and dbeta (n rows).
+static void pairwise_backward(ChunkScratch *s, int n, real *dbeta) {
+  const int K = s->K, C = s->C;
+  for (int I0 = 0; I0 < n; I0 += KDA_SUBCHUNK) {
+    int m = n - I0 < KDA_SUBCHUNK ? n - I0 : KDA_SUBCHUNK;
+    for (int i = I0; i < I0 + m; i++)
+      for (int j = I0; j <= i; j++) {
+        real dl = j < i ? s->dL[i * C + j] : 0, da = s->dA[i * C + j];
+        if (dl == 0 && da == 0) continue;
+        dbeta[i] += dl * s->KK[i * C + j];
+        real wl = dl * s->beta[i];
+        for (int c = 0; c < K; c++) {
+          real e = real_exp(s->gc[i * K + c] - s->gc[j * K + c]);
+          real ki = s->k[i * K + c], kj = s->k[j * K + c], qi = s->qs[i * K + c];
+          s->dk[i * K + c] += wl * kj * e;
+          s->dk[j * K + c] += (wl * ki + da * qi) * e;
+          s->dqs[i * K + c] += da * kj * e;
+          real t = (wl * ki + da * qi) * kj * e;
+          s->dgc[i * K + c] += t;
+          s->dgc[j * K + c] -= t;
+        }
+      }
+    if (I0 == 0) continue;
+    anchor_rows(s, I0, m);
+    // WL = dL * beta_i on the block rows I, columns j < I0; dA's block is read in place.
+    for (int r = 0; r < m; r++) {
+      int i = I0 + r;
+      real sum = 0;
+      for (int j = 0; j < I0; j++) {
+        s->WL[r * C + j] = s->dL[i * C + j] * s->beta[i];
+        sum += s->dL[i * C + j] * s->KK[i * C + j];
+      }
+      dbeta[i] += sum;
+    }
+    gemm(false, false, m, K, I0, 1, s->WL, C, s->kb, K, 0, s->G1, K);           // sum_j WL_ij kb_j
+    gemm(false, false, m, K, I0, 1, s->dA + I0 * C, C, s->kb, K, 0, s->G2, K);  // sum_j dA_ij kb_j
+    for (int r = 0; r < m; r++)
+      for (int c = 0; c < K; c++) {
+        int i = I0 + r;
+        real g1 = s->G1[r * K + c], g2 = s->G2[r * K + c];
+        s->dk[i * K + c] += s->fa[r * K + c] * g1;
+        s->dqs[i * K + c] += s->fa[r * K + c] * g2;
+        s->dgc[i * K + c] += s->ka[r * K + c] * g1 + s->qa[r * K + c] * g2;
+      }
+    gemm(true, false, I0, K, m, 1, s->WL, C, s->ka, K, 0, s->GJ, K);             // sum_i WL_ij ka_i
+    gemm(true, false, I0, K, m, 1, s->dA + I0 * C, C, s->qa, K, 1, s->GJ, K);    // + sum_i dA_ij qa_i
+    for (int j = 0; j < I0; j++)
+      for (int c = 0; c < K; c++) {
+        real gj = s->GJ[j * K + c];
+        s->dk[j * K + c] += s->fb[j * K + c] * gj;
+        s->dgc[j * K + c] -= s->kb[j * K + c] * gj;
+      }
+  }
 }
 
 // Loads the chunk [t0, t0 + n) of row b, head h and computes everything the output and state need.
@@ -85,28 +201,20 @@ static void chunk_prepare(ChunkScratch *s, const real *q, const real *k, const r
     s->beta[i] = beta[((size_t)b * T + t) * H + h];
   }
   const real *gl = s->gc + (n - 1) * K;
-  for (int c = 0; c < K; c++) s->el[c] = (real)exp((double)gl[c]);
+  for (int c = 0; c < K; c++) s->el[c] = real_exp(gl[c]);
   for (int i = 0; i < n; i++)
     for (int c = 0; c < K; c++) {
-      real e = (real)exp((double)s->gc[i * K + c]);
+      real e = real_exp(s->gc[i * K + c]);
+      s->eg[i * K + c] = e;
       s->qg[i * K + c] = e * s->qs[i * K + c];
-      s->kl[i * K + c] = (real)exp((double)(gl[c] - s->gc[i * K + c])) * s->k[i * K + c];
+      s->kl[i * K + c] = real_exp(gl[c] - s->gc[i * K + c]) * s->k[i * K + c];
       s->rhs[i * KV + c] = e * s->k[i * K + c];
     }
   for (int i = 0; i < n; i++)
     for (int c = 0; c < V; c++) s->rhs[i * KV + K + c] = s->v[i * V + c];
-  // Pairwise products with their decays: L (strictly lower, times beta_i) and Aqk (lower with diagonal).
+  pairwise_forward(s, n);
   for (int i = 0; i < n; i++)
-    for (int j = 0; j <= i; j++) {
-      real kk = 0, qk = 0;
-      for (int c = 0; c < K; c++) {
-        real e = (real)exp((double)(s->gc[i * K + c] - s->gc[j * K + c]));
-        kk += s->k[i * K + c] * s->k[j * K + c] * e;
-        qk += s->qs[i * K + c] * s->k[j * K + c] * e;
-      }
-      s->L[i * s->C + j] = j < i ? s->beta[i] * kk : 0;
-      s->Aqk[i * s->C + j] = qk;
-    }
+    for (int j = 0; j < i; j++) s->L[i * s->C + j] = s->beta[i] * s->KK[i * s->C + j];
   // UT transform: (I + L) X = diag(beta) rhs, row by row.
   for (int i = 0; i < n; i++) {
     real *x = s->X + i * KV;
@@ -244,7 +352,7 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
           for (int c = 0; c < KV; c++) sum += y[c] * rhs[c];
           dbeta_local[i] += sum;
           for (int c = 0; c < K; c++) {  // rhs k part = exp(gc) k
-            real e = (real)exp((double)s.gc[i * K + c]);
+            real e = s.eg[i * K + c];
             real dkd = s.beta[i] * y[c];
             s.dk[i * K + c] += e * dkd;
             s.dgc[i * K + c] += dkd * rhs[c];
@@ -255,36 +363,17 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
         // dVp's U part went to dv above through Y; qg, kl, el:
         for (int i = 0; i < n; i++)
           for (int c = 0; c < K; c++) {
-            real e = (real)exp((double)s.gc[i * K + c]);
+            real e = s.eg[i * K + c];
             s.dqs[i * K + c] += e * s.dqg[i * K + c];
             s.dgc[i * K + c] += s.dqg[i * K + c] * s.qg[i * K + c];
-            real el_i = (real)exp((double)(s.gc[(n - 1) * K + c] - s.gc[i * K + c]));
+            real el_i = real_exp(s.gc[(n - 1) * K + c] - s.gc[i * K + c]);
             s.dk[i * K + c] += el_i * s.dkl[i * K + c];
             real t = s.dkl[i * K + c] * s.kl[i * K + c];
             s.dgc[i * K + c] -= t;
             s.dgc[(n - 1) * K + c] += t;
           }
         for (int c = 0; c < K; c++) s.dgc[(n - 1) * K + c] += s.del[c] * s.el[c];
-        // Pairwise terms of L (j < i) and Aqk (j <= i).
-        for (int i = 0; i < n; i++)
-          for (int j = 0; j <= i; j++) {
-            real dl = j < i ? s.dL[i * C + j] : 0, da = s.dA[i * C + j];
-            if (dl == 0 && da == 0) continue;
-            real kk = 0;
-            for (int c = 0; c < K; c++) {
-              real e = (real)exp((double)(s.gc[i * K + c] - s.gc[j * K + c]));
-              real ki = s.k[i * K + c], kj = s.k[j * K + c], qi = s.qs[i * K + c];
-              kk += ki * kj * e;
-              real wl = dl * s.beta[i] * e;
-              s.dk[i * K + c] += wl * kj;
-              s.dk[j * K + c] += wl * ki + da * qi * e;
-              s.dqs[i * K + c] += da * kj * e;
-              real t = wl * ki * kj + da * qi * kj * e;
-              s.dgc[i * K + c] += t;
-              s.dgc[j * K + c] -= t;
-            }
-            dbeta_local[i] += dl * kk;
-          }
+        pairwise_backward(&s, n, dbeta_local);
         // Write out: dq = scale dqs; dg = reverse cumsum of dgc within the chunk.
         for (int i = n - 1; i >= 0; i--) {
           int t = t0 + i;

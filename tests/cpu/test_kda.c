@@ -99,7 +99,7 @@ Test(kda, recurrence_backward_matches_finite_differences) {
 }
 
 Test(kda, chunk_backward_matches_finite_differences) {
-  KdaCase c = make_case(2, 23, 2, 5, 4, 4, -2, -0.01, 2);
+  KdaCase c = make_case(2, 40, 2, 5, 4, 36, -2, -0.01, 2);
   c.chunked = true;
   mark_documents(&c);
   check_finite_differences(&c, "chunk");
@@ -136,9 +136,9 @@ Test(kda, chunk_equals_recurrence) {
 }
 
 Test(kda, chunk_equals_recurrence_for_extreme_decays) {
-  KdaCase near_zero = make_case(1, 40, 2, 6, 5, 16, -20, -8, 21);   // decay exp(g) down to ~2e-9
+  KdaCase near_zero = make_case(1, 40, 2, 6, 5, 64, -20, -8, 21);   // decay exp(g) down to ~2e-9
   compare_forms(&near_zero, "decay near 0");
-  KdaCase near_one = make_case(1, 40, 2, 6, 5, 16, -1e-4, -1e-6, 22);  // decay ~1
+  KdaCase near_one = make_case(1, 40, 2, 6, 5, 64, -1e-4, -1e-6, 22);  // decay ~1
   compare_forms(&near_one, "decay near 1");
 }
 
