@@ -4,6 +4,8 @@
 #include <math.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "common/check.h"
 
@@ -129,4 +131,42 @@ void moe_unpermute_backward(real *dexpert_out, real *dexpert_weight, const real 
       }
     }
   }
+}
+
+double moe_sequence_balance_loss(real *dlogits, const real *scores, const int *expert_index, int B, int T, int E,
+                                 int top_k, real coef, real weight) {
+  double *f = klt_calloc((size_t)E, sizeof(double)), *P = klt_calloc((size_t)E, sizeof(double));
+  double total = 0;
+  for (int b = 0; b < B; b++) {
+    memset(f, 0, sizeof(double) * E);
+    memset(P, 0, sizeof(double) * E);
+    for (int t = 0; t < T; t++) {
+      size_t n = (size_t)b * T + t;
+      for (int j = 0; j < top_k; j++) f[expert_index[n * top_k + j]] += (double)E / ((double)top_k * T);
+      double sum = 0;
+      for (int e = 0; e < E; e++) sum += scores[n * E + e];
+      for (int e = 0; e < E; e++) P[e] += scores[n * E + e] / sum / T;
+    }
+    double loss = 0;
+    for (int e = 0; e < E; e++) loss += f[e] * P[e];
+    total += coef * loss;
+    if (!dlogits) continue;
+    // dL/ds_te = coef / T * (f_e / S_t - sum_j f_j s_tj / S_t^2), then through the sigmoid.
+    for (int t = 0; t < T; t++) {
+      size_t n = (size_t)b * T + t;
+      double sum = 0, fs = 0;
+      for (int e = 0; e < E; e++) {
+        sum += scores[n * E + e];
+        fs += f[e] * scores[n * E + e];
+      }
+      for (int e = 0; e < E; e++) {
+        double s = scores[n * E + e];
+        double ds = coef / T * (f[e] / sum - fs / (sum * sum));
+        dlogits[n * E + e] += (real)(weight * ds * s * (1 - s));
+      }
+    }
+  }
+  free(f);
+  free(P);
+  return total;
 }

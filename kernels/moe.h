@@ -27,6 +27,15 @@ void moe_router_backward(real *dlogits,               // (N, E)
                          const int *expert_index,     // (N, top_k)
                          int N, int E, int top_k, real routed_scaling);
 
+// Sequence-wise auxiliary balance loss (DeepSeek-V3), per row b of T tokens:
+//   L_b = coef * sum_i f_i P_i,  f_i = E / (top_k T) * (tokens of the row choosing i),
+//   P_i = (1 / T) sum_t s_ti / sum_j s_tj  (s = sigmoid scores)
+// Returns sum_b L_b and adds weight * dL_b / dlogits into dlogits (f is a count: no gradient).
+double moe_sequence_balance_loss(real *dlogits,           // (B*T, E) or NULL
+                                 const real *scores,      // (B*T, E)
+                                 const int *expert_index, // (B*T, top_k)
+                                 int B, int T, int E, int top_k, real coef, real weight);
+
 // Groups the N * top_k assignments by expert, stable in (token, slot) order within an expert:
 // expert e owns rows [expert_offsets[e], expert_offsets[e + 1]) of the sorted buffer, holding
 // expert_counts[e] rows; assignment (n, j) lands in row row_of_assignment[n * top_k + j], and row r

@@ -36,6 +36,7 @@ struct Model {
   int B, T;
   const int *inputs, *targets;
   real loss_weight;
+  double aux_loss;  // balance loss of the last forward, summed over MoE layers and rows
   real **residual;  // (2L+1) x (N, d): the stream after embedding, after each mixer, after each FFN
   real **normed;    // (2L) x (N, d): input of each mixer and FFN
   real **rstd;      // (2L) x (N)
@@ -134,6 +135,7 @@ void model_reset_step_stats(Model *m) {
 }
 
 const int *model_predictions(const Model *m) { return m->predictions; }
+double model_aux_loss(const Model *m) { return m->aux_loss; }
 
 real *model_max_logits(Model *m, int l) { return m->layers[l].is_mla ? m->layers[l].mla.step_max_logit : NULL; }
 double *model_expert_load(Model *m, int l) { return m->layers[l].is_moe ? m->layers[l].moe.load : NULL; }
@@ -149,6 +151,7 @@ double model_forward(Model *m, const int *inputs, const int *targets, const unsi
   m->targets = targets;
   m->loss_weight = loss_weight;
   const real eps = (real)c->rms_norm_eps;
+  m->aux_loss = 0;
   embedding_forward(m->residual[0], inputs, m->embed, N, d);
   for (int l = 0; l < L; l++) {
     Layer *layer = &m->layers[l];
@@ -158,7 +161,10 @@ double model_forward(Model *m, const int *inputs, const int *targets, const unsi
     else kda_layer_forward(&layer->kda, m->branch, m->normed[2 * l], doc_start, B, T);
     for (size_t i = 0; i < (size_t)N * d; i++) mid[i] = in[i] + m->branch[i];
     rmsnorm_forward(m->normed[2 * l + 1], m->rstd[2 * l + 1], mid, layer->post_norm, eps, N, d);
-    if (layer->is_moe) moe_layer_forward(&layer->moe, m->branch, m->normed[2 * l + 1], N);
+    if (layer->is_moe) {
+      moe_layer_forward(&layer->moe, m->branch, m->normed[2 * l + 1], B, T);
+      m->aux_loss += layer->moe.aux_loss;
+    }
     else dense_ffn_forward(&layer->dense, m->branch, m->normed[2 * l + 1], N);
     for (size_t i = 0; i < (size_t)N * d; i++) out[i] = mid[i] + m->branch[i];
   }
@@ -185,7 +191,7 @@ void model_backward(Model *m) {
   for (int l = L - 1; l >= 0; l--) {
     Layer *layer = &m->layers[l];
     memset(m->dnormed, 0, width * sizeof(real));
-    if (layer->is_moe) moe_layer_backward(&layer->moe, m->dnormed, m->dresidual);
+    if (layer->is_moe) moe_layer_backward(&layer->moe, m->dnormed, m->dresidual, m->loss_weight * m->T);
     else dense_ffn_backward(&layer->dense, m->dnormed, m->dresidual);
     rmsnorm_backward(m->dresidual, layer->dpost_norm, m->dnormed, m->residual[2 * l + 1], layer->post_norm,
                      m->rstd[2 * l + 1], N, d);

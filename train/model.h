@@ -28,6 +28,9 @@ double model_forward(Model *model, const int *inputs, const int *targets, const 
                      int T, real loss_weight);
 // The most likely next token at each position of the last forward (B, T).
 const int *model_predictions(const Model *model);
+// The sequence-wise balance loss of the last forward (summed over MoE layers and rows; 0 when
+// moe.aux_loss_coef = 0). The backward's objective is loss_weight x (token losses + T x this).
+double model_aux_loss(const Model *model);
 // Backward of the last forward: adds every parameter's gradient into the registry's gradient arena.
 void model_backward(Model *model);
 

@@ -35,6 +35,7 @@ void model_config_from(ModelConfig *m, const Config *c) {
   m->num_shared_experts = c->moe.num_shared_experts;
   m->expert_intermediate_size = c->moe.intermediate_size;
   m->routed_scaling_factor = c->moe.routed_scaling_factor;
+  m->aux_loss_coef = c->moe.aux_loss_coef;
 }
 
 // A matrix trained by Muon, decayed, normal init.

@@ -24,6 +24,7 @@ typedef struct {
   // MoE
   int num_experts, experts_per_token, num_shared_experts, expert_intermediate_size;
   double routed_scaling_factor;
+  double aux_loss_coef;
 } ModelConfig;
 
 void model_config_from(ModelConfig *model, const Config *config);

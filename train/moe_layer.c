@@ -19,6 +19,7 @@ void moe_layer_init(MoeLayer *L, const ModelConfig *m, const ParamRegistry *para
   L->shared_F = m->expert_intermediate_size * m->num_shared_experts;
   L->d = m->hidden_size;
   L->scaling = (real)m->routed_scaling_factor;
+  L->aux_loss_coef = (real)m->aux_loss_coef;
   real *unused;
   layer_param(params, index, "block_sparse_moe.gate.weight", &L->router, &L->drouter);
   layer_param(params, index, "block_sparse_moe.gate.e_score_correction_bias", &L->bias, &unused);
@@ -83,12 +84,17 @@ static SwigluActivations shifted(SwigluActivations a, size_t offset) {
   return s;
 }
 
-void moe_layer_forward(MoeLayer *L, real *out, const real *x, int N) {
-  const int d = L->d, F = L->F;
+void moe_layer_forward(MoeLayer *L, real *out, const real *x, int B, int T) {
+  const int N = B * T, d = L->d, F = L->F;
   L->x = x;
   L->N = N;
+  L->B = B;
+  L->T = T;
   matmul_forward(L->logits, x, L->router, N, d, L->E);
   moe_router_forward(L->expert_index, L->expert_weight, L->scores, L->logits, L->bias, N, L->E, L->top_k, L->scaling);
+  L->aux_loss = L->aux_loss_coef > 0 ? moe_sequence_balance_loss(NULL, L->scores, L->expert_index, B, T, L->E,
+                                                                   L->top_k, L->aux_loss_coef, 0)
+                                      : 0;
   moe_dispatch_plan(&L->dispatch, L->expert_index, N);
   for (int e = 0; e < L->E; e++) L->load[e] += L->dispatch.expert_counts[e];
   moe_dispatch_forward(&L->dispatch, L->rows, x);
@@ -107,7 +113,7 @@ void moe_layer_forward(MoeLayer *L, real *out, const real *x, int N) {
   }
 }
 
-void moe_layer_backward(MoeLayer *L, real *dx, const real *dout) {
+void moe_layer_backward(MoeLayer *L, real *dx, const real *dout, real aux_weight) {
   const int N = L->N, d = L->d, F = L->F;
   if (L->shared_F > 0)
     swiglu_mlp_backward(dx, L->dshared_gate, L->dshared_up, L->dshared_down, dout, L->x, L->shared_saved,
@@ -128,5 +134,8 @@ void moe_layer_backward(MoeLayer *L, real *dx, const real *dout) {
   moe_dispatch_backward(&L->dispatch, dx, L->drows);
   memset(L->dlogits, 0, (size_t)N * L->E * sizeof(real));
   moe_router_backward(L->dlogits, L->dexpert_weight, L->scores, L->expert_index, N, L->E, L->top_k, L->scaling);
+  if (L->aux_loss_coef > 0)
+    moe_sequence_balance_loss(L->dlogits, L->scores, L->expert_index, L->B, L->T, L->E, L->top_k, L->aux_loss_coef,
+                              aux_weight);
   matmul_backward(dx, L->drouter, L->dlogits, L->x, L->router, N, d, L->E);
 }

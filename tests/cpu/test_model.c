@@ -18,7 +18,8 @@ typedef struct {
 
 static double model_loss(void *p) {
   ModelCase *c = p;
-  return model_forward(c->model, c->inputs, c->targets, c->doc_start, B, T, 1);
+  double tokens = model_forward(c->model, c->inputs, c->targets, c->doc_start, B, T, 1);
+  return tokens + T * model_aux_loss(c->model);
 }
 
 static ModelConfig tiny_config(void) {
@@ -29,7 +30,7 @@ static ModelConfig tiny_config(void) {
                              "model.init_std=0.3", "kda.heads=2", "kda.head_dim=4", "kda.chunk_size=4", "mla.heads=2",
                              "mla.kv_lora_rank=6", "mla.qk_nope_dim=4", "mla.qk_pe_dim=2", "mla.v_dim=3",
                              "moe.num_experts=4", "moe.experts_per_token=2", "moe.intermediate_size=8",
-                             "moe.num_shared_experts=1"};
+                             "moe.num_shared_experts=1", "moe.aux_loss_coef=0.1"};
   for (size_t i = 0; i < sizeof overrides / sizeof overrides[0]; i++) config_set_override(&config, overrides[i]);
   ModelConfig m;
   model_config_from(&m, &config);
@@ -66,6 +67,7 @@ Test(model, backward_matches_finite_differences_for_every_tensor) {
 
 Test(model, loss_weight_scales_the_gradient_and_masked_targets_add_nothing) {
   ModelConfig config = tiny_config();
+  config.aux_loss_coef = 0;  // the balance loss has a gradient of its own
   World world = {.rank = 0, .size = 1, .dp = 1, .ep = 1, .cp = 1};
   Model *model = model_create(&config, B, T, 3, &world);
   int inputs[B * T], targets[B * T];

@@ -235,3 +235,39 @@ Test(moe, permute_backwards_match_finite_differences) {
   free(dx); free(dexpert_out); free(dweight); free(dx_once); free(dweight_once);
   permute_case_free(&c);
 }
+
+typedef struct {
+  real *logits, *scores, *weights, *dlogits;
+  int index[12 * 2];
+  int B, T, E, k;
+} BalanceCase;
+
+static double balance_loss(void *p) {
+  BalanceCase *c = p;
+  int N = c->B * c->T;
+  for (int i = 0; i < N * c->E; i++) c->scores[i] = 1 / (1 + exp(-c->logits[i]));
+  return moe_sequence_balance_loss(NULL, c->scores, c->index, c->B, c->T, c->E, c->k, 0.3, 1);
+}
+
+Test(moe, sequence_balance_loss_value_and_gradient) {
+  BalanceCase c = {.B = 2, .T = 6, .E = 5, .k = 2};
+  int N = c.B * c.T;
+  uint64_t rng = 77;
+  c.logits = test_alloc(N * c.E); c.scores = test_alloc(N * c.E); c.dlogits = test_alloc(N * c.E);
+  test_fill_normal(c.logits, N * c.E, 1, &rng);
+  for (int n = 0; n < N; n++) {  // a fixed choice: the selection carries no gradient
+    c.index[n * 2] = n % c.E;
+    c.index[n * 2 + 1] = (n + 2) % c.E;
+  }
+  double loss = balance_loss(&c);
+  // Uniform scores and balanced choices give exactly coef per row (sum_i f_i P_i = 1).
+  real *uniform = test_alloc(N * c.E);
+  for (int i = 0; i < N * c.E; i++) uniform[i] = 0.5;
+  int balanced[10 * 2];
+  for (int t = 0; t < 10; t++) { balanced[t * 2] = t % 5; balanced[t * 2 + 1] = (t + 1) % 5; }
+  cr_assert_float_eq(moe_sequence_balance_loss(NULL, uniform, balanced, 1, 10, 5, 2, 0.3, 1), 0.3, 1e-12);
+  cr_assert_gt(loss, 0);
+  moe_sequence_balance_loss(c.dlogits, c.scores, c.index, c.B, c.T, c.E, c.k, 0.3, 1);
+  cr_assert_lt(test_grad_check(balance_loss, &c, c.logits, c.dlogits, N * c.E, 200, 1e-6), 1e-6);
+  free(uniform);
+}
