@@ -6,10 +6,10 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${KLT_BUILD_DIR:-$root/build}
 cd "$root"
-data=runs/data/mqar-128
+data=runs/data/mqar-64
 if [[ ! -f $data/shard_00000.h5 ]]; then
-  "$build/klt-data" synth --task mqar --output "$data" --seq-len 128 --examples 20000 --vocab-size 256 \
-    --pairs 16 --queries 16 --seed 1
+  "$build/klt-data" synth --task mqar --output "$data" --seq-len 64 --examples 20000 --vocab-size 64 \
+    --pairs 8 --queries 8 --seed 1
 fi
 for pattern in kda,kda,kda,mla kda,kda,kda,kda mla,mla,mla,mla; do
   name=${pattern//,/-}
