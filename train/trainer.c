@@ -11,6 +11,7 @@
 #include "data/loader.h"
 #include "dist/world.h"
 #include "optim/grad_norm.h"
+#include "optim/router_bias.h"
 #include "train/metrics.h"
 #include "train/model.h"
 #include "train/optimizer.h"
@@ -146,6 +147,14 @@ int train_run(const Config *c, const ModelConfig *mc) {
       if (scale < 1)
         for (size_t i = 0; i < params->total; i++) params->grads[i] *= scale;
     }
+    // Load imbalance (max load / mean load) per MoE layer, from the reduced loads, before the bias moves.
+    double imbalance[MODEL_MAX_LAYERS];
+    int moe_layer[MODEL_MAX_LAYERS], moe_layers = 0;
+    for (int l = 0; l < mc->num_layers; l++)
+      if (model_expert_load(model, l)) {
+        moe_layer[moe_layers] = l;
+        imbalance[moe_layers++] = load_imbalance(model_expert_load(model, l), mc->num_experts);
+      }
     OptimizerReport report = optimizer_step(&opt, optimizer_position(&opt, step));
     double seconds = klt_now_seconds() - start;
     double tokens_per_second = (double)G * T / seconds;
@@ -167,6 +176,11 @@ int train_run(const Config *c, const ModelConfig *mc) {
                          report.clipped_heads, report.load_imbalance, memory, seconds,
                          (double)(step + 1) * G * T};
       metrics_write(&metrics, "step", (int)(sizeof values / sizeof values[0]), names, values);
+      for (int i = 0; i < moe_layers; i++) {  // one line per MoE layer: its experts' balance this step
+        const char *layer_names[] = {"step", "layer", "load_imbalance"};
+        double layer_values[] = {(double)step + 1, moe_layer[i], imbalance[i]};
+        metrics_write(&metrics, "moe", 3, layer_names, layer_values);
+      }
     }
     if (last || (c->train.val_every > 0 && (step + 1) % c->train.val_every == 0)) {
       Validation v = validate(model, loader, &batch, micro_rows, &world, c);
