@@ -33,21 +33,34 @@ static const char *const kind_group[KIND_COUNT] = {"/", "optimizer/state1", "opt
 // Small helpers
 
 static pthread_once_t crc_table_once = PTHREAD_ONCE_INIT;
-static uint32_t crc_table[256];
+static uint32_t crc_table[8][256];  // [k][b]: CRC of byte b followed by k zero bytes
 
 static void crc_table_build(void) {
   for (uint32_t n = 0; n < 256; n++) {
     uint32_t c = n;
     for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-    crc_table[n] = c;
+    crc_table[0][n] = c;
   }
+  for (int k = 1; k < 8; k++)
+    for (int n = 0; n < 256; n++) crc_table[k][n] = (crc_table[k - 1][n] >> 8) ^ crc_table[0][crc_table[k - 1][n] & 0xFF];
 }
 
+// Eight bytes per step (slicing-by-8): checksums are taken over every byte saved and loaded twice, so
+// their speed is a visible share of checkpoint time.
 uint32_t checkpoint_crc32(uint32_t crc, const void *bytes, size_t count) {
   pthread_once(&crc_table_once, crc_table_build);
   const unsigned char *p = bytes;
   crc = ~crc;
-  for (size_t i = 0; i < count; i++) crc = crc_table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+  for (; count >= 8; count -= 8, p += 8) {
+    uint32_t low, high;
+    memcpy(&low, p, 4);
+    memcpy(&high, p + 4, 4);
+    low ^= crc;
+    crc = crc_table[7][low & 0xFF] ^ crc_table[6][(low >> 8) & 0xFF] ^ crc_table[5][(low >> 16) & 0xFF] ^
+          crc_table[4][low >> 24] ^ crc_table[3][high & 0xFF] ^ crc_table[2][(high >> 8) & 0xFF] ^
+          crc_table[1][(high >> 16) & 0xFF] ^ crc_table[0][high >> 24];
+  }
+  for (; count > 0; count--, p++) crc = crc_table[0][(crc ^ *p) & 0xFF] ^ (crc >> 8);
   return ~crc;
 }
 

@@ -84,6 +84,7 @@ static bool exists(const char *path) {
 
 Test(checkpoint, crc32_check_value) {
   cr_assert_eq(checkpoint_crc32(0, "123456789", 9), 0xCBF43926u);
+  cr_assert_eq(checkpoint_crc32(0, "The quick brown fox jumps over the lazy dog", 43), 0x414FA339u);
   // Continuing a CRC over pieces gives the CRC of the whole.
   cr_assert_eq(checkpoint_crc32(checkpoint_crc32(0, "1234", 4), "56789", 5), 0xCBF43926u);
 }
@@ -230,8 +231,10 @@ static void write_int64s(hid_t object, const char *name, const int64_t *values, 
   H5Sclose(space);
 }
 
+// Writes rows [begin, end) of tensor as dataset `name`, in float32 (as klt-train stores values) or in
+// float64 (as the tests' build does).
 static void write_slice(hid_t file, const char *name, const ParamInfo *p, const real *tensor, int64_t begin,
-                        int64_t end) {
+                        int64_t end, bool as_float32) {
   hsize_t dims[4];
   int64_t offset[4] = {begin, 0, 0, 0};
   size_t per_row = 1;
@@ -241,12 +244,19 @@ static void write_slice(hid_t file, const char *name, const ParamInfo *p, const 
     per_row *= (size_t)p->shape[d];
   }
   const real *slice = tensor + (size_t)begin * per_row;
+  size_t count = (size_t)(end - begin) * per_row;
+  float *narrow = malloc(count * sizeof(float));
+  for (size_t i = 0; i < count; i++) narrow[i] = (float)slice[i];
+  const void *data = as_float32 ? (const void *)narrow : (const void *)slice;
   hid_t space = H5Screate_simple(p->ndim, dims, NULL);
-  hid_t dataset = H5Dcreate2(file, name, H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-  cr_assert_geq(H5Dwrite(dataset, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, slice), 0);
+  hid_t dataset = H5Dcreate2(file, name, as_float32 ? H5T_IEEE_F32LE : H5T_IEEE_F64LE, space, H5P_DEFAULT,
+                             H5P_DEFAULT, H5P_DEFAULT);
+  cr_assert_geq(H5Dwrite(dataset, as_float32 ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                         data), 0);
   write_int64s(dataset, "global_shape", p->shape, p->ndim);
   write_int64s(dataset, "offset", offset, p->ndim);
-  uint32_t checksum = checkpoint_crc32(0, slice, (size_t)(end - begin) * per_row * sizeof(real));
+  uint32_t checksum = checkpoint_crc32(0, data, count * (as_float32 ? sizeof(float) : sizeof(real)));
+  free(narrow);
   hid_t scalar = H5Screate(H5S_SCALAR);
   hid_t attribute = H5Acreate2(dataset, "checksum", H5T_STD_U32LE, scalar, H5P_DEFAULT, H5P_DEFAULT);
   cr_assert_geq(H5Awrite(attribute, H5T_NATIVE_UINT32, &checksum), 0);
@@ -281,8 +291,8 @@ static void rewrite_list(hid_t manifest, const char *name, hid_t file_type, hid_
 }
 
 // Rewrites checkpoint `path` of `run` as two rank files: rank 0 keeps the first rows of every tensor
-// with more than one row, rank 1 holds the rest.
-static void split_over_two_ranks(const char *path, const Run *run) {
+// with more than one row, rank 1 holds the rest (in float32 with second_as_float32).
+static void split_over_two_ranks(const char *path, const Run *run, bool second_as_float32) {
   char rank0[600], rank1[600], manifest_path[600];
   snprintf(rank0, sizeof rank0, "%s/rank_00000.h5", path);
   snprintf(rank1, sizeof rank1, "%s/rank_00001.h5", path);
@@ -305,8 +315,8 @@ static void split_over_two_ranks(const char *path, const Run *run) {
       snprintf(name, sizeof name, "%s%s", prefixes[kind], p->name);
       int64_t split = p->shape[0] / 2;
       cr_assert_geq(H5Ldelete(first, name, H5P_DEFAULT), 0);
-      write_slice(first, name, p, arenas[kind] + p->offset, 0, split);
-      write_slice(second, name, p, arenas[kind] + p->offset, split, p->shape[0]);
+      write_slice(first, name, p, arenas[kind] + p->offset, 0, split, false);
+      write_slice(second, name, p, arenas[kind] + p->offset, split, p->shape[0], second_as_float32);
     }
   H5Fclose(first);
   H5Fclose(second);
@@ -337,7 +347,7 @@ Test(checkpoint, slices_over_two_rank_files_load_the_same) {
   save(&saved, 7, 0);
   char path[512];
   step_path(path, sizeof path, 7);
-  split_over_two_ranks(path, &saved);
+  split_over_two_ranks(path, &saved, false);
   char problem[1024];
   cr_assert(checkpoint_check(path, true, NULL, problem, sizeof problem), "%s", problem);
   CheckpointMeta meta;
@@ -346,6 +356,35 @@ Test(checkpoint, slices_over_two_rank_files_load_the_same) {
   cr_assert_eq(memcmp(loaded.params.values, saved.params.values, bytes), 0);
   cr_assert_eq(memcmp(loaded.state1, saved.state1, bytes), 0);
   cr_assert_eq(memcmp(loaded.state2, saved.state2, bytes), 0);
+  run_free(&saved);
+  run_free(&loaded);
+}
+
+// A float32 file (as klt-train writes) loads into the float64 build, each value converted exactly.
+Test(checkpoint, float32_slices_load_converted) {
+  make_dir();
+  Run saved = run_make(1), loaded = run_make(2);
+  save(&saved, 7, 0);
+  char path[512];
+  step_path(path, sizeof path, 7);
+  split_over_two_ranks(path, &saved, true);
+  CheckpointMeta meta;
+  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, false);
+  const real *saved_arenas[3] = {saved.params.values, saved.state1, saved.state2};
+  const real *loaded_arenas[3] = {loaded.params.values, loaded.state1, loaded.state2};
+  int narrowed = 0;
+  for (int kind = 0; kind < 3; kind++)
+    for (int i = 0; i < saved.params.count; i++) {
+      const ParamInfo *p = &saved.params.params[i];
+      size_t first_narrow = p->shape[0] < 2 ? p->numel : (size_t)(p->shape[0] / 2) * (p->numel / (size_t)p->shape[0]);
+      for (size_t j = 0; j < p->numel; j++) {
+        real x = saved_arenas[kind][p->offset + j];
+        real expected = j < first_narrow ? x : (real)(float)x;
+        cr_assert_eq(loaded_arenas[kind][p->offset + j], expected, "%s element %zu", p->name, j);
+        narrowed += j >= first_narrow && expected != x;
+      }
+    }
+  cr_assert_gt(narrowed, 0, "the float32 half lost no precision, so the test shows nothing");
   run_free(&saved);
   run_free(&loaded);
 }
