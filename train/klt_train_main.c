@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/check.h"
 #include "train/config.h"
@@ -11,15 +12,17 @@
 
 static void usage(FILE *out) {
   fprintf(out,
-          "usage: klt-train CONFIG.ini [--set section.key=value ...] [--print-config]\n"
+          "usage: klt-train CONFIG.ini [--set section.key=value ...] [--print-config] [--resume [PATH]]\n"
           "  --set section.key=value   override one configuration key (repeatable)\n"
           "  --print-config            print the merged configuration and the parameter count, then exit\n"
+          "  --resume [PATH]           continue from the latest checkpoint of [train] run_dir, or from PATH\n"
           "Every key is documented in configs/README.md.\n");
 }
 
 int main(int argc, char **argv) {
   const char *config_path = NULL;
   bool print_config = false;
+  TrainOptions options = {0};
   Config config;
   config_set_defaults(&config);
   // Overrides apply after the file, whatever their position on the command line.
@@ -31,6 +34,14 @@ int main(int argc, char **argv) {
       return 0;
     } else if (strcmp(argv[i], "--print-config") == 0) {
       print_config = true;
+    } else if (strcmp(argv[i], "--resume") == 0) {
+      options.resume = true;
+      struct stat st;  // an optional directory argument names the checkpoint
+      if (i + 1 < argc && argv[i + 1][0] != '-' && stat(argv[i + 1], &st) == 0 && S_ISDIR(st.st_mode))
+        options.resume_path = argv[++i];
+    } else if (strncmp(argv[i], "--resume=", 9) == 0) {
+      options.resume = true;
+      options.resume_path = argv[i] + 9;
     } else if (strcmp(argv[i], "--set") == 0) {
       if (i + 1 >= argc) klt_user_error("--set needs an argument: --set section.key=value");
       overrides[override_count++] = argv[++i];
@@ -66,5 +77,5 @@ int main(int argc, char **argv) {
     config_print(&config, stdout);
     return 0;
   }
-  return train_run(&config, &model);
+  return train_run(&config, &model, &options);
 }

@@ -2,6 +2,7 @@
 #include "train/trainer.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,9 +13,33 @@
 #include "dist/world.h"
 #include "optim/grad_norm.h"
 #include "optim/router_bias.h"
+#include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/model.h"
 #include "train/optimizer.h"
+
+// Set by SIGTERM / SIGINT: the loop saves a checkpoint after the current step and exits cleanly.
+static volatile sig_atomic_t stop_requested = 0;
+static void request_stop(int signal_number) { stop_requested = signal_number; }
+
+// The merged configuration as INI text, stored in every checkpoint.
+static char *config_text(const Config *c) {
+  char *text = NULL;
+  size_t size = 0;
+  FILE *f = open_memstream(&text, &size);
+  CHECK(f != NULL, "open_memstream failed");
+  config_print(c, f);
+  fclose(f);
+  return text;
+}
+
+static void save(const char *run_dir, long step, const Config *c, const Optimizer *opt, const Loader *loader,
+                 const World *world, const char *text) {
+  CheckpointMeta meta = {.step = step, .tokens = (double)step * c->stage.global_batch * c->stage.seq_len,
+                         .loader = loader_state(loader), .optimizer_step = opt->step};
+  snprintf(meta.model_name, sizeof meta.model_name, "%.127s", c->model.name);
+  checkpoint_save(run_dir, &meta, model_params(opt->model), opt->state1, opt->state2, text, c->ckpt.keep, world);
+}
 
 static double resident_megabytes(void) {
   long pages = 0, resident = 0;
@@ -88,7 +113,7 @@ static Validation validate(Model *model, Loader *loader, Batch *batch, int max_r
   return v;
 }
 
-int train_run(const Config *c, const ModelConfig *mc) {
+int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *options) {
   World world;
   world_init(&world, NULL, NULL, c->parallel.dp, c->parallel.ep, c->parallel.cp);
   const bool main_rank = world_is_main(&world);
@@ -103,10 +128,40 @@ int train_run(const Config *c, const ModelConfig *mc) {
   LoaderConfig lc = {.path = c->data.path, .seq_len = T, .global_batch = G, .dp_rank = world.dp_rank,
                      .dp_size = c->parallel.dp, .seed = (uint64_t)c->train.seed, .stage = 0,
                      .val_fraction = c->data.val_fraction, .vocab_size = (unsigned)mc->vocab_size};
-  Loader *loader = loader_open(&lc, NULL);
   Model *model = model_create(mc, micro_rows, T, (uint64_t)c->train.seed, &world);
   Optimizer opt;
   optimizer_create(&opt, model, c);
+  // Where to start: a checkpoint to resume (weights, optimizer, data position, step), the weights of a
+  // previous stage ([stage] init_from), or the fresh initialization.
+  long first_step = 0;
+  LoaderState resume_state, *resume = NULL;
+  char path[2048] = "";
+  if (options->resume) {
+    if (options->resume_path) snprintf(path, sizeof path, "%s", options->resume_path);
+    else if (!checkpoint_find_latest(c->train.run_dir, path, sizeof path)) {
+      if (main_rank) printf("klt-train: --resume: no checkpoint in %s/ckpt yet, starting fresh\n", c->train.run_dir);
+      path[0] = '\0';
+    }
+  }
+  if (path[0]) {
+    CheckpointMeta meta;
+    checkpoint_load(path, &meta, model_params(model), opt.state1, opt.state2, main_rank);
+    if (strcmp(meta.model_name, c->model.name) != 0)
+      klt_user_error("checkpoint %s is of model '%s', but the config trains '%s'", path, meta.model_name, c->model.name);
+    first_step = meta.step;
+    opt.step = meta.optimizer_step;
+    resume_state = meta.loader;
+    resume = &resume_state;
+    if (main_rank) printf("klt-train: resuming from %s at step %ld\n", path, first_step);
+  } else if (c->stage.init_from[0]) {
+    CheckpointMeta meta;
+    checkpoint_load(c->stage.init_from, &meta, model_params(model), NULL, NULL, main_rank);
+    if (main_rank) printf("klt-train: weights from %s (step %ld), fresh optimizer and data order\n", c->stage.init_from, meta.step);
+  }
+  Loader *loader = loader_open(&lc, resume);
+  char *text = config_text(c);
+  signal(SIGTERM, request_stop);
+  signal(SIGINT, request_stop);
   MetricsLog metrics = {0};
   if (main_rank) metrics_open(&metrics, c->train.run_dir);
 
@@ -126,7 +181,7 @@ int train_run(const Config *c, const ModelConfig *mc) {
   Batch batch;
   loader_alloc_batch(loader, &batch);
   double run_start = klt_now_seconds();
-  for (long step = 0; step < c->stage.steps; step++) {
+  for (long step = first_step; step < c->stage.steps; step++) {
     double start = klt_now_seconds();
     loader_next_batch(loader, &batch);
     double loss_tokens = (double)count_loss_tokens(&batch);
@@ -182,6 +237,15 @@ int train_run(const Config *c, const ModelConfig *mc) {
         metrics_write(&metrics, "moe", 3, layer_names, layer_values);
       }
     }
+    // Every rank stops at the same step: a signal seen by any rank stops them all.
+    double stop = stop_requested;
+    world_sum_doubles(&world, &stop, 1);
+    if (last || stop > 0 || (c->ckpt.every > 0 && (step + 1) % c->ckpt.every == 0))
+      save(c->train.run_dir, step + 1, c, &opt, loader, &world, text);
+    if (stop > 0) {
+      if (main_rank) printf("klt-train: stopped by a signal after step %ld; resume with --resume\n", step + 1);
+      break;
+    }
     if (last || (c->train.val_every > 0 && (step + 1) % c->train.val_every == 0)) {
       Validation v = validate(model, loader, &batch, micro_rows, &world, c);
       if (main_rank) {
@@ -196,6 +260,7 @@ int train_run(const Config *c, const ModelConfig *mc) {
     }
   }
   if (main_rank) printf("klt-train: done in %.1f s\n", klt_now_seconds() - run_start);
+  free(text);
   loader_free_batch(&batch);
   metrics_close(&metrics);
   optimizer_free(&opt);
