@@ -3,6 +3,7 @@
 // SIGTERM saves and exits cleanly, --resume without a checkpoint starts fresh, and [stage] init_from
 // takes the weights only.
 #include <criterion/criterion.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -138,4 +139,30 @@ Test(resume, init_from_takes_the_weights_only) {
   cr_assert_eq(train("second", 2, extra), 0);
   snprintf(command, sizeof command, "grep -q 'fresh optimizer' %s/second.out", dir);
   cr_assert_eq(system(command), 0);
+}
+
+// Resuming on another number of ranks (1 -> 2 -> 4, data parallel): the same losses as one rank,
+// to within float reduction order.
+Test(resume, resume_on_two_then_four_ranks) {
+  cr_assert_eq(train("ranks_whole", 20, ""), 0);
+  cr_assert_eq(train("ranks", 10, ""), 0);
+  const char *mpi = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 "
+                    "mpirun --oversubscribe";
+  for (int ranks = 2; ranks <= 4; ranks *= 2) {
+    snprintf(command, sizeof command,
+             "%s -np %d %s/klt-train %s/configs/default.ini --set data.path=%s/data --set train.run_dir=%s/ranks "
+             "--set model.vocab_size=16 --set stage.seq_len=32 --set stage.global_batch=4 --set stage.steps=%d "
+             "--set stage.schedule=constant --set stage.warmup=3 --set log.every=1 --set train.val_every=0 "
+             "--set train.val_batches=1 --set parallel.dp=%d --resume >> %s/ranks.out 2>&1",
+             mpi, ranks, getenv("KLT_BUILD_DIR"), getenv("KLT_SOURCE_DIR"), dir, dir, ranks == 2 ? 15 : 20, ranks, dir);
+    cr_assert_eq(system(command), 0, "mpirun -np %d failed; see %s/ranks.out", ranks, dir);
+  }
+  char whole[32][64], split[32][64];
+  cr_assert_eq(read_losses("ranks_whole", whole, 32), 20);
+  cr_assert_eq(read_losses("ranks", split, 32), 20);
+  for (int i = 0; i < 20; i++) {
+    double a = atof(whole[i]), b = atof(split[i]);
+    cr_assert_lt(fabs(a - b), 1e-6 * fabs(a), "step %d: %s on 1 rank, %s after resuming on more", i + 1, whole[i],
+                 split[i]);
+  }
 }
