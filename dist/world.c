@@ -2,6 +2,7 @@
 #include "dist/world.h"
 
 #include <limits.h>
+#include <stdlib.h>
 #include <mpi.h>
 
 #include "common/check.h"
@@ -44,10 +45,13 @@ void world_init(World *world, int *argc, char ***argv, int dp, int ep, int cp) {
   world->cp = cp;
   world->dp_rank = world->rank / cp;
   world->ep_rank = world->dp_rank % ep;
+  world->ep_comm = MPI_COMM_NULL;
+  if (ep > 1) MPI_Comm_split(MPI_COMM_WORLD, world->dp_rank / ep, world->ep_rank, &world->ep_comm);
 }
 
 void world_finalize(World *world) {
   klt_set_exit_hook(NULL);
+  if (world->ep_comm != MPI_COMM_NULL) MPI_Comm_free(&world->ep_comm);
   if (world->initialized_mpi) MPI_Finalize();
 }
 
@@ -74,4 +78,29 @@ void world_broadcast_bytes(const World *world, void *bytes, size_t count, int ro
 
 void world_barrier(const World *world) {
   if (world->size > 1) MPI_Barrier(MPI_COMM_WORLD);
+}
+
+void world_ep_all_to_all(const World *world, const real *send, const int *send_rows, real *recv,
+                         const int *recv_rows, int width) {
+  int n = world->ep;
+  int *counts = klt_malloc(sizeof(int) * 4 * n), *send_displs = counts + n, *recv_counts = counts + 2 * n,
+      *recv_displs = counts + 3 * n;
+  size_t send_total = 0, recv_total = 0;
+  for (int r = 0; r < n; r++) {
+    CHECK(send_total + (size_t)send_rows[r] * width <= INT_MAX && recv_total + (size_t)recv_rows[r] * width <= INT_MAX,
+          "all-to-all exceeds MPI's int displacements");
+    counts[r] = send_rows[r] * width;
+    send_displs[r] = (int)send_total;
+    recv_counts[r] = recv_rows[r] * width;
+    recv_displs[r] = (int)recv_total;
+    send_total += (size_t)counts[r];
+    recv_total += (size_t)recv_counts[r];
+  }
+  MPI_Alltoallv(send, counts, send_displs, MPI_REAL_TYPE, recv, recv_counts, recv_displs, MPI_REAL_TYPE,
+                world->ep_comm);
+  free(counts);
+}
+
+void world_ep_all_to_all_ints(const World *world, const int *send, int *recv, int count) {
+  MPI_Alltoall(send, count, MPI_INT, recv, count, MPI_INT, world->ep_comm);
 }

@@ -7,6 +7,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include <mpi.h>
+
 #include "common/real.h"
 
 typedef struct {
@@ -15,12 +17,20 @@ typedef struct {
   int dp, ep, cp;          // layout
   int dp_rank, ep_rank;    // this rank's place: dp group index, and index inside its ep group
   bool initialized_mpi;    // whether world_init called MPI_Init (and world_finalize must finalize)
+  MPI_Comm ep_comm;        // the ranks of this rank's expert-parallel group (MPI_COMM_NULL alone)
 } World;
 
 // Initializes MPI (if not yet) and checks that the layout divides the world; user errors exit 2.
 void world_init(World *world, int *argc, char ***argv, int dp, int ep, int cp);
 void world_finalize(World *world);
 static inline bool world_is_main(const World *world) { return world->rank == 0; }
+
+// Variable-count all-to-all of `real` rows of `width` values inside the expert-parallel group:
+// send_rows[r] rows go to ep rank r (in rank order in send), recv_rows[r] rows arrive from it.
+void world_ep_all_to_all(const World *world, const real *send, const int *send_rows, real *recv,
+                         const int *recv_rows, int width);
+// All-to-all of `count` ints per ep rank (counts exchanged before the rows).
+void world_ep_all_to_all_ints(const World *world, const int *send, int *recv, int count);
 
 // Host collectives over the data-parallel ranks (the whole world while cp = 1).
 void world_sum_reals(const World *world, real *values, size_t count);        // in place

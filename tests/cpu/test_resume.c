@@ -141,8 +141,8 @@ Test(resume, init_from_takes_the_weights_only) {
   cr_assert_eq(system(command), 0);
 }
 
-// Resuming on another number of ranks (1 -> 2 -> 4, data parallel): the same losses as one rank,
-// to within float reduction order.
+// Resuming on another number of ranks (1 -> 2 -> 4, data parallel with the experts spread over all of
+// them, ep = ranks): the same losses as one rank, to within float reduction order.
 Test(resume, resume_on_two_then_four_ranks) {
   cr_assert_eq(train("ranks_whole", 20, ""), 0);
   cr_assert_eq(train("ranks", 10, ""), 0);
@@ -153,8 +153,9 @@ Test(resume, resume_on_two_then_four_ranks) {
              "%s -np %d %s/klt-train %s/configs/default.ini --set data.path=%s/data --set train.run_dir=%s/ranks "
              "--set model.vocab_size=16 --set stage.seq_len=32 --set stage.global_batch=4 --set stage.steps=%d "
              "--set stage.schedule=constant --set stage.warmup=3 --set log.every=1 --set train.val_every=0 "
-             "--set train.val_batches=1 --set parallel.dp=%d --resume >> %s/ranks.out 2>&1",
-             mpi, ranks, getenv("KLT_BUILD_DIR"), getenv("KLT_SOURCE_DIR"), dir, dir, ranks == 2 ? 15 : 20, ranks, dir);
+             "--set train.val_batches=1 --set parallel.dp=%d --set parallel.ep=%d --resume >> %s/ranks.out 2>&1",
+             mpi, ranks, getenv("KLT_BUILD_DIR"), getenv("KLT_SOURCE_DIR"), dir, dir, ranks == 2 ? 15 : 20, ranks, ranks,
+             dir);
     cr_assert_eq(system(command), 0, "mpirun -np %d failed; see %s/ranks.out", ranks, dir);
   }
   char whole[32][64], split[32][64];

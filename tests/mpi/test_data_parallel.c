@@ -1,6 +1,7 @@
-// Data parallelism on the CPU (run under mpirun -np 2 and -np 4): each rank runs the model on its
-// slice of the global batch and the gradients are summed over ranks; this must equal one model run on
-// the whole batch, and optimizer steps from those gradients must keep every rank's weights equal to
+// Data and expert parallelism on the CPU (run under mpirun -np 2 and -np 4, with ep = 1, 2, 4 where it
+// divides the ranks): each rank runs the model on its slice of the global batch, its experts on the
+// tokens routed to them from its ep group, and the gradients are summed over ranks; this must equal one
+// model run on the whole batch, and optimizer steps from those gradients must keep every rank's weights equal to
 // the single-model weights. fp64 build: differences are only reduction order.
 #include <math.h>
 #include <mpi.h>
@@ -25,12 +26,9 @@ static void expect_close(const char *what, const real *a, const real *b, size_t 
   }
 }
 
-int main(int argc, char **argv) {
-  MPI_Init(&argc, &argv);
-  int size;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  World world;
-  world_init(&world, &argc, &argv, size, 1, 1);
+// One layout: every rank a data-parallel rank, experts spread over groups of ep ranks.
+static void run_layout(const World *world_in, int size) {
+  const World world = *world_in;
   const int G = ROWS_PER_RANK * size;
 
   Config config;
@@ -45,7 +43,7 @@ int main(int argc, char **argv) {
   model_config_from(&mc, &config);
   World alone = {.rank = 0, .size = 1, .dp = 1, .ep = 1, .cp = 1};
   Model *whole = model_create(&mc, G, T, 11, &alone);
-  Model *part = model_create(&mc, ROWS_PER_RANK, T, 11, &world);
+  Model *part = model_create(&mc, ROWS_PER_RANK, T, 11, world_in);
   Optimizer whole_opt, part_opt;
   optimizer_create(&whole_opt, whole, &config);
   optimizer_create(&part_opt, part, &config);
@@ -94,13 +92,26 @@ int main(int argc, char **argv) {
     if (a.clipped_heads != b.clipped_heads) failures++;
     expect_close("weights after the step", pp->values, wp->values, wp->total, 1e-11, world.rank);
   }
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world.rank == 0) printf("data parallel on %d ranks: %s\n", size, total ? "FAILED" : "ok");
   free(inputs); free(targets); free(doc_start);
   optimizer_free(&whole_opt); optimizer_free(&part_opt);
   model_free(whole); model_free(part);
-  world_finalize(&world);
+}
+
+int main(int argc, char **argv) {
+  MPI_Init(&argc, &argv);
+  int size;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  for (int ep = 1; ep <= size; ep *= 2) {
+    World world;
+    world_init(&world, &argc, &argv, size, ep, 1);
+    run_layout(&world, size);
+    int total = 0;
+    MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (world.rank == 0) printf("data parallel on %d ranks, ep %d: %s\n", size, ep, total ? "FAILED" : "ok");
+    world_finalize(&world);
+  }
+  int total = 0;
+  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   MPI_Finalize();
   return total ? 1 : 0;
 }
