@@ -167,3 +167,47 @@ Test(resume, resume_on_two_then_four_ranks) {
                  split[i]);
   }
 }
+
+// Starts a long run in the background (a checkpoint every step) and returns its pid.
+static int start_background(const char *run, const char *extra) {
+  snprintf(command, sizeof command,
+           "%s/klt-train %s/configs/default.ini --set data.path=%s/data --set train.run_dir=%s/%s "
+           "--set model.vocab_size=16 --set stage.seq_len=32 --set stage.global_batch=4 --set stage.steps=100000 "
+           "--set train.val_every=0 --set ckpt.every=1 --set ckpt.keep=2 %s >> %s/%s.out 2>&1 & echo $!",
+           getenv("KLT_BUILD_DIR"), getenv("KLT_SOURCE_DIR"), dir, dir, run, extra, dir, run);
+  FILE *p = popen(command, "r");
+  int pid = 0;
+  cr_assert_eq(fscanf(p, "%d", &pid), 1);
+  pclose(p);
+  return pid;
+}
+
+static void wait_for_exit(int pid) {
+  snprintf(command, sizeof command, "while kill -0 %d 2>/dev/null; do sleep 0.05; done", pid);
+  cr_assert_eq(system(command), 0);
+}
+
+// kill -9 at arbitrary moments of a run that saves every step (so a kill often lands inside a save):
+// every time, --resume must find a complete checkpoint and go on from it.
+Test(resume, kill_nine_at_any_moment_leaves_a_resumable_run) {
+  char latest[512];
+  snprintf(latest, sizeof latest, "%s/killed/ckpt/latest", dir);
+  int pid = start_background("killed", "");
+  for (int i = 0; i < 200 && access(latest, F_OK) != 0; i++) usleep(50000);
+  for (int round = 0; round < 4; round++) {
+    usleep(150000 + 110000 * round);
+    kill(pid, SIGKILL);
+    wait_for_exit(pid);
+    snprintf(command, sizeof command, "%s/klt-ckpt verify %s > /dev/null", getenv("KLT_BUILD_DIR"), latest);
+    cr_assert_eq(system(command), 0, "round %d: ckpt/latest is not a complete checkpoint after kill -9", round);
+    pid = start_background("killed", "--resume");
+    // Wait until this restart has loaded its checkpoint before the next kill.
+    snprintf(command, sizeof command, "for i in $(seq 600); do [ $(grep -c 'resuming from' %s/killed.out) -ge %d ] && exit 0; sleep 0.05; done; exit 1",
+             dir, round + 1);
+    cr_assert_eq(system(command), 0, "restart %d did not resume; see %s/killed.out", round + 1, dir);
+  }
+  kill(pid, SIGTERM);
+  wait_for_exit(pid);
+  snprintf(command, sizeof command, "grep -q 'stopped by a signal' %s/killed.out", dir);
+  cr_assert_eq(system(command), 0, "the last restart did not stop cleanly; see %s/killed.out", dir);
+}
