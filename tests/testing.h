@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "common/real.h"
@@ -83,4 +84,19 @@ static inline double test_grad_check(TestLossFn loss, void *ctx, real *x, const 
     den += fd * fd;
   }
   return sqrt(num) / fmax(sqrt(den), 1e-30);
+}
+
+// A fresh directory /tmp/<prefix>_XXXXXX for this test process, removed when the process exits: also
+// when a test ends in exit(2) through a user error, where a Criterion fini would not run.
+static char test_dir_to_remove[512];
+static inline void test_remove_dir(void) {
+  char command[600];
+  snprintf(command, sizeof command, "rm -rf %s", test_dir_to_remove);
+  if (system(command) != 0) fprintf(stderr, "could not remove %s\n", test_dir_to_remove);
+}
+static inline void test_make_dir(char *dir, size_t cap, const char *prefix) {
+  snprintf(dir, cap, "/tmp/%s_XXXXXX", prefix);
+  if (!mkdtemp(dir)) abort();
+  snprintf(test_dir_to_remove, sizeof test_dir_to_remove, "%s", dir);
+  atexit(test_remove_dir);
 }

@@ -6,20 +6,12 @@
 
 #include "train/config.h"
 #include "train/model_config.h"
+#include "tests/testing.h"
 
 static char dir[256];
 
-static void remove_dir(void) {
-  char command[300];
-  snprintf(command, sizeof command, "rm -rf %s", dir);
-  if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
-}
-
-// Tests that end in a user error exit inside the test, so the directory goes at exit, not in a fini.
 static void make_dir(void) {
-  snprintf(dir, sizeof dir, "/tmp/klt_config_XXXXXX");
-  cr_assert_not_null(mkdtemp(dir));
-  atexit(remove_dir);
+  test_make_dir(dir, sizeof dir, "klt_config");
 }
 
 static void write_file(const char *name, const char *text) {

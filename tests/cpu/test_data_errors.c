@@ -10,20 +10,12 @@
 
 #include "data/loader.h"
 #include "data/prep.h"
+#include "tests/testing.h"
 
 static char dir[256];
 
-static void remove_dir(void) {
-  char command[300];
-  snprintf(command, sizeof command, "rm -rf %s", dir);
-  if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
-}
-
-// Tests that end in a user error exit inside the test, so the directory goes at exit, not in a fini.
 static void make_dir(void) {
-  snprintf(dir, sizeof dir, "/tmp/klt_data_errors_XXXXXX");
-  cr_assert_not_null(mkdtemp(dir));
-  atexit(remove_dir);
+  test_make_dir(dir, sizeof dir, "klt_data_errors");
 }
 
 typedef struct {

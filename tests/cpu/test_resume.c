@@ -14,19 +14,13 @@
 #include "train/config.h"
 #include "train/model_config.h"
 #include "train/params.h"
+#include "tests/testing.h"
 
 static char dir[256];
 static char command[4096];
 
-static void remove_dir(void) {
-  snprintf(command, sizeof command, "rm -rf %s", dir);
-  if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
-}
-
 static void setup(void) {
-  snprintf(dir, sizeof dir, "/tmp/klt_resume_XXXXXX");
-  cr_assert_not_null(mkdtemp(dir));
-  atexit(remove_dir);
+  test_make_dir(dir, sizeof dir, "klt_resume");
   snprintf(command, sizeof command,
            "%s/klt-data synth --task palindrome --output %s/data --seq-len 32 --examples 400 --vocab-size 16 "
            "--seed 5 > /dev/null",

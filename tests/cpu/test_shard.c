@@ -10,19 +10,12 @@
 #include "data/loader.h"
 #include "data/prep.h"
 #include "data/shard.h"
+#include "tests/testing.h"
 
 static char dir[256];
 
-static void remove_dir(void) {
-  char command[300];
-  snprintf(command, sizeof command, "rm -rf %s", dir);
-  if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
-}
-
 static void make_dir(void) {
-  snprintf(dir, sizeof dir, "/tmp/klt_shard_XXXXXX");
-  cr_assert_not_null(mkdtemp(dir));
-  atexit(remove_dir);
+  test_make_dir(dir, sizeof dir, "klt_shard");
 }
 
 static char *path_in_dir(const char *name) {

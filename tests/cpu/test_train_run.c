@@ -4,19 +4,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "tests/testing.h"
 
 static char dir[256];
 static char command[4096];
 
-static void remove_dir(void) {
-  snprintf(command, sizeof command, "rm -rf %s", dir);
-  if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
-}
-
 static void setup(void) {
-  snprintf(dir, sizeof dir, "/tmp/klt_train_XXXXXX");
-  cr_assert_not_null(mkdtemp(dir));
-  atexit(remove_dir);
+  test_make_dir(dir, sizeof dir, "klt_train");
   snprintf(command, sizeof command,
            "%s/klt-data synth --task palindrome --output %s/data --seq-len 32 --examples 600 --vocab-size 16 "
            "--seed 3 > /dev/null",
