@@ -22,6 +22,13 @@
 static volatile sig_atomic_t stop_requested = 0;
 static void request_stop(int signal_number) { stop_requested = signal_number; }
 
+// Each stage visits the data in its own order: the loader's stage number comes from the stage's name.
+static int stage_number(const char *name) {
+  uint32_t hash = 2166136261u;  // FNV-1a
+  for (const char *p = name; *p; p++) hash = (hash ^ (unsigned char)*p) * 16777619u;
+  return (int)(hash & 0x7fffffff);
+}
+
 // The merged configuration as INI text, stored in every checkpoint.
 static char *config_text(const Config *c) {
   char *text = NULL;
@@ -126,7 +133,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   const int micro_rows = local_batch / c->train.micro_batches;
 
   LoaderConfig lc = {.path = c->data.path, .seq_len = T, .global_batch = G, .dp_rank = world.dp_rank,
-                     .dp_size = c->parallel.dp, .seed = (uint64_t)c->train.seed, .stage = 0,
+                     .dp_size = c->parallel.dp, .seed = (uint64_t)c->train.seed, .stage = stage_number(c->stage.name),
                      .val_fraction = c->data.val_fraction, .vocab_size = (unsigned)mc->vocab_size};
   Model *model = model_create(mc, micro_rows, T, (uint64_t)c->train.seed, &world);
   Optimizer opt;
