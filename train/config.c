@@ -78,6 +78,7 @@ static const ConfigKey keys[] = {
     CHOICE(optim, optimizer, "muonclip", "muonclip|adamw", "muonclip: Muon for 2-D matrices plus QK-Clip, AdamW for the rest; adamw: AdamW for everything."),
     NUM(optim, lr, KEY_FLOAT, "3e-3", 0, 10, "Peak learning rate (shared by Muon and AdamW)."),
     NUM(optim, weight_decay, KEY_FLOAT, "0.1", 0, 10, "Decoupled weight decay (shared by Muon and AdamW)."),
+    BOOL(optim, decay_matrices, "true", "Apply weight decay to the 2-D matrices (the Muon group under muonclip)."),
     BOOL(optim, decay_norms, "true", "Apply weight decay to norm gains too (Moonlight found it matters)."),
     BOOL(optim, decay_embeddings, "true", "Apply weight decay to the embedding and the lm head."),
     NUM(optim, adam_beta1, KEY_FLOAT, "0.9", 0, 0.999999, "AdamW beta1."),

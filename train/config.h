@@ -63,6 +63,7 @@ typedef struct {
   char optimizer[16];  // muonclip | adamw
   double lr;
   double weight_decay;
+  bool decay_matrices;
   bool decay_norms;
   bool decay_embeddings;
   double adam_beta1;

@@ -25,6 +25,7 @@ static bool is_embedding(const ParamInfo *p) {
 static real decay_of(const Optimizer *opt, const ParamInfo *p) {
   const OptimSection *o = &opt->config->optim;
   if (!p->decay) return 0;
+  if (p->group == GROUP_MUON && !o->decay_matrices) return 0;
   if (p->init == INIT_ONES && !o->decay_norms) return 0;
   if (is_embedding(p) && !o->decay_embeddings) return 0;
   return (real)o->weight_decay;
