@@ -224,10 +224,12 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     bool last = step + 1 == c->stage.steps;
     if (main_rank && ((step + 1) % c->log.every == 0 || step == 0 || last)) {
       double memory = resident_megabytes();
-      printf("step %6ld/%lld | loss %.4f | lr %.2e | grad %.3f | %.1fK tok/s | %.2f GFLOP/s | max logit %.1f "
+      char max_logit[32] = "-";  // no MLA layer: no attention logit
+      if (isfinite(report.max_logit)) snprintf(max_logit, sizeof max_logit, "%.1f", report.max_logit);
+      printf("step %6ld/%lld | loss %.4f | lr %.2e | grad %.3f | %.1fK tok/s | %.2f GFLOP/s | max logit %s "
              "(%d clipped) | load %.2f | mem %.0f MB | %.0f ms\n",
              step + 1, c->stage.steps, loss, report.lr, grad_norm, tokens_per_second / 1e3,
-             tokens_per_second * flops_per_token / 1e9, report.max_logit, report.clipped_heads, report.load_imbalance,
+             tokens_per_second * flops_per_token / 1e9, max_logit, report.clipped_heads, report.load_imbalance,
              memory, seconds * 1e3);
       fflush(stdout);
       const char *names[] = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "flops_per_second", "mfu",
