@@ -73,6 +73,8 @@ static const ConfigKey keys[] = {
     NUM(train, micro_batches, KEY_INT, "1", 1, 1 << 20, "Gradient accumulation: each rank's share of a step is split into this many micro-batches."),
     NUM(train, val_every, KEY_INT, "100", 0, 1 << 30, "Validation loss every this-many steps (and at the end); 0: only at the end."),
     NUM(train, val_batches, KEY_INT, "8", 0, 1 << 20, "Validation batches per evaluation (at most the validation split holds)."),
+    NUM(train, step_timeout, KEY_FLOAT, "1800", 0, 1e9,
+        "Seconds a step (validation and checkpoint included) may take before the rank stops with a message, so a hung or dead rank never hangs the job; 0: no limit."),
     STR(train, run_dir, "runs/default", "Directory for metrics.jsonl and checkpoints."),
 
     CHOICE(optim, optimizer, "muonclip", "muonclip|adamw", "muonclip: Muon for 2-D matrices plus QK-Clip, AdamW for the rest; adamw: AdamW for everything."),

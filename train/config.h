@@ -56,6 +56,7 @@ typedef struct {
   int micro_batches;
   int val_every;
   int val_batches;
+  double step_timeout;
   char run_dir[CONFIG_STRING_MAX];
 } TrainSection;
 

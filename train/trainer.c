@@ -10,6 +10,7 @@
 
 #include "common/check.h"
 #include "data/loader.h"
+#include "dist/watchdog.h"
 #include "dist/world.h"
 #include "optim/grad_norm.h"
 #include "optim/router_bias.h"
@@ -188,7 +189,9 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   Batch batch;
   loader_alloc_batch(loader, &batch);
   double run_start = klt_now_seconds();
+  Watchdog *watchdog = watchdog_start(c->train.step_timeout, world.rank);
   for (long step = first_step; step < c->stage.steps; step++) {
+    watchdog_arm(watchdog, step);
     double start = klt_now_seconds();
     loader_next_batch(loader, &batch);
     double loss_tokens = (double)count_loss_tokens(&batch);
@@ -268,6 +271,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
       }
     }
   }
+  watchdog_stop(watchdog);
   if (main_rank) printf("klt-train: done in %.1f s\n", klt_now_seconds() - run_start);
   free(text);
   loader_free_batch(&batch);

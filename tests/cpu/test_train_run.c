@@ -70,3 +70,19 @@ Test(train_run, model_vocabulary_smaller_than_the_data_is_a_user_error) {
 Test(train_run, missing_dataset_is_a_user_error) {
   cr_assert_eq(train("--set data.path=/nonexistent/klt"), 2);
 }
+
+// A rank that stops answering (SIGSTOP) must not hang the job: the other rank's step watchdog stops it
+// with a message naming the timeout, and mpirun ends with a failure.
+Test(train_run, a_hung_rank_ends_the_job_with_a_message) {
+  snprintf(command, sizeof command,
+           "cd %s && OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 "
+           "timeout 120 mpirun --oversubscribe -np 2 %s/klt-train %s/configs/default.ini --set data.path=%s/data "
+           "--set train.run_dir=%s/hang --set model.vocab_size=16 --set stage.seq_len=32 --set stage.global_batch=8 "
+           "--set stage.steps=1000000 --set train.val_every=0 --set parallel.dp=2 --set train.step_timeout=3 "
+           "> %s/hang.out 2>&1 & "
+           "for i in $(seq 300); do [ -f %s/hang/metrics.jsonl ] && break; sleep 0.1; done; sleep 1; "
+           "kill -STOP $(pgrep -f '^[^ ]*klt-train .*run_dir=%s/hang' | tail -1); wait; "
+           "grep -q 'did not finish within' %s/hang.out",
+           dir, getenv("KLT_BUILD_DIR"), getenv("KLT_SOURCE_DIR"), dir, dir, dir, dir, dir, dir);
+  cr_assert_eq(system(command), 0, "no watchdog message; see %s/hang.out", dir);
+}
