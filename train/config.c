@@ -127,7 +127,7 @@ const char *config_key_doc(int i) { return keys[i].doc; }
 // Where a value came from, for messages: "FILE:LINE" or "--set".
 typedef struct {
   char where[CONFIG_STRING_MAX * 2 + 32];
-  char message[1024];
+  char message[2048];
 } ConfigError;
 
 static const ConfigKey *find_key(const char *section, const char *name) {
