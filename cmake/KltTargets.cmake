@@ -28,7 +28,8 @@ add_library(klt_data STATIC ${KLT_DATA_SOURCES})
 target_link_libraries(klt_data PUBLIC klt_common klt_hdf5)
 
 if(KLT_HAVE_CUDA)
-  file(GLOB KLT_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/kernels/*.cu ${CMAKE_SOURCE_DIR}/dist/*.cu)
+  file(GLOB KLT_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/kernels/*.cu ${CMAKE_SOURCE_DIR}/optim/*.cu
+       ${CMAKE_SOURCE_DIR}/dist/*.cu)
 endif()
 if(KLT_HAVE_CUDA AND KLT_CUDA_SOURCES)
   add_library(klt_cuda STATIC ${KLT_CUDA_SOURCES})

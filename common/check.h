@@ -8,6 +8,10 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#ifdef __cplusplus
+extern "C" {  // also included by .cu files
+#endif
+
 #define KLT_EXIT_USER_ERROR 2
 #define KLT_EXIT_BUG 3
 
@@ -35,3 +39,7 @@ char *klt_strdup(const char *s);
 
 // Wall-clock seconds from a monotonic clock, for progress and throughput.
 double klt_now_seconds(void);
+
+#ifdef __cplusplus
+}
+#endif

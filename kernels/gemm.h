@@ -17,3 +17,22 @@ void matmul_forward(real *out, const real *inp, const real *weight, int N, int C
 // Backward: dinp (N, C) += dout @ weight; dweight (OC, C) += dout^T @ inp. Either may be NULL.
 void matmul_backward(real *dinp, real *dweight, const real *dout, const real *inp, const real *weight,
                      int N, int C, int OC);
+
+#ifdef KLT_HAVE_CUDA
+/* CUDA: bf16 operands, fp32 accumulation, through cuBLASLt. Row-major like the CPU versions. */
+#include "kernels/device.h"
+KLT_C_BEGIN
+
+// C (M, N) = alpha * op(A) @ op(B) + beta * C for `batch` matrices at the given element strides
+// (0 for one matrix shared by all). A and B bf16; C bf16, or fp32 when c_is_float.
+void gemm_cuda(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const bf16 *A, int lda,
+               long long stride_a, const bf16 *B, int ldb, long long stride_b, float beta, void *C, int ldc,
+               long long stride_c, bool c_is_float, int batch);
+// out (N, OC) = inp (N, C) @ weight^T, weight (OC, C); overwrites out.
+void matmul_forward_cuda(bf16 *out, const bf16 *inp, const bf16 *weight, int N, int C, int OC);
+// dinp (N, C) = dout @ weight, or += when accumulate_dinp; dweight (OC, C) fp32 += dout^T @ inp.
+// Either output may be NULL.
+void matmul_backward_cuda(bf16 *dinp, float *dweight, const bf16 *dout, const bf16 *inp, const bf16 *weight,
+                          int N, int C, int OC, bool accumulate_dinp);
+KLT_C_END
+#endif

@@ -1,0 +1,77 @@
+// cuBLASLt GEMMs for the CUDA backend; see gemm.h. Row-major C = op(A) op(B) is computed as the
+// column-major product C^T = op(B)^T op(A)^T, so the operands swap places.
+#include <cublasLt.h>
+
+#include "kernels/cuda_common.cuh"
+#include "kernels/gemm.h"
+
+#define CUBLAS_CHECK(call)                                                      \
+  do {                                                                          \
+    cublasStatus_t klt_cublas_status_ = (call);                                 \
+    CHECK(klt_cublas_status_ == CUBLAS_STATUS_SUCCESS, "cuBLASLt status %d",    \
+          (int)klt_cublas_status_);                                             \
+  } while (0)
+
+static cublasLtHandle_t lt_handle;
+static void *lt_workspace;
+static const size_t lt_workspace_bytes = 32u << 20;
+
+static void lt_init(void) {
+  if (lt_handle) return;
+  CUBLAS_CHECK(cublasLtCreate(&lt_handle));
+  lt_workspace = device_alloc(lt_workspace_bytes);
+}
+
+// Column-major layout of a stored row-major (rows, cols) matrix with leading dimension ld.
+static cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, int rows, int cols, int ld, long long stride,
+                                        int batch) {
+  cublasLtMatrixLayout_t layout;
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, cols, rows, ld));
+  if (batch > 1) {
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof batch));
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                  sizeof stride));
+  }
+  return layout;
+}
+
+extern "C" void gemm_cuda(bool transpose_a, bool transpose_b, int M, int N, int K, float alpha, const bf16 *A,
+                          int lda, long long stride_a, const bf16 *B, int ldb, long long stride_b, float beta,
+                          void *C, int ldc, long long stride_c, bool c_is_float, int batch) {
+  if (M == 0 || N == 0 || batch == 0) return;
+  lt_init();
+  cublasLtMatmulDesc_t desc;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  // In the swapped column-major product the first operand is B, the second A.
+  cublasOperation_t op_first = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasOperation_t op_second = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof op_first));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof op_second));
+  // Stored shapes (row-major): A is (M, K) or (K, M); B is (K, N) or (N, K); C is (M, N).
+  cublasLtMatrixLayout_t a_layout = lt_layout(CUDA_R_16BF, transpose_a ? K : M, transpose_a ? M : K, lda, stride_a, batch);
+  cublasLtMatrixLayout_t b_layout = lt_layout(CUDA_R_16BF, transpose_b ? N : K, transpose_b ? K : N, ldb, stride_b, batch);
+  cublasLtMatrixLayout_t c_layout = lt_layout(c_is_float ? CUDA_R_32F : CUDA_R_16BF, M, N, ldc, stride_c, batch);
+  if (K == 0) {  // an empty sum: C = beta * C, which cuBLASLt may refuse
+    CHECK(beta == 0.0f, "gemm_cuda with K = 0 and beta != 0 is not supported");
+    for (int i = 0; i < batch; i++)
+      CUDA_CHECK(cudaMemset2DAsync((char *)C + i * stride_c * (c_is_float ? 4 : 2), (size_t)ldc * (c_is_float ? 4 : 2),
+                                   0, (size_t)N * (c_is_float ? 4 : 2), M, device_stream()));
+  } else {
+    CUBLAS_CHECK(cublasLtMatmul(lt_handle, desc, &alpha, B, b_layout, A, a_layout, &beta, C, c_layout, C, c_layout,
+                                NULL, lt_workspace, lt_workspace_bytes, device_stream()));
+  }
+  cublasLtMatrixLayoutDestroy(a_layout);
+  cublasLtMatrixLayoutDestroy(b_layout);
+  cublasLtMatrixLayoutDestroy(c_layout);
+  cublasLtMatmulDescDestroy(desc);
+}
+
+extern "C" void matmul_forward_cuda(bf16 *out, const bf16 *inp, const bf16 *weight, int N, int C, int OC) {
+  gemm_cuda(false, true, N, OC, C, 1.0f, inp, C, 0, weight, C, 0, 0.0f, out, OC, 0, false, 1);
+}
+
+extern "C" void matmul_backward_cuda(bf16 *dinp, float *dweight, const bf16 *dout, const bf16 *inp,
+                                     const bf16 *weight, int N, int C, int OC, bool accumulate_dinp) {
+  if (dinp) gemm_cuda(false, false, N, C, OC, 1.0f, dout, OC, 0, weight, C, 0, accumulate_dinp ? 1.0f : 0.0f, dinp, C, 0, false, 1);
+  if (dweight) gemm_cuda(true, false, OC, C, N, 1.0f, dout, OC, 0, inp, C, 0, 1.0f, dweight, C, 0, true, 1);
+}
