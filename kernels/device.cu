@@ -58,6 +58,13 @@ extern "C" void device_copy(void *dst, const void *src, size_t bytes) {
   CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, device_stream()));
 }
 
+extern "C" void device_copy_2d(void *dst, size_t dst_pitch, const void *src, size_t src_pitch, size_t width_bytes,
+                               size_t rows) {
+  if (rows == 0 || width_bytes == 0) return;
+  CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width_bytes, rows, cudaMemcpyDeviceToDevice,
+                               device_stream()));
+}
+
 static __global__ void float_to_bf16_kernel(bf16_t *out, const float *inp, size_t n) {
   size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
   if (i < n) out[i] = __float2bfloat16(inp[i]);

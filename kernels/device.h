@@ -64,6 +64,8 @@ void device_upload(void *dst, const void *src, size_t bytes);    // host -> devi
 void device_download(void *dst, const void *src, size_t bytes);  // device -> host, synchronous
 void device_zero(void *ptr, size_t bytes);                        // asynchronous on the stream
 void device_copy(void *dst, const void *src, size_t bytes);       // device -> device, asynchronous
+// rows x width_bytes from src (row pitch src_pitch bytes) to dst (dst_pitch), device -> device, async.
+void device_copy_2d(void *dst, size_t dst_pitch, const void *src, size_t src_pitch, size_t width_bytes, size_t rows);
 
 // Conversions on the device (asynchronous).
 void device_float_to_bf16(bf16 *out, const float *inp, size_t n);
