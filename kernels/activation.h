@@ -32,3 +32,23 @@ void kda_gate_forward(real *g, const real *f, const real *A_log, const real *dt_
 // df (N, H, K) +=, dA_log (H) +=, ddt_bias (H*K) +=, from dg (N, H, K).
 void kda_gate_backward(real *df, real *dA_log, real *ddt_bias, const real *dg, const real *f, const real *A_log,
                        const real *dt_bias, KdaGateForm form, real lower_bound, int N, int H, int K);
+
+#ifdef KLT_HAVE_CUDA
+/* CUDA: elementwise, fp32 arithmetic. Activation gradients are overwritten; the gate's parameter
+ * gradients are added (deterministic column sums). */
+#include "kernels/device.h"
+KLT_C_BEGIN
+void sigmoid_forward_cuda(float *out, const bf16 *x, size_t n);
+void sigmoid_backward_cuda(bf16 *dx, const float *dout, const float *out, size_t n);
+// SwiGLU on the fused [gate | up] rows of one (2F)-wide GEMM: out[n, i] = silu(gu[n, i]) * gu[n, F + i].
+void swiglu_forward_cuda(bf16 *out /*(N,F)*/, const bf16 *gate_up /*(N,2F)*/, int N, int F);
+void swiglu_backward_cuda(bf16 *dgate_up /*(N,2F)*/, const bf16 *dout /*(N,F)*/, const bf16 *gate_up, int N, int F);
+// g (N, H, K) fp32 from f bf16; A_log (H), dt_bias (H*K) fp32.
+void kda_gate_forward_cuda(float *g, const bf16 *f, const float *A_log, const float *dt_bias, KdaGateForm form,
+                           float lower_bound, int N, int H, int K);
+// df overwritten; dA_log (H), ddt_bias (H*K) +=.
+void kda_gate_backward_cuda(bf16 *df, float *dA_log, float *ddt_bias, const float *dg, const bf16 *f,
+                            const float *A_log, const float *dt_bias, KdaGateForm form, float lower_bound, int N,
+                            int H, int K);
+KLT_C_END
+#endif

@@ -37,3 +37,23 @@ void attention_backward(real *dq,                        // (B, T, H, Dqk)
                         const real *lse,                 // (B, T, H)
                         const unsigned char *doc_start,  // (B, T) or NULL
                         real scale, int B, int T, int H, int Dqk, int Dv);
+
+#ifdef KLT_HAVE_CUDA
+/* CUDA, in query blocks: for each block of up to 512 queries of a row, the scores against the keys it
+ * can see (causal: keys up to the block's end) come from a batched cuBLASLt GEMM over the heads, one
+ * kernel applies the document mask and the exact softmax (lse, max logit), and a second GEMM forms the
+ * output. Memory holds one block's scores (H x 512 x T), never the whole T x T matrix per head.
+ * max_logit (H) is max-ACCUMULATED across calls (the caller sets it to -inf at the step's start).
+ * The backward recomputes each block's probabilities from lse; dq, dk, dv are overwritten and
+ * deterministic (dk, dv accumulate over query blocks in fp32 in a fixed order). */
+#include "kernels/device.h"
+KLT_C_BEGIN
+void attention_forward_cuda(bf16 *out /*(B,T,H,Dv)*/, float *lse /*(B,T,H)*/, float *max_logit /*(H)*/,
+                            const bf16 *q /*(B,T,H,Dqk)*/, const bf16 *k /*(B,T,H,Dqk)*/, const bf16 *v /*(B,T,H,Dv)*/,
+                            const unsigned char *doc_start /*(B,T) or NULL*/, float scale, int B, int T, int H,
+                            int Dqk, int Dv);
+void attention_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q, const bf16 *k,
+                             const bf16 *v, const bf16 *out, const float *lse, const unsigned char *doc_start,
+                             float scale, int B, int T, int H, int Dqk, int Dv);
+KLT_C_END
+#endif

@@ -29,3 +29,16 @@ void lm_head_cross_entropy_backward(real *dx,             // (N, C)
                                     const int *targets,   // (N)
                                     const real *lse,      // (N)
                                     int N, int C, int V, int vocab_chunk);
+
+#ifdef KLT_HAVE_CUDA
+/* CUDA: forward and backward fused, in blocks of rows: logits = x W^T (cuBLASLt, fp32 out), per row the
+ * log-sum-exp, the loss and the argmax; with dx != NULL also dlogits = (softmax - onehot) * loss_weight
+ * (zero where target < 0), dx = dlogits W (overwritten), dweight += dlogits^T x. Scratch: one row
+ * block's logits (fp32) and dlogits (bf16). */
+#include "kernels/device.h"
+KLT_C_BEGIN
+void lm_head_cross_entropy_cuda(float *losses /*(N)*/, int *argmax /*(N) or NULL*/, bf16 *dx /*(N,C) or NULL*/,
+                                float *dweight /*(V,C) or NULL*/, const bf16 *x /*(N,C)*/, const bf16 *weight /*(V,C)*/,
+                                const int *targets /*(N)*/, float loss_weight, int N, int C, int V);
+KLT_C_END
+#endif

@@ -84,6 +84,57 @@ extern "C" void device_bf16_to_float(float *out, const bf16 *inp, size_t n) {
   CUDA_CHECK_LAUNCH();
 }
 
+extern "C" void *device_scratch(int slot, size_t bytes) {
+  static void *buffers[8];
+  static size_t sizes[8];
+  CHECK(slot >= 0 && slot < 8, "scratch slot %d", slot);
+  if (bytes > sizes[slot]) {
+    device_synchronize();  // the old buffer may still be in use by queued work
+    device_free(buffers[slot]);
+    buffers[slot] = device_alloc(bytes);
+    sizes[slot] = bytes;
+  }
+  return buffers[slot];
+}
+
+// Rows per partial sum of device_column_sum_add.
+#define COLUMN_SUM_ROWS 256
+
+static __global__ void column_partial_kernel(float *partial, const float *in, size_t rows, size_t C) {
+  __shared__ float sums[8][33];
+  size_t c = blockIdx.x * (size_t)32 + threadIdx.x;
+  size_t begin = blockIdx.y * (size_t)COLUMN_SUM_ROWS, end = min(begin + COLUMN_SUM_ROWS, rows);
+  float sum = 0.0f;
+  if (c < C)
+    for (size_t r = begin + threadIdx.y; r < end; r += 8) sum += in[r * C + c];
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float total = 0.0f;
+    for (int i = 0; i < 8; i++) total += sums[i][threadIdx.x];
+    partial[blockIdx.y * C + c] = total;
+  }
+}
+
+static __global__ void column_final_kernel(float *out, const float *partial, size_t blocks, size_t C) {
+  size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float total = 0.0f;
+  for (size_t b = 0; b < blocks; b++) total += partial[b * C + c];
+  out[c] += total;
+}
+
+extern "C" void device_column_sum_add(float *out, const float *in, size_t rows, size_t C) {
+  if (rows == 0 || C == 0) return;
+  size_t blocks = (rows + COLUMN_SUM_ROWS - 1) / COLUMN_SUM_ROWS;
+  float *partial = (float *)device_scratch(0, blocks * C * sizeof(float));
+  column_partial_kernel<<<dim3(ceil_div(C, 32), (unsigned)blocks), dim3(32, 8), 0, device_stream()>>>(partial, in,
+                                                                                                      rows, C);
+  CUDA_CHECK_LAUNCH();
+  column_final_kernel<<<ceil_div(C, 256), 256, 0, device_stream()>>>(out, partial, blocks, C);
+  CUDA_CHECK_LAUNCH();
+}
+
 extern "C" size_t device_memory_used(void) {
   size_t free_bytes = 0, total = 0;
   CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));

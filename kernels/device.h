@@ -67,6 +67,13 @@ void device_copy(void *dst, const void *src, size_t bytes);       // device -> d
 // rows x width_bytes from src (row pitch src_pitch bytes) to dst (dst_pitch), device -> device, async.
 void device_copy_2d(void *dst, size_t dst_pitch, const void *src, size_t src_pitch, size_t width_bytes, size_t rows);
 
+// Temporary device memory for ops: buffer `slot` (0..7) of at least `bytes`, kept and grown on demand
+// (only the first calls allocate; a larger request frees and reallocates, so never hold two requests
+// of one slot at once). Slots: 0-1 the reductions below and the pointwise ops, 2-7 free for op families.
+void *device_scratch(int slot, size_t bytes);
+// out (C) fp32 += the sum over rows of in (rows, C) fp32, in a fixed order (deterministic).
+void device_column_sum_add(float *out, const float *in, size_t rows, size_t C);
+
 // Conversions on the device (asynchronous).
 void device_float_to_bf16(bf16 *out, const float *inp, size_t n);
 void device_bf16_to_float(float *out, const bf16 *inp, size_t n);

@@ -39,3 +39,26 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
                         const real *dfinal_state, const real *q, const real *k, const real *v, const real *g,
                         const real *beta, const real *initial_state, const unsigned char *doc_start, real scale,
                         int B, int T, int H, int K, int V, int chunk_size);
+
+#ifdef KLT_HAVE_CUDA
+/* CUDA: bf16 q, k, v, out; fp32 g, beta and states. This first GPU form is the recurrence itself, made
+ * parallel over (row, head, 16-column slice of the state): each thread block carries a (K, 16) slice
+ * of S in registers, one row per thread, through the tokens; per token it needs one fused block
+ * reduction (q^T A and k^T A together) in the forward and one in the backward. The backward recomputes
+ * from the inputs: a forward pass saves the state entering every 64-token chunk, then each chunk is
+ * replayed (states to scratch) and walked in reverse. Per-slice partial gradients of q, k, g and beta
+ * are summed in a fixed order (deterministic). K a multiple of 32 up to 128; V a multiple of 16.
+ * Gradients are overwritten; dfinal_state and the state pointers may be NULL. The chunkwise tensor-core
+ * form (kernels/kda_chunk.c is its blueprint) is the next step (issue 6). */
+#include "kernels/device.h"
+KLT_C_BEGIN
+void kda_chunk_forward_cuda(bf16 *out /*(B,T,H,V)*/, float *final_state /*(B,H,K,V)*/, const bf16 *q /*(B,T,H,K)*/,
+                            const bf16 *k, const bf16 *v /*(B,T,H,V)*/, const float *g /*(B,T,H,K)*/,
+                            const float *beta /*(B,T,H)*/, const float *initial_state,
+                            const unsigned char *doc_start /*(B,T)*/, float scale, int B, int T, int H, int K, int V);
+void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg, float *dbeta, float *dinitial_state,
+                             const bf16 *dout, const float *dfinal_state, const bf16 *q, const bf16 *k, const bf16 *v,
+                             const float *g, const float *beta, const float *initial_state,
+                             const unsigned char *doc_start, float scale, int B, int T, int H, int K, int V);
+KLT_C_END
+#endif

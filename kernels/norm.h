@@ -22,3 +22,29 @@ void gated_rmsnorm_backward(real *do_, real *dgate, real *dweight, const real *d
 void l2norm_forward(real *out, real *inv_norm, const real *inp, real eps, int rows, int D);
 // dinp (rows, D) += the gradient through the normalization of dout (rows, D).
 void l2norm_backward(real *dinp, const real *dout, const real *inp, const real *inv_norm, int rows, int D);
+
+#ifdef KLT_HAVE_CUDA
+/* CUDA: one warp per row; gains fp32; reductions over rows for the gains go through
+ * device_column_sum_add (deterministic). Activation gradients are overwritten unless noted. */
+#include "kernels/device.h"
+KLT_C_BEGIN
+// The pre-norm with the residual add fused: residual_out = residual + delta (delta NULL: + 0; in place
+// allowed), out = residual_out * rstd * weight. The residual stream is fp32.
+void residual_rmsnorm_forward_cuda(float *residual_out /*(N,C)*/, bf16 *out /*(N,C)*/, float *rstd /*(N)*/,
+                                   const float *residual /*(N,C)*/, const bf16 *delta /*(N,C) or NULL*/,
+                                   const float *weight /*(C)*/, float eps, int N, int C);
+// dresidual (N, C) fp32 += the gradient through the norm of dout; dweight (C) +=.
+void residual_rmsnorm_backward_cuda(float *dresidual, float *dweight, const bf16 *dout, const float *residual_out,
+                                    const float *weight, const float *rstd, int N, int C);
+// RMSNorm of a bf16 input (the MLA latent); the backward overwrites dinp.
+void rmsnorm_forward_cuda(bf16 *out, float *rstd, const bf16 *inp, const float *weight, float eps, int N, int C);
+void rmsnorm_backward_cuda(bf16 *dinp, float *dweight, const bf16 *dout, const bf16 *inp, const float *weight,
+                           const float *rstd, int N, int C);
+void gated_rmsnorm_forward_cuda(bf16 *out /*(N,H,D)*/, float *rstd /*(N,H)*/, const bf16 *o, const bf16 *gate,
+                                const float *weight /*(D)*/, float eps, int N, int H, int D);
+void gated_rmsnorm_backward_cuda(bf16 *do_, bf16 *dgate, float *dweight, const bf16 *dout, const bf16 *o,
+                                 const bf16 *gate, const float *weight, const float *rstd, int N, int H, int D);
+void l2norm_forward_cuda(bf16 *out /*(rows,D)*/, float *inv_norm /*(rows)*/, const bf16 *inp, float eps, int rows, int D);
+void l2norm_backward_cuda(bf16 *dinp, const bf16 *dout, const bf16 *inp, const float *inv_norm, int rows, int D);
+KLT_C_END
+#endif

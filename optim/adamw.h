@@ -24,3 +24,12 @@ void adamw_step(real *weight,         // (n)
                 real *second_moment,  // (n)
                 const real *grad,     // (n)
                 size_t n, const AdamWConfig *config, real lr, long step);
+
+#ifdef KLT_HAVE_CUDA
+#include "kernels/device.h"
+KLT_C_BEGIN
+// CUDA: the same update on fp32 device arrays; grad is multiplied by grad_scale first (global clipping).
+void adamw_step_cuda(float *weight, float *first_moment, float *second_moment, const float *grad, size_t n,
+                     const AdamWConfig *config, float lr, long step, float grad_scale);
+KLT_C_END
+#endif

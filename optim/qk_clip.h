@@ -16,3 +16,12 @@ int qk_clip_apply(real *q_proj,            // (H * (Dn + Dr), C): head h: Dn nop
                   real *kv_b_proj,         // (H * (Dn + Dv), L): head h: Dn k_nope rows, then Dv v rows
                   const real *max_logit,   // (H)
                   real tau, int H, int Dn, int Dr, int Dv, int C, int L);
+
+#ifdef KLT_HAVE_CUDA
+#include "kernels/device.h"
+KLT_C_BEGIN
+// CUDA: qk_clip_apply on fp32 device weights; max_logit is a host array (H), already reduced.
+int qk_clip_apply_cuda(float *q_proj, float *kv_b_proj, const float *max_logit, float tau, int H, int Dn, int Dr,
+                       int Dv, int C, int L);
+KLT_C_END
+#endif

@@ -12,7 +12,9 @@
 #include "train/kda_layer.h"
 #include "train/layer_params.h"
 #include "train/mla_layer.h"
+#include "train/model_gpu.h"
 #include "train/moe_layer.h"
+#include "optim/grad_norm.h"
 
 // Vocabulary columns per block of the fused lm head + cross-entropy.
 #define LM_HEAD_VOCAB_CHUNK 4096
@@ -45,7 +47,18 @@ struct Model {
   int *predictions;                 // (N) most likely next token of the last forward
   real *branch;                     // (N, d) a mixer's or FFN's output before the residual add
   real *dresidual, *dnormed;        // (N, d)
+#ifdef KLT_HAVE_CUDA
+  GpuModel *gpu;             // the CUDA backend's model; then the CPU layers and activations are not built
+  real **gpu_max_logits;     // (L) x (H) host copies for MLA layers
+#endif
 };
+
+#ifdef KLT_HAVE_CUDA
+#define ON_GPU(m) ((m)->gpu != NULL)
+#else
+#define ON_GPU(m) false
+#endif
+bool model_on_gpu(const Model *m) { return ON_GPU(m); }
 
 static real *param_value(Model *m, const char *name, real **grad) {
   int i = params_find(&m->params, name);
@@ -55,6 +68,11 @@ static real *param_value(Model *m, const char *name, real **grad) {
 }
 
 Model *model_create(const ModelConfig *config, int max_batch, int seq_len, uint64_t seed, const World *world) {
+  return model_create_on(config, max_batch, seq_len, seed, world, false);
+}
+
+Model *model_create_on(const ModelConfig *config, int max_batch, int seq_len, uint64_t seed, const World *world,
+                       bool cuda) {
   Model *m = klt_calloc(1, sizeof *m);
   m->config = *config;
   params_init(&m->params);
@@ -64,6 +82,26 @@ Model *model_create(const ModelConfig *config, int max_batch, int seq_len, uint6
   const int L = config->num_layers, d = config->hidden_size;
   const size_t N = (size_t)max_batch * seq_len;
   m->max_rows = (int)N;
+  m->predictions = klt_calloc(N, sizeof(int));
+  if (cuda) {
+#ifdef KLT_HAVE_CUDA
+    if (world->size > 1)
+      klt_user_error("[train] device = cuda runs on one GPU in this version (got %d ranks); multi-GPU "
+                     "training over NCCL is not there yet",
+                     world->size);
+    if (config->aux_loss_coef > 0)
+      klt_user_error("[moe] aux_loss_coef > 0 is not available with device = cuda yet; use 0 (aux-loss-free "
+                     "balancing)");
+    m->gpu = gpu_model_create(config, &m->params, (int)N);
+    m->gpu_max_logits = klt_calloc((size_t)L, sizeof(real *));
+    for (int l = 0; l < L; l++)
+      if (config->layer_is_mla[l]) m->gpu_max_logits[l] = klt_calloc((size_t)config->mla_heads, sizeof(real));
+    return m;
+#else
+    klt_user_error("[train] device = cuda: this klt was built without the CUDA backend (configure with -DKLT_CUDA=ON "
+                   "on a machine with nvcc)");
+#endif
+  }
   m->embed = param_value(m, "model.embed_tokens.weight", &m->dembed);
   m->final_norm = param_value(m, "model.norm.weight", &m->dfinal_norm);
   m->lm_head = param_value(m, "lm_head.weight", &m->dlm_head);
@@ -92,7 +130,6 @@ Model *model_create(const ModelConfig *config, int max_batch, int seq_len, uint6
   m->losses = klt_calloc(N, sizeof(real));
   m->lse = klt_calloc(N, sizeof(real));
   m->dlosses = klt_calloc(N, sizeof(real));
-  m->predictions = klt_calloc(N, sizeof(int));
   m->branch = klt_calloc(N * d, sizeof(real));
   m->dresidual = klt_calloc(N * d, sizeof(real));
   m->dnormed = klt_calloc(N * d, sizeof(real));
@@ -102,6 +139,17 @@ Model *model_create(const ModelConfig *config, int max_batch, int seq_len, uint6
 
 void model_free(Model *m) {
   const int L = m->config.num_layers;
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) {
+    gpu_model_free(m->gpu);
+    for (int l = 0; l < L; l++) free(m->gpu_max_logits[l]);
+    free(m->gpu_max_logits);
+    free(m->predictions);
+    params_free(&m->params);
+    free(m);
+    return;
+  }
+#endif
   for (int l = 0; l < L; l++) {
     Layer *layer = &m->layers[l];
     if (layer->is_mla) mla_layer_free(&layer->mla);
@@ -126,6 +174,9 @@ ParamRegistry *model_params(Model *m) { return &m->params; }
 const ModelConfig *model_config(const Model *m) { return &m->config; }
 
 void model_reset_step_stats(Model *m) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) return gpu_model_reset_step_stats(m->gpu);
+#endif
   for (int l = 0; l < m->config.num_layers; l++) {
     Layer *layer = &m->layers[l];
     if (layer->is_mla)
@@ -137,14 +188,60 @@ void model_reset_step_stats(Model *m) {
 const int *model_predictions(const Model *m) { return m->predictions; }
 double model_aux_loss(const Model *m) { return m->aux_loss; }
 
-real *model_max_logits(Model *m, int l) { return m->layers[l].is_mla ? m->layers[l].mla.step_max_logit : NULL; }
-double *model_expert_load(Model *m, int l) { return m->layers[l].is_moe ? m->layers[l].moe.load : NULL; }
+real *model_max_logits(Model *m, int l) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) {
+    if (m->gpu_max_logits[l]) gpu_model_max_logits(m->gpu, l, m->gpu_max_logits[l]);
+    return m->gpu_max_logits[l];
+  }
+#endif
+  return m->layers[l].is_mla ? m->layers[l].mla.step_max_logit : NULL;
+}
+double *model_expert_load(Model *m, int l) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) return gpu_model_expert_load(m->gpu, l);
+#endif
+  return m->layers[l].is_moe ? m->layers[l].moe.load : NULL;
+}
+
+void model_zero_grads(Model *m) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) return gpu_model_zero_grads(m->gpu);
+#endif
+  params_zero_grads(&m->params);
+}
+
+double model_grad_norm_squared(Model *m) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) return gpu_model_grad_norm_squared(m->gpu);
+#endif
+  return grad_norm_squared(m->params.grads, m->params.total);
+}
+
+void model_weights_to_host(Model *m) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) gpu_model_weights_to_host(m->gpu);
+#endif
+}
+
+void model_weights_to_device(Model *m) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) gpu_model_weights_to_device(m->gpu);
+#endif
+}
+
+#ifdef KLT_HAVE_CUDA
+GpuModel *model_gpu(Model *m) { return m->gpu; }
+#endif
 
 double model_forward(Model *m, const int *inputs, const int *targets, const unsigned char *doc_start, int B, int T,
                      real loss_weight) {
   const ModelConfig *c = &m->config;
   const int N = B * T, d = c->hidden_size, L = c->num_layers;
   CHECK(N <= m->max_rows, "forward over %d rows exceeds the planned %d", N, m->max_rows);
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) return gpu_model_forward(m->gpu, inputs, targets, doc_start, B, T, (float)loss_weight, m->predictions);
+#endif
   m->B = B;
   m->T = T;
   m->inputs = inputs;
@@ -178,6 +275,9 @@ double model_forward(Model *m, const int *inputs, const int *targets, const unsi
 }
 
 void model_backward(Model *m) {
+#ifdef KLT_HAVE_CUDA
+  if (m->gpu) return gpu_model_backward(m->gpu);
+#endif
   const ModelConfig *c = &m->config;
   const int N = m->B * m->T, d = c->hidden_size, L = c->num_layers;
   const size_t width = (size_t)N * d;

@@ -8,13 +8,15 @@
 #include <string.h>
 
 #include "common/check.h"
+#include "kernels/device.h"
 #include "optim/adamw.h"
 #include "optim/muon.h"
 #include "optim/qk_clip.h"
 #include "optim/router_bias.h"
 #include "train/layer_params.h"
+#include "train/optimizer_gpu.h"
 
-static bool uses_muon(const Optimizer *opt, const ParamInfo *p) {
+bool optimizer_uses_muon(const Optimizer *opt, const ParamInfo *p) {
   return p->group == GROUP_MUON && strcmp(opt->config->optim.optimizer, "muonclip") == 0;
 }
 
@@ -22,7 +24,7 @@ static bool is_embedding(const ParamInfo *p) {
   return strcmp(p->name, "model.embed_tokens.weight") == 0 || strcmp(p->name, "lm_head.weight") == 0;
 }
 
-static real decay_of(const Optimizer *opt, const ParamInfo *p) {
+real optimizer_decay_of(const Optimizer *opt, const ParamInfo *p) {
   const OptimSection *o = &opt->config->optim;
   if (!p->decay) return 0;
   if (p->group == GROUP_MUON && !o->decay_matrices) return 0;
@@ -58,16 +60,52 @@ void optimizer_create(Optimizer *opt, Model *model, const Config *config) {
   size_t scratch = 1;
   for (int i = 0; i < r->count; i++) {
     const ParamInfo *p = &r->params[i];
-    if (uses_muon(opt, p)) {
+    if (optimizer_uses_muon(opt, p)) {
       size_t need = muon_scratch_elements((int)p->shape[0], (int)p->shape[1]);
       if (need > scratch) scratch = need;
     }
   }
   opt->scratch = klt_calloc(scratch, sizeof(real));
+  opt->grad_scale = 1;
   schedule_from_config(&opt->schedule, config);
+#ifdef KLT_HAVE_CUDA
+  if (model_on_gpu(model)) {
+    opt->device_state1 = device_alloc(r->total * sizeof(float));
+    opt->device_state2 = device_alloc(r->total * sizeof(float));
+  }
+#endif
 }
 
+// The host registry and states hold `real`; the device fp32.
+static void states_transfer(Optimizer *opt, bool to_device) {
+#ifdef KLT_HAVE_CUDA
+  if (!opt->device_state1) return;
+  size_t n = model_params(opt->model)->total;
+  float *staging = klt_malloc(n * sizeof(float));
+  real *host[2] = {opt->state1, opt->state2};
+  float *device[2] = {opt->device_state1, opt->device_state2};
+  for (int i = 0; i < 2; i++) {
+    if (to_device) {
+      for (size_t j = 0; j < n; j++) staging[j] = (float)host[i][j];
+      device_upload(device[i], staging, n * sizeof(float));
+    } else {
+      device_download(staging, device[i], n * sizeof(float));
+      for (size_t j = 0; j < n; j++) host[i][j] = (real)staging[j];
+    }
+  }
+  free(staging);
+#endif
+  if (to_device) model_weights_to_device(opt->model);
+  else model_weights_to_host(opt->model);
+}
+void optimizer_state_to_host(Optimizer *opt) { states_transfer(opt, false); }
+void optimizer_state_to_device(Optimizer *opt) { states_transfer(opt, true); }
+
 void optimizer_free(Optimizer *opt) {
+#ifdef KLT_HAVE_CUDA
+  device_free(opt->device_state1);
+  device_free(opt->device_state2);
+#endif
   free(opt->state1);
   free(opt->state2);
   free(opt->scratch);
@@ -91,16 +129,24 @@ OptimizerReport optimizer_step(Optimizer *opt, double position) {
   opt->step++;
   MuonConfig muon = {.momentum = (real)o->muon_momentum, .nesterov = o->muon_nesterov, .ns_steps = o->muon_ns_steps};
   AdamWConfig adamw = {.beta1 = (real)o->adam_beta1, .beta2 = (real)o->adam_beta2, .eps = (real)o->adam_eps};
+#ifdef KLT_HAVE_CUDA
+  if (model_on_gpu(opt->model)) {
+    report.clipped_heads = optimizer_update_gpu(opt, &muon, &adamw, lr, &report.max_logit);
+    goto balance;
+  }
+#endif
+  if (opt->grad_scale != 1)
+    for (size_t i = 0; i < r->total; i++) r->grads[i] *= opt->grad_scale;
   for (int i = 0; i < r->count; i++) {
     const ParamInfo *p = &r->params[i];
     if (p->group == GROUP_NONE) continue;
     real *w = params_value(r, i), *g = params_grad(r, i);
     real *s1 = opt->state1 + p->offset, *s2 = opt->state2 + p->offset;
-    if (uses_muon(opt, p)) {
-      muon.weight_decay = decay_of(opt, p);
+    if (optimizer_uses_muon(opt, p)) {
+      muon.weight_decay = optimizer_decay_of(opt, p);
       muon_step(w, s1, g, (int)p->shape[0], (int)p->shape[1], &muon, lr, opt->scratch);
     } else {
-      adamw.weight_decay = decay_of(opt, p);
+      adamw.weight_decay = optimizer_decay_of(opt, p);
       adamw_step(w, s1, s2, g, p->numel, &adamw, lr, opt->step);
     }
   }
@@ -120,6 +166,9 @@ OptimizerReport optimizer_step(Optimizer *opt, double position) {
                                           mc->kv_lora_rank);
   }
   // Aux-loss-free balancing from the step's (already reduced) expert loads.
+#ifdef KLT_HAVE_CUDA
+balance:
+#endif
   report.load_imbalance = 0;
   for (int l = 0; l < mc->num_layers; l++) {
     double *load = model_expert_load(opt->model, l);
@@ -129,6 +178,9 @@ OptimizerReport optimizer_step(Optimizer *opt, double position) {
     real *bias, *unused;
     layer_param(r, l, "block_sparse_moe.gate.e_score_correction_bias", &bias, &unused);
     router_bias_update(bias, load, mc->num_experts, (real)opt->config->moe.bias_update_rate);
+#ifdef KLT_HAVE_CUDA
+    if (model_on_gpu(opt->model)) optimizer_upload_router_bias_gpu(opt, l, bias);
+#endif
   }
   return report;
 }

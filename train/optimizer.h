@@ -13,6 +13,8 @@ typedef struct {
   real *state1, *state2;  // per element: Muon momentum or AdamW first moment; AdamW second moment
   real *scratch;          // Newton-Schulz workspace for the largest Muon matrix
   long step;              // optimizer steps taken (AdamW's bias correction counts from 1)
+  real grad_scale;        // multiplies every gradient before the update (global-norm clipping); 1 by default
+  float *device_state1, *device_state2;  // the states on the GPU when the model is there (else NULL)
   Schedule schedule;
 } Optimizer;
 
@@ -28,5 +30,9 @@ void optimizer_free(Optimizer *opt);
 // One update from the (already reduced and clipped) gradients, at schedule position `position`
 // (steps or tokens, as the stage says). Max logits and expert loads must already be reduced over ranks.
 OptimizerReport optimizer_step(Optimizer *opt, double position);
+// On the GPU: copy weights and optimizer states to the host arrays (before a save), or back to the
+// device (after a load). No-ops on the CPU.
+void optimizer_state_to_host(Optimizer *opt);
+void optimizer_state_to_device(Optimizer *opt);
 // Schedule position at which step `step` (0-based) takes its learning rate, in the stage's unit.
 double optimizer_position(const Optimizer *opt, long step);

@@ -12,12 +12,16 @@
 #include "data/loader.h"
 #include "dist/watchdog.h"
 #include "dist/world.h"
+#include "kernels/device.h"
 #include "optim/grad_norm.h"
 #include "optim/router_bias.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/model.h"
 #include "train/optimizer.h"
+
+// Dense bf16 tensor-core peak of an H100 / H200 SXM (the same chip): the denominator of MFU.
+#define HOPPER_BF16_PEAK_FLOPS 989e12
 
 // Set by SIGTERM / SIGINT: the loop saves a checkpoint after the current step and exits cleanly.
 static volatile sig_atomic_t stop_requested = 0;
@@ -41,11 +45,12 @@ static char *config_text(const Config *c) {
   return text;
 }
 
-static void save(const char *run_dir, long step, const Config *c, const Optimizer *opt, const Loader *loader,
+static void save(const char *run_dir, long step, const Config *c, Optimizer *opt, const Loader *loader,
                  const World *world, const char *text) {
   CheckpointMeta meta = {.step = step, .tokens = (double)step * c->stage.global_batch * c->stage.seq_len,
                          .loader = loader_state(loader), .optimizer_step = opt->step};
   snprintf(meta.model_name, sizeof meta.model_name, "%.127s", c->model.name);
+  optimizer_state_to_host(opt);
   checkpoint_save(run_dir, &meta, model_params(opt->model), opt->state1, opt->state2, text, c->ckpt.keep, world);
 }
 
@@ -125,8 +130,10 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   World world;
   world_init(&world, NULL, NULL, c->parallel.dp, c->parallel.ep, c->parallel.cp);
   const bool main_rank = world_is_main(&world);
-  if (strcmp(c->train.device, "cuda") == 0)
-    klt_user_error("[train] device = cuda: the CUDA training path is not part of this build yet; use device = cpu");
+  const bool cuda = strcmp(c->train.device, "cuda") == 0;
+#ifdef KLT_HAVE_CUDA
+  if (cuda) device_select(world.local_rank);
+#endif
   if (c->parallel.cp > 1) klt_user_error("[parallel] cp = %d: context parallelism is not available yet; use cp = 1", c->parallel.cp);
 
   const int G = c->stage.global_batch, T = c->stage.seq_len;
@@ -136,7 +143,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   LoaderConfig lc = {.path = c->data.path, .seq_len = T, .global_batch = G, .dp_rank = world.dp_rank,
                      .dp_size = c->parallel.dp, .seed = (uint64_t)c->train.seed, .stage = stage_number(c->stage.name),
                      .val_fraction = c->data.val_fraction, .vocab_size = (unsigned)mc->vocab_size};
-  Model *model = model_create(mc, micro_rows, T, (uint64_t)c->train.seed, &world);
+  Model *model = model_create_on(mc, micro_rows, T, (uint64_t)c->train.seed, &world, cuda);
   Optimizer opt;
   optimizer_create(&opt, model, c);
   // Where to start: a checkpoint to resume (weights, optimizer, data position, step), the weights of a
@@ -166,6 +173,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     checkpoint_load(c->stage.init_from, &meta, model_params(model), NULL, NULL, main_rank);
     if (main_rank) printf("klt-train: weights from %s (step %ld), fresh optimizer and data order\n", c->stage.init_from, meta.step);
   }
+  optimizer_state_to_device(&opt);
   Loader *loader = loader_open(&lc, resume);
   char *text = config_text(c);
   signal(SIGTERM, request_stop);
@@ -196,22 +204,18 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     loader_next_batch(loader, &batch);
     double loss_tokens = (double)count_loss_tokens(&batch);
     world_sum_doubles(&world, &loss_tokens, 1);
-    params_zero_grads(params);
+    model_zero_grads(model);
     model_reset_step_stats(model);
     double loss = forward_backward(model, &batch, micro_rows, (real)(1.0 / fmax(loss_tokens, 1)), true, NULL);
     world_sum_doubles(&world, &loss, 1);
     loss /= fmax(loss_tokens, 1);
-    world_sum_reals(&world, params->grads, params->total);
+    if (!cuda) world_sum_reals(&world, params->grads, params->total);  // one GPU until the NCCL path lands
     for (int l = 0; l < mc->num_layers; l++) {
       if (model_max_logits(model, l)) world_max_reals(&world, model_max_logits(model, l), (size_t)mc->mla_heads);
       if (model_expert_load(model, l)) world_sum_doubles(&world, model_expert_load(model, l), (size_t)mc->num_experts);
     }
-    double grad_norm = sqrt(grad_norm_squared(params->grads, params->total));
-    if (c->optim.grad_clip > 0) {
-      real scale = grad_clip_scale(grad_norm, (real)c->optim.grad_clip);
-      if (scale < 1)
-        for (size_t i = 0; i < params->total; i++) params->grads[i] *= scale;
-    }
+    double grad_norm = sqrt(model_grad_norm_squared(model));
+    opt.grad_scale = c->optim.grad_clip > 0 ? grad_clip_scale(grad_norm, (real)c->optim.grad_clip) : 1;
     // Load imbalance (max load / mean load) per MoE layer, from the reduced loads, before the bias moves.
     double imbalance[MODEL_MAX_LAYERS];
     int moe_layer[MODEL_MAX_LAYERS], moe_layers = 0;
@@ -227,19 +231,25 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     bool last = step + 1 == c->stage.steps;
     if (main_rank && ((step + 1) % c->log.every == 0 || step == 0 || last)) {
       double memory = resident_megabytes();
+#ifdef KLT_HAVE_CUDA
+      if (cuda) memory = (double)device_memory_used() / 1e6;  // the GPU's, which is what runs out
+#endif
+      double mfu = cuda ? tokens_per_second * flops_per_token / HOPPER_BF16_PEAK_FLOPS : NAN;
       char max_logit[32] = "-";  // no MLA layer: no attention logit
       if (isfinite(report.max_logit)) snprintf(max_logit, sizeof max_logit, "%.1f", report.max_logit);
-      printf("step %6ld/%lld | loss %.4f | lr %.2e | grad %.3f | %.1fK tok/s | %.2f GFLOP/s | max logit %s "
+      char utilization[32] = "";
+      if (cuda) snprintf(utilization, sizeof utilization, " (MFU %.1f%%)", 100 * mfu);
+      printf("step %6ld/%lld | loss %.4f | lr %.2e | grad %.3f | %.1fK tok/s | %.2f GFLOP/s%s | max logit %s "
              "(%d clipped) | load %.2f | mem %.0f MB | %.0f ms\n",
              step + 1, c->stage.steps, loss, report.lr, grad_norm, tokens_per_second / 1e3,
-             tokens_per_second * flops_per_token / 1e9, max_logit, report.clipped_heads, report.load_imbalance,
+             tokens_per_second * flops_per_token / 1e9, utilization, max_logit, report.clipped_heads, report.load_imbalance,
              memory, seconds * 1e3);
       fflush(stdout);
       const char *names[] = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "flops_per_second", "mfu",
                              "max_attention_logit", "clipped_heads", "load_imbalance", "memory_mb", "step_seconds",
                              "tokens"};
       double values[] = {(double)step + 1, loss, report.lr, grad_norm, tokens_per_second,
-                         tokens_per_second * flops_per_token, NAN /* no peak for a CPU */, report.max_logit,
+                         tokens_per_second * flops_per_token, mfu, report.max_logit,
                          report.clipped_heads, report.load_imbalance, memory, seconds,
                          (double)(step + 1) * G * T};
       metrics_write(&metrics, "step", (int)(sizeof values / sizeof values[0]), names, values);
