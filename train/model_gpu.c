@@ -3,6 +3,7 @@
 #include "train/model_gpu.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,6 +46,37 @@ struct GpuModel {
 };
 
 GpuParams *gpu_model_params(GpuModel *m) { return &m->params; }
+
+// With KLT_PROFILE set in the environment, every phase of the forward and backward synchronizes and
+// its time is summed per kind, printed when the model is freed: slower, for finding where time goes.
+typedef enum { PHASE_KDA, PHASE_MLA, PHASE_MOE, PHASE_DENSE, PHASE_NORMS, PHASE_HEAD, PHASE_EMBEDDING, PHASES } Phase;
+static const char *phase_names[PHASES] = {"KDA mixer", "MLA mixer", "MoE FFN", "dense FFN", "norms+residual",
+                                          "lm head + CE", "embedding"};
+static int profiling = -1;  // unknown until the first forward
+static double phase_seconds[2][PHASES], phase_start;
+static int profiled_steps;
+static void phase_begin(void) {
+  if (profiling < 0) profiling = getenv("KLT_PROFILE") != NULL;
+  if (!profiling) return;
+  device_synchronize();
+  phase_start = klt_now_seconds();
+}
+static void phase_end(int backward, Phase phase) {
+  if (!profiling) return;
+  device_synchronize();
+  phase_seconds[backward][phase] += klt_now_seconds() - phase_start;
+}
+static void print_profile(void) {
+  if (profiling <= 0 || profiled_steps == 0) return;
+  double total = 0;
+  for (int b = 0; b < 2; b++)
+    for (int p = 0; p < PHASES; p++) total += phase_seconds[b][p];
+  printf("klt profile: milliseconds per forward / backward over %d forwards (%.1f ms in all per forward+backward)\n",
+         profiled_steps, 1e3 * total / profiled_steps);
+  for (int p = 0; p < PHASES; p++)
+    printf("  %-16s %9.2f %9.2f\n", phase_names[p], 1e3 * phase_seconds[0][p] / profiled_steps,
+           1e3 * phase_seconds[1][p] / profiled_steps);
+}
 
 static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
@@ -135,6 +167,7 @@ GpuModel *gpu_model_create(const ModelConfig *c, ParamRegistry *registry, int ma
 }
 
 void gpu_model_free(GpuModel *m) {
+  print_profile();
   const int L = m->config.num_layers;
   for (int l = 0; l < L; l++) {
     GpuLayer *layer = &m->layers[l];
@@ -225,27 +258,40 @@ double gpu_model_forward(GpuModel *m, const int *inputs, const int *targets, con
   device_upload(m->inputs, inputs, (size_t)N * sizeof(int));
   device_upload(m->targets, targets, (size_t)N * sizeof(int));
   device_upload(m->doc_start, doc_start, (size_t)N);
+  phase_begin();
   embedding_forward_cuda(m->branch, m->inputs, m->embed.w, N, d);
   device_bf16_to_float(m->residual[0], m->branch, (size_t)N * d);
   residual_rmsnorm_forward_cuda(m->residual[0], m->normed[0], m->rstd[0], m->residual[0], NULL,
                                 m->layers[0].input_norm.master, eps, N, d);
+  phase_end(0, PHASE_EMBEDDING);
   for (int l = 0; l < L; l++) {
     GpuLayer *layer = &m->layers[l];
+    phase_begin();
     if (layer->is_mla) gpu_mla_forward(&layer->mla, m->branch, m->normed[2 * l], m->doc_start, B, T);
     else gpu_kda_forward(&layer->kda, m->branch, m->normed[2 * l], m->doc_start, B, T);
+    phase_end(0, layer->is_mla ? PHASE_MLA : PHASE_KDA);
+    phase_begin();
     residual_rmsnorm_forward_cuda(m->residual[2 * l + 1], m->normed[2 * l + 1], m->rstd[2 * l + 1],
                                   m->residual[2 * l], m->branch, layer->post_norm.master, eps, N, d);
+    phase_end(0, PHASE_NORMS);
+    phase_begin();
     if (layer->is_moe) gpu_moe_forward(&layer->moe, m->branch, m->normed[2 * l + 1], N);
     else gpu_swiglu_forward(&layer->dense, m->branch, m->normed[2 * l + 1], N);
+    phase_end(0, layer->is_moe ? PHASE_MOE : PHASE_DENSE);
+    phase_begin();
     bool last = l + 1 == L;
     residual_rmsnorm_forward_cuda(m->residual[2 * l + 2], last ? m->final_normed : m->normed[2 * l + 2],
                                   last ? m->final_rstd : m->rstd[2 * l + 2], m->residual[2 * l + 1], m->branch,
                                   last ? m->final_norm.master : m->layers[l + 1].input_norm.master, eps, N, d);
+    phase_end(0, PHASE_NORMS);
   }
   m->has_gradient = loss_weight > 0;
+  if (m->has_gradient) profiled_steps++;
+  phase_begin();
   lm_head_cross_entropy_cuda(m->losses, m->predictions, m->has_gradient ? m->dnormed : NULL,
                              m->has_gradient ? m->lm_head.grad : NULL, m->final_normed, m->lm_head.w, m->targets,
                              loss_weight, N, d, c->vocab_size);
+  phase_end(0, PHASE_HEAD);
   device_download(m->losses_host, m->losses, (size_t)N * sizeof(float));
   if (predictions) device_download(predictions, m->predictions, (size_t)N * sizeof(int));
   double total = 0;
@@ -259,24 +305,36 @@ void gpu_model_backward(GpuModel *m) {
   const int N = m->B * m->T, d = c->hidden_size, L = c->num_layers;
   const size_t width = (size_t)N * d;
   CHECK(m->has_gradient, "backward after a forward without gradient (loss_weight 0)");
+  phase_begin();
   device_zero(m->dresidual, width * sizeof(float));
   residual_rmsnorm_backward_cuda(m->dresidual, m->final_norm.grad, m->dnormed, m->residual[2 * L],
                                  m->final_norm.master, m->final_rstd, N, d);
+  phase_end(1, PHASE_NORMS);
   // dresidual (fp32) is the gradient of the stream; each branch reads a bf16 copy and adds its path back.
   for (int l = L - 1; l >= 0; l--) {
     GpuLayer *layer = &m->layers[l];
+    phase_begin();
     device_float_to_bf16(m->dstream, m->dresidual, width);
     if (layer->is_moe) gpu_moe_backward(&layer->moe, m->dnormed, m->dstream, &m->scratch);
     else gpu_swiglu_backward(&layer->dense, m->dnormed, m->dstream, false, &m->scratch);
+    phase_end(1, layer->is_moe ? PHASE_MOE : PHASE_DENSE);
+    phase_begin();
     residual_rmsnorm_backward_cuda(m->dresidual, layer->post_norm.grad, m->dnormed, m->residual[2 * l + 1],
                                    layer->post_norm.master, m->rstd[2 * l + 1], N, d);
     device_float_to_bf16(m->dstream, m->dresidual, width);
+    phase_end(1, PHASE_NORMS);
+    phase_begin();
     if (layer->is_mla) gpu_mla_backward(&layer->mla, m->dnormed, m->dstream, &m->scratch);
     else gpu_kda_backward(&layer->kda, m->dnormed, m->dstream, &m->scratch);
+    phase_end(1, layer->is_mla ? PHASE_MLA : PHASE_KDA);
+    phase_begin();
     residual_rmsnorm_backward_cuda(m->dresidual, layer->input_norm.grad, m->dnormed, m->residual[2 * l],
                                    layer->input_norm.master, m->rstd[2 * l], N, d);
+    phase_end(1, PHASE_NORMS);
   }
+  phase_begin();
   device_float_to_bf16(m->dstream, m->dresidual, width);
   embedding_backward_cuda(m->embed.grad, m->dstream, m->inputs, N, d, c->vocab_size);
+  phase_end(1, PHASE_EMBEDDING);
 }
 #endif
