@@ -2,12 +2,14 @@
 // Thread a of a block owns row a of the (K, SLICE) state slice in registers. The state update
 //   A = diag(exp g) S;  u = beta (v - A^T k);  S' = A + k u^T;  o = scale S'^T q = scale (A^T q + (q.k) u)
 // needs the column sums A^T k and A^T q over the K threads: one halving shuffle reduction of 32 values per
-// warp, then 4-8 warps through shared memory.
+// warp, then the K / 32 warps through shared memory. Per chunk of 32 tokens, q, k, g, v, beta and the
+// document starts are staged in shared memory with coalesced loads, so the token loop touches no
+// global memory on its critical path.
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
 
 #define SLICE 16       // state columns per block
-#define CHUNK 64       // tokens per checkpoint / replay chunk of the backward
+#define CHUNK 32       // tokens staged in shared memory at a time; checkpoint / replay chunk of the backward
 #define MAX_WARPS 4    // K <= 128
 
 #define AT(b, t, h, X) ((((size_t)(b) * T + (t)) * H + (h)) * (X))
@@ -49,12 +51,39 @@ static inline __device__ float warp_reduce_16(float x[SLICE]) {
 
 // Forward over all tokens for one (b, h, slice). Writes out (if not NULL), the final state, and the state
 // entering every CHUNK-token chunk (before that token's reset) to checkpoints (if not NULL).
+// The tokens [t0, t0 + n) of (b, h) staged for the token loops: q, k in bf16, g, v (this slice), beta.
+struct Staged {
+  bf16_t q[CHUNK][32 * MAX_WARPS], k[CHUNK][32 * MAX_WARPS];
+  float g[CHUNK][32 * MAX_WARPS], v[CHUNK][SLICE], beta[CHUNK];
+  bool reset[CHUNK];
+};
+
+static inline __device__ void stage_chunk(Staged *st, const bf16_t *q, const bf16_t *k, const bf16_t *v,
+                                          const float *g, const float *beta, const unsigned char *doc_start, int b,
+                                          int h, int t0, int n, int col0, int T, int H, int K, int V) {
+  for (int i = threadIdx.x; i < n * K; i += blockDim.x) {
+    int token = i / K, a = i % K;
+    size_t at = AT(b, t0 + token, h, K) + a;
+    if (q) st->q[token][a] = q[at];
+    st->k[token][a] = k[at];
+    st->g[token][a] = g[at];
+  }
+  for (int i = threadIdx.x; i < n * SLICE; i += blockDim.x)
+    st->v[i / SLICE][i % SLICE] = __bfloat162float(v[AT(b, t0 + i / SLICE, h, V) + col0 + i % SLICE]);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    st->beta[i] = beta[((size_t)b * T + t0 + i) * H + h];
+    st->reset[i] = resets(doc_start, b, t0 + i, T);
+  }
+}
+
+// Forward over all tokens for one (b, h, slice). Writes out (if not NULL), the final state, and the state
+// entering every CHUNK-token chunk (before that token's reset) to checkpoints (if not NULL).
 static __global__ void kda_forward_kernel(bf16_t *out, float *final_state, float *checkpoints, const bf16_t *q,
                                           const bf16_t *k, const bf16_t *v, const float *g, const float *beta,
                                           const float *initial_state, const unsigned char *doc_start, float scale,
                                           int T, int H, int K, int V) {
   __shared__ float reduced[2][MAX_WARPS][2 * SLICE + 1];
-  __shared__ float v_chunk[CHUNK][SLICE], beta_chunk[CHUNK];
+  __shared__ Staged st;
   const int slices = V / SLICE, slice = blockIdx.x % slices, h = (blockIdx.x / slices) % H;
   const int b = blockIdx.x / (slices * H), a = threadIdx.x, lane = a & 31, warp = a >> 5, warps = K / 32;
   const int col0 = slice * SLICE;
@@ -70,17 +99,15 @@ static __global__ void kda_forward_kernel(bf16_t *out, float *final_state, float
       for (int c = 0; c < SLICE; c++) ck[c] = S[c];
     }
     __syncthreads();
-    for (int i = a; i < n * SLICE; i += blockDim.x)
-      v_chunk[i / SLICE][i % SLICE] = __bfloat162float(v[AT(b, t0 + i / SLICE, h, V) + col0 + i % SLICE]);
-    for (int i = a; i < n; i += blockDim.x) beta_chunk[i] = beta[((size_t)b * T + t0 + i) * H + h];
+    stage_chunk(&st, out ? q : NULL, k, v, g, beta, doc_start, b, h, t0, n, col0, T, H, K, V);
     __syncthreads();
     for (int i = 0; i < n; i++) {
       const int t = t0 + i, parity = t & 1;
-      if (resets(doc_start, b, t, T))
+      if (st.reset[i])
 #pragma unroll
         for (int c = 0; c < SLICE; c++) S[c] = 0.0f;
-      const float ka = __bfloat162float(k[AT(b, t, h, K) + a]), qa = __bfloat162float(q[AT(b, t, h, K) + a]);
-      const float decay = __expf(g[AT(b, t, h, K) + a]);
+      const float ka = __bfloat162float(st.k[i][a]), qa = out ? __bfloat162float(st.q[i][a]) : 0.0f;
+      const float decay = __expf(st.g[i][a]);
       float x[2 * SLICE];
 #pragma unroll
       for (int c = 0; c < SLICE; c++) {
@@ -100,12 +127,12 @@ static __global__ void kda_forward_kernel(bf16_t *out, float *final_state, float
         for (int c = 0; c < SLICE; c++) kA[c] += reduced[parity][w][c];
         qk_all += reduced[parity][w][2 * SLICE];
       }
-      const float bt = beta_chunk[i];
+      const float bt = st.beta[i];
 #pragma unroll
-      for (int c = 0; c < SLICE; c++) S[c] += ka * bt * (v_chunk[i][c] - kA[c]);
+      for (int c = 0; c < SLICE; c++) S[c] += ka * bt * (st.v[i][c] - kA[c]);
       if (out && a < SLICE) {
         for (int w = 0; w < warps; w++) qA_lane += reduced[parity][w][SLICE + a];
-        float u = bt * (v_chunk[i][a] - kA[a]);
+        float u = bt * (st.v[i][a] - kA[a]);
         out[AT(b, t, h, V) + col0 + a] = __float2bfloat16(scale * (qA_lane + qk_all * u));
       }
     }
@@ -123,8 +150,8 @@ static __global__ void kda_backward_kernel(float *dq_part, float *dk_part, float
                                            const bf16_t *k, const bf16_t *v, const float *g, const float *beta,
                                            const unsigned char *doc_start, float scale, int T, int H, int K, int V) {
   __shared__ float reduced[2][MAX_WARPS][2 * SLICE + 1];
-  __shared__ float r_chunk[CHUNK][SLICE], do_chunk[CHUNK][SLICE], v_chunk[CHUNK][SLICE], beta_chunk[CHUNK];
-  __shared__ float du_shared[2][SLICE];
+  __shared__ Staged st;
+  __shared__ float r_chunk[CHUNK][SLICE], do_chunk[CHUNK][SLICE], du_shared[2][SLICE];
   const int slices = V / SLICE, slice = blockIdx.x % slices, h = (blockIdx.x / slices) % H;
   const int b = blockIdx.x / (slices * H), a = threadIdx.x, lane = a & 31, warp = a >> 5, warps = K / 32;
   const int col0 = slice * SLICE, chunks = (T + CHUNK - 1) / CHUNK;
@@ -136,12 +163,9 @@ static __global__ void kda_backward_kernel(float *dq_part, float *dk_part, float
   for (int chunk = chunks - 1; chunk >= 0; chunk--) {
     const int t0 = chunk * CHUNK, n = min(CHUNK, T - t0);
     __syncthreads();
-    for (int i = a; i < n * SLICE; i += blockDim.x) {
-      size_t at = AT(b, t0 + i / SLICE, h, V) + col0 + i % SLICE;
-      v_chunk[i / SLICE][i % SLICE] = __bfloat162float(v[at]);
-      do_chunk[i / SLICE][i % SLICE] = __bfloat162float(dout[at]);
-    }
-    for (int i = a; i < n; i += blockDim.x) beta_chunk[i] = beta[((size_t)b * T + t0 + i) * H + h];
+    stage_chunk(&st, q, k, v, g, beta, doc_start, b, h, t0, n, col0, T, H, K, V);
+    for (int i = a; i < n * SLICE; i += blockDim.x)
+      do_chunk[i / SLICE][i % SLICE] = __bfloat162float(dout[AT(b, t0 + i / SLICE, h, V) + col0 + i % SLICE]);
     __syncthreads();
     // Replay: the state entering each token (after its reset) and r.
     float S[SLICE];
@@ -149,14 +173,14 @@ static __global__ void kda_backward_kernel(float *dq_part, float *dk_part, float
 #pragma unroll
     for (int c = 0; c < SLICE; c++) S[c] = ck[c];
     for (int i = 0; i < n; i++) {
-      const int t = t0 + i, parity = t & 1;
-      if (resets(doc_start, b, t, T))
+      const int parity = (t0 + i) & 1;
+      if (st.reset[i])
 #pragma unroll
         for (int c = 0; c < SLICE; c++) S[c] = 0.0f;
       float *slot = my_replay + (size_t)i * K * SLICE;
 #pragma unroll
       for (int c = 0; c < SLICE; c++) slot[c] = S[c];
-      const float ka = __bfloat162float(k[AT(b, t, h, K) + a]), decay = __expf(g[AT(b, t, h, K) + a]);
+      const float ka = __bfloat162float(st.k[i][a]), decay = __expf(st.g[i][a]);
       float x[SLICE];
 #pragma unroll
       for (int c = 0; c < SLICE; c++) {
@@ -166,12 +190,12 @@ static __global__ void kda_backward_kernel(float *dq_part, float *dk_part, float
       float mine = warp_reduce_16(x);
       if ((lane & 1) == 0) reduced[parity][warp][lane >> 1] = mine;
       __syncthreads();
-      const float bt = beta_chunk[i];
+      const float bt = st.beta[i];
 #pragma unroll
       for (int c = 0; c < SLICE; c++) {
         float kA = 0.0f;
         for (int w = 0; w < warps; w++) kA += reduced[parity][w][c];
-        float r = v_chunk[i][c] - kA;
+        float r = st.v[i][c] - kA;
         if (a == 0) r_chunk[i][c] = r;
         S[c] += ka * bt * r;
       }
@@ -181,8 +205,8 @@ static __global__ void kda_backward_kernel(float *dq_part, float *dk_part, float
     for (int i = n - 1; i >= 0; i--) {
       const int t = t0 + i, parity = t & 1;
       const float *slot = my_replay + (size_t)i * K * SLICE;
-      const float ka = __bfloat162float(k[AT(b, t, h, K) + a]), qa = __bfloat162float(q[AT(b, t, h, K) + a]);
-      const float decay = __expf(g[AT(b, t, h, K) + a]), bt = beta_chunk[i];
+      const float ka = __bfloat162float(st.k[i][a]), qa = __bfloat162float(st.q[i][a]);
+      const float decay = __expf(st.g[i][a]), bt = st.beta[i];
       float A[SLICE], u[SLICE], dq_sum = 0.0f;
 #pragma unroll
       for (int c = 0; c < SLICE; c++) {
@@ -224,7 +248,7 @@ static __global__ void kda_backward_kernel(float *dq_part, float *dk_part, float
         for (int c = 0; c < SLICE; c++) db += du[c] * r_chunk[i][c];
         dbeta_part[part] = db;
       }
-      if (resets(doc_start, b, t, T))
+      if (st.reset[i])
 #pragma unroll
         for (int c = 0; c < SLICE; c++) dS[c] = 0.0f;
     }
