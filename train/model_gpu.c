@@ -54,7 +54,7 @@ static const char *phase_names[PHASES] = {"KDA mixer", "MLA mixer", "MoE FFN", "
                                           "lm head + CE", "embedding"};
 static int profiling = -1;  // unknown until the first forward
 static double phase_seconds[2][PHASES], phase_start;
-static int profiled_steps;
+static int profiled_passes[2];  // forwards, backwards
 static void phase_begin(void) {
   if (profiling < 0) profiling = getenv("KLT_PROFILE") != NULL;
   if (!profiling) return;
@@ -67,15 +67,15 @@ static void phase_end(int backward, Phase phase) {
   phase_seconds[backward][phase] += klt_now_seconds() - phase_start;
 }
 static void print_profile(void) {
-  if (profiling <= 0 || profiled_steps == 0) return;
-  double total = 0;
+  if (profiling <= 0 || profiled_passes[0] == 0 || profiled_passes[1] == 0) return;
+  double per_pass[2] = {0, 0};
   for (int b = 0; b < 2; b++)
-    for (int p = 0; p < PHASES; p++) total += phase_seconds[b][p];
-  printf("klt profile: milliseconds per forward / backward over %d forwards (%.1f ms in all per forward+backward)\n",
-         profiled_steps, 1e3 * total / profiled_steps);
+    for (int p = 0; p < PHASES; p++) per_pass[b] += phase_seconds[b][p] / profiled_passes[b];
+  printf("klt profile: milliseconds per forward (%d) / backward (%d); %.1f + %.1f ms, each phase synchronized\n",
+         profiled_passes[0], profiled_passes[1], 1e3 * per_pass[0], 1e3 * per_pass[1]);
   for (int p = 0; p < PHASES; p++)
-    printf("  %-16s %9.2f %9.2f\n", phase_names[p], 1e3 * phase_seconds[0][p] / profiled_steps,
-           1e3 * phase_seconds[1][p] / profiled_steps);
+    printf("  %-16s %9.2f %9.2f\n", phase_names[p], 1e3 * phase_seconds[0][p] / profiled_passes[0],
+           1e3 * phase_seconds[1][p] / profiled_passes[1]);
 }
 
 static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
@@ -286,7 +286,7 @@ double gpu_model_forward(GpuModel *m, const int *inputs, const int *targets, con
     phase_end(0, PHASE_NORMS);
   }
   m->has_gradient = loss_weight > 0;
-  if (m->has_gradient) profiled_steps++;
+  profiled_passes[0]++;
   phase_begin();
   lm_head_cross_entropy_cuda(m->losses, m->predictions, m->has_gradient ? m->dnormed : NULL,
                              m->has_gradient ? m->lm_head.grad : NULL, m->final_normed, m->lm_head.w, m->targets,
@@ -305,6 +305,7 @@ void gpu_model_backward(GpuModel *m) {
   const int N = m->B * m->T, d = c->hidden_size, L = c->num_layers;
   const size_t width = (size_t)N * d;
   CHECK(m->has_gradient, "backward after a forward without gradient (loss_weight 0)");
+  profiled_passes[1]++;
   phase_begin();
   device_zero(m->dresidual, width * sizeof(float));
   residual_rmsnorm_backward_cuda(m->dresidual, m->final_norm.grad, m->dnormed, m->residual[2 * L],

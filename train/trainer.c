@@ -198,6 +198,9 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   loader_alloc_batch(loader, &batch);
   double run_start = klt_now_seconds();
   Watchdog *watchdog = watchdog_start(c->train.step_timeout, world.rank);
+  const bool profile = getenv("KLT_PROFILE") != NULL;  // see README: where the step's time goes
+  double optimizer_seconds = 0;
+  long profiled_steps = 0;
   for (long step = first_step; step < c->stage.steps; step++) {
     watchdog_arm(watchdog, step);
     double start = klt_now_seconds();
@@ -224,8 +227,16 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
         moe_layer[moe_layers] = l;
         imbalance[moe_layers++] = load_imbalance(model_expert_load(model, l), mc->num_experts);
       }
+    double optimizer_start = klt_now_seconds();
     OptimizerReport report = optimizer_step(&opt, optimizer_position(&opt, step));
+#ifdef KLT_HAVE_CUDA
+    if (cuda && profile) {
+      device_synchronize();
+      optimizer_seconds += klt_now_seconds() - optimizer_start;
+    }
+#endif
     double seconds = klt_now_seconds() - start;
+    profiled_steps++;
     double tokens_per_second = (double)G * T / seconds;
 
     bool last = step + 1 == c->stage.steps;
@@ -282,6 +293,8 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     }
   }
   watchdog_stop(watchdog);
+  if (profile && main_rank && profiled_steps > 0)
+    printf("klt profile: optimizer %.2f ms per step (synchronized)\n", 1e3 * optimizer_seconds / profiled_steps);
   if (main_rank) printf("klt-train: done in %.1f s\n", klt_now_seconds() - run_start);
   free(text);
   loader_free_batch(&batch);

@@ -1,0 +1,158 @@
+// Benchmark of the CUDA chunkwise KDA (bf16 q, k, v, out; fp32 g, beta, states): forward and
+// forward+backward, median of 20 timed calls after 3 warm-ups (CUDA events), with the bytes each must move
+// at least (inputs and outputs at their dtypes, each once: q k v bf16, g fp32, beta fp32, out bf16,
+// initial and final state fp32; the backward adds dout, dfinal_state and every gradient), the time that
+// floor takes at 3.35 TB/s (H100 SXM HBM3) and the bandwidth achieved against it.
+//   bench_kda                   B x T x H x K = 8x4096x16x128, 2x16384x16x128, 1x65536x16x128
+//   bench_kda B T H [K [DOC_LEN]]   one shape (V = K); DOC_LEN > 0 starts a document every DOC_LEN tokens
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#ifdef KLT_HAVE_CUDA
+#include "kernels/kda.h"
+
+#define HBM_TBS 3.35
+#define REPS 20
+#define WARMUP 3
+
+static int compare_float(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x > y) - (x < y);
+}
+
+static double uniform(uint64_t *state) {
+  *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+  return (double)(*state >> 11) / 9007199254740992.0;
+}
+
+// rows x D bf16, each row of unit L2 norm (as the layer hands q and k to the kernel); or unnormalized.
+static bf16 *random_bf16(size_t rows, int D, bool normalize, uint64_t *state) {
+  bf16 *h = malloc(rows * D * sizeof(bf16));
+  float *row = malloc(D * sizeof(float));
+  for (size_t r = 0; r < rows; r++) {
+    double ss = 0;
+    for (int c = 0; c < D; c++) row[c] = (float)(uniform(state) * 3.4 - 1.7), ss += row[c] * row[c];
+    const float mul = normalize ? (float)(1 / sqrt(ss + 1e-6)) : 1.0f;
+    for (int c = 0; c < D; c++) h[r * D + c] = bf16_from_float(row[c] * mul);
+  }
+  bf16 *d = device_alloc(rows * D * sizeof(bf16));
+  device_upload(d, h, rows * D * sizeof(bf16));
+  free(h), free(row);
+  return d;
+}
+static float *random_float(size_t n, double lo, double hi, uint64_t *state) {
+  float *h = malloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) h[i] = (float)(lo + (hi - lo) * uniform(state));
+  float *d = device_alloc(n * sizeof(float));
+  device_upload(d, h, n * sizeof(float));
+  free(h);
+  return d;
+}
+
+struct buffers {
+  int B, T, H, K, V;
+  float scale;
+  bf16 *q, *k, *v, *dout, *out, *dq, *dk, *dv;
+  float *g, *beta, *s0, *sT, *dsT, *dg, *dbeta, *ds0;
+  unsigned char *doc;
+};
+
+static void run_forward(const struct buffers *x) {
+  kda_chunk_forward_cuda(x->out, x->sT, x->q, x->k, x->v, x->g, x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H,
+                         x->K, x->V);
+}
+static void run_both(const struct buffers *x) {
+  run_forward(x);
+  kda_chunk_backward_cuda(x->dq, x->dk, x->dv, x->dg, x->dbeta, x->ds0, x->dout, x->dsT, x->q, x->k, x->v, x->g,
+                          x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H, x->K, x->V);
+}
+
+// Median milliseconds of REPS calls, each timed on its own.
+static float time_median(void (*fn)(const struct buffers *), const struct buffers *x) {
+  cudaStream_t stream = device_stream();
+  cudaEvent_t start[REPS], stop[REPS];
+  for (int i = 0; i < WARMUP; i++) fn(x);
+  for (int i = 0; i < REPS; i++) {
+    CUDA_CHECK(cudaEventCreate(&start[i]));
+    CUDA_CHECK(cudaEventCreate(&stop[i]));
+  }
+  for (int i = 0; i < REPS; i++) {
+    CUDA_CHECK(cudaEventRecord(start[i], stream));
+    fn(x);
+    CUDA_CHECK(cudaEventRecord(stop[i], stream));
+  }
+  CUDA_CHECK(cudaEventSynchronize(stop[REPS - 1]));
+  float ms[REPS];
+  for (int i = 0; i < REPS; i++) {
+    CUDA_CHECK(cudaEventElapsedTime(&ms[i], start[i], stop[i]));
+    cudaEventDestroy(start[i]), cudaEventDestroy(stop[i]);
+  }
+  qsort(ms, REPS, sizeof(float), compare_float);
+  return 0.5f * (ms[REPS / 2 - 1] + ms[REPS / 2]);
+}
+
+static void bench(int B, int T, int H, int K, int doc_len) {
+  const int V = K;
+  uint64_t state = 12345;
+  const size_t rows = (size_t)B * T * H, nk = rows * K, nv = rows * V, ns = (size_t)B * H * K * V;
+  struct buffers x = {.B = B, .T = T, .H = H, .K = K, .V = V, .scale = 1.0f / sqrtf((float)K)};
+  x.q = random_bf16(rows, K, true, &state), x.k = random_bf16(rows, K, true, &state);
+  x.v = random_bf16(rows, V, false, &state), x.dout = random_bf16(rows, V, false, &state);
+  x.g = random_float(nk, -1.0, -0.01, &state), x.beta = random_float(rows, 0.05, 0.95, &state);
+  x.s0 = random_float(ns, -0.5, 0.5, &state), x.dsT = random_float(ns, -0.5, 0.5, &state);
+  x.out = device_alloc(nv * 2), x.dq = device_alloc(nk * 2), x.dk = device_alloc(nk * 2), x.dv = device_alloc(nv * 2);
+  x.sT = device_alloc(ns * 4), x.ds0 = device_alloc(ns * 4), x.dg = device_alloc(nk * 4);
+  x.dbeta = device_alloc(rows * 4);
+  x.doc = NULL;
+  if (doc_len > 0) {
+    unsigned char *doc = calloc((size_t)B * T, 1);
+    for (size_t t = 0; t < (size_t)B * T; t++) doc[t] = (t % T) % doc_len == 0;
+    x.doc = device_alloc((size_t)B * T);
+    device_upload(x.doc, doc, (size_t)B * T);
+    free(doc);
+  }
+  const float fwd_ms = time_median(run_forward, &x);
+  const float both_ms = time_median(run_both, &x);
+  // Forward: q k v out (bf16), g (fp32), beta, initial and final state, document starts.
+  const double doc_bytes = x.doc ? (double)B * T : 0;
+  const double fwd_bytes = 2.0 * (2 * nk + 2 * nv) + 4.0 * nk + 4.0 * rows + 8.0 * ns + doc_bytes;
+  // Backward: the forward's inputs again, dout, dfinal_state, and dq dk dv (bf16) dg dbeta dinitial_state.
+  const double bwd_bytes = 2.0 * (2 * nk + nv) + 4.0 * nk + 4.0 * rows + 4.0 * ns + doc_bytes + 2.0 * nv + 4.0 * ns +
+                           2.0 * (2 * nk + nv) + 4.0 * nk + 4.0 * rows + 4.0 * ns;
+  const double both_bytes = fwd_bytes + bwd_bytes;
+  const double fwd_floor = fwd_bytes / (HBM_TBS * 1e12) * 1e3, both_floor = both_bytes / (HBM_TBS * 1e12) * 1e3;
+  printf("| %d | %5d | %2d | %3d | %4s | %8.3f | %7.1f | %7.3f | %5.2f | %9.3f | %7.1f | %7.3f | %5.2f |\n", B, T, H, K,
+         doc_len > 0 ? "yes" : "no", fwd_ms, fwd_bytes / 1e6, fwd_floor, fwd_bytes / (fwd_ms * 1e-3) / 1e12, both_ms,
+         both_bytes / 1e6, both_floor, both_bytes / (both_ms * 1e-3) / 1e12);
+  fflush(stdout);
+  device_free(x.q), device_free(x.k), device_free(x.v), device_free(x.dout), device_free(x.out);
+  device_free(x.dq), device_free(x.dk), device_free(x.dv), device_free(x.g), device_free(x.beta);
+  device_free(x.s0), device_free(x.sT), device_free(x.dsT), device_free(x.ds0), device_free(x.dg);
+  device_free(x.dbeta);
+  if (x.doc) device_free(x.doc);
+}
+
+int main(int argc, char **argv) {
+  device_select(0);
+  printf("chunkwise KDA, V = K, median of %d calls after %d warm-ups; floor = the bytes below at %.2f TB/s\n", REPS,
+         WARMUP, HBM_TBS);
+  printf("| B | T | H | K | docs | fwd ms | fwd MB | fwd floor ms | fwd TB/s | fwd+bwd ms | fwd+bwd MB | "
+         "fwd+bwd floor ms | fwd+bwd TB/s |\n");
+  printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  if (argc >= 4) {
+    bench(atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), argc >= 5 ? atoi(argv[4]) : 128, argc >= 6 ? atoi(argv[5]) : 0);
+    return 0;
+  }
+  bench(8, 4096, 16, 128, 0);
+  bench(2, 16384, 16, 128, 0);
+  bench(1, 65536, 16, 128, 0);
+  return 0;
+}
+#else
+int main(void) {
+  printf("bench_kda: built without CUDA (KLT_HAVE_CUDA unset); nothing to measure\n");
+  return 0;
+}
+#endif
