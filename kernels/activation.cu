@@ -1,88 +1,214 @@
-// Elementwise activations on the GPU; see activation.h. One thread per element.
+// Elementwise activations and the KDA gate on the GPU; see activation.h. Grid-stride loops; when the
+// sizes allow and the pointers are 16-byte aligned, each thread moves 8 values at a time (16-byte bf16
+// loads and stores). The gate's parameter gradients are summed over rows per block of rows, then over
+// the blocks in a fixed order (deterministic).
+#include <stdint.h>
+
 #include "kernels/activation.h"
 #include "kernels/cuda_common.cuh"
 
-static inline __device__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
-static inline __device__ float softplusf(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
-#define GRID(n) ceil_div((n), 256), 256, 0, device_stream()
-
-static __global__ void sigmoid_forward_kernel(float *out, const bf16_t *x, size_t n) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  if (i < n) out[i] = sigmoidf(__bfloat162float(x[i]));
+// ---- 1- or 8-wide loads and stores as float -------------------------------------------------------
+template <int V>
+static inline __device__ void load_v(float *v, const bf16_t *p) {
+  if constexpr (V == 8) {
+    uint4 u = *(const uint4 *)p;
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      float2 f = __bfloat1622float2(h[k]);
+      v[2 * k] = f.x, v[2 * k + 1] = f.y;
+    }
+  } else {
+    v[0] = __bfloat162float(p[0]);
+  }
 }
+template <int V>
+static inline __device__ void load_v(float *v, const float *p) {
+  if constexpr (V == 8) {
+    float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    v[0] = p[0];
+  }
+}
+template <int V>
+static inline __device__ void store_v(bf16_t *p, const float *v) {
+  if constexpr (V == 8) {
+    uint4 u;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    *(uint4 *)p = u;
+  } else {
+    p[0] = __float2bfloat16(v[0]);
+  }
+}
+template <int V>
+static inline __device__ void store_v(float *p, const float *v) {
+  if constexpr (V == 8) {
+    ((float4 *)p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    ((float4 *)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    p[0] = v[0];
+  }
+}
+static inline __device__ float sigmoid_f(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
+static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+static inline __device__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
+
+// Blocks for a grid-stride loop over `items` items of 256 threads.
+static inline unsigned int grid_for(size_t items) {
+  size_t blocks = (items + 255) / 256;
+  return (unsigned int)(blocks < 132 * 16 ? (blocks ? blocks : 1) : 132 * 16);
+}
+#define GRID_STRIDE(i, items) \
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (items); i += (size_t)gridDim.x * blockDim.x)
+
+// ---- sigmoid ----------------------------------------------------------------------------------------
+template <int V>
+static __global__ void sigmoid_forward_kernel(float *out, const bf16_t *x, size_t n) {
+  GRID_STRIDE(i, n / V) {
+    float v[V];
+    load_v<V>(v, x + i * V);
+#pragma unroll
+    for (int k = 0; k < V; k++) v[k] = sigmoid_f(v[k]);
+    store_v<V>(out + i * V, v);
+  }
+}
+template <int V>
 static __global__ void sigmoid_backward_kernel(bf16_t *dx, const float *dout, const float *out, size_t n) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  if (i < n) dx[i] = __float2bfloat16(dout[i] * out[i] * (1.0f - out[i]));
+  GRID_STRIDE(i, n / V) {
+    float d[V], y[V];
+    load_v<V>(d, dout + i * V);
+    load_v<V>(y, out + i * V);
+#pragma unroll
+    for (int k = 0; k < V; k++) d[k] *= y[k] * (1.0f - y[k]);
+    store_v<V>(dx + i * V, d);
+  }
 }
 extern "C" void sigmoid_forward_cuda(float *out, const bf16 *x, size_t n) {
   if (!n) return;
-  sigmoid_forward_kernel<<<GRID(n)>>>(out, (const bf16_t *)x, n);
+  if (n % 8 == 0 && aligned16(out) && aligned16(x))
+    sigmoid_forward_kernel<8><<<grid_for(n / 8), 256, 0, device_stream()>>>(out, (const bf16_t *)x, n);
+  else
+    sigmoid_forward_kernel<1><<<grid_for(n), 256, 0, device_stream()>>>(out, (const bf16_t *)x, n);
   CUDA_CHECK_LAUNCH();
 }
 extern "C" void sigmoid_backward_cuda(bf16 *dx, const float *dout, const float *out, size_t n) {
   if (!n) return;
-  sigmoid_backward_kernel<<<GRID(n)>>>((bf16_t *)dx, dout, out, n);
+  if (n % 8 == 0 && aligned16(dx) && aligned16(dout) && aligned16(out))
+    sigmoid_backward_kernel<8><<<grid_for(n / 8), 256, 0, device_stream()>>>((bf16_t *)dx, dout, out, n);
+  else
+    sigmoid_backward_kernel<1><<<grid_for(n), 256, 0, device_stream()>>>((bf16_t *)dx, dout, out, n);
   CUDA_CHECK_LAUNCH();
 }
 
+// ---- SwiGLU on [gate | up] rows -----------------------------------------------------------------------
+// Item i covers V outputs: row n = (i V) / F, column j = (i V) % F (F % V == 0).
+template <int V>
 static __global__ void swiglu_forward_kernel(bf16_t *out, const bf16_t *gate_up, int N, int F) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  if (i >= (size_t)N * F) return;
-  size_t n = i / F, j = i % F;
-  float g = __bfloat162float(gate_up[n * 2 * F + j]), u = __bfloat162float(gate_up[n * 2 * F + F + j]);
-  out[i] = __float2bfloat16(g * sigmoidf(g) * u);
+  GRID_STRIDE(i, (size_t)N * F / V) {
+    size_t e = i * V, n = e / F, j = e % F;
+    float g[V], u[V];
+    load_v<V>(g, gate_up + n * 2 * F + j);
+    load_v<V>(u, gate_up + n * 2 * F + F + j);
+#pragma unroll
+    for (int k = 0; k < V; k++) g[k] = g[k] * sigmoid_f(g[k]) * u[k];
+    store_v<V>(out + e, g);
+  }
 }
+template <int V>
 static __global__ void swiglu_backward_kernel(bf16_t *dgate_up, const bf16_t *dout, const bf16_t *gate_up, int N,
                                               int F) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  if (i >= (size_t)N * F) return;
-  size_t n = i / F, j = i % F;
-  float g = __bfloat162float(gate_up[n * 2 * F + j]), u = __bfloat162float(gate_up[n * 2 * F + F + j]);
-  float dy = __bfloat162float(dout[i]), s = sigmoidf(g);
-  dgate_up[n * 2 * F + j] = __float2bfloat16(dy * u * s * (1.0f + g * (1.0f - s)));
-  dgate_up[n * 2 * F + F + j] = __float2bfloat16(dy * g * s);
+  GRID_STRIDE(i, (size_t)N * F / V) {
+    size_t e = i * V, n = e / F, j = e % F;
+    float g[V], u[V], dy[V], dg[V], du[V];
+    load_v<V>(g, gate_up + n * 2 * F + j);
+    load_v<V>(u, gate_up + n * 2 * F + F + j);
+    load_v<V>(dy, dout + e);
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+      float s = sigmoid_f(g[k]);
+      dg[k] = dy[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
+      du[k] = dy[k] * g[k] * s;
+    }
+    store_v<V>(dgate_up + n * 2 * F + j, dg);
+    store_v<V>(dgate_up + n * 2 * F + F + j, du);
+  }
 }
 extern "C" void swiglu_forward_cuda(bf16 *out, const bf16 *gate_up, int N, int F) {
   size_t n = (size_t)N * F;
   if (!n) return;
-  swiglu_forward_kernel<<<GRID(n)>>>((bf16_t *)out, (const bf16_t *)gate_up, N, F);
+  if (F % 8 == 0 && aligned16(out) && aligned16(gate_up))
+    swiglu_forward_kernel<8>
+        <<<grid_for(n / 8), 256, 0, device_stream()>>>((bf16_t *)out, (const bf16_t *)gate_up, N, F);
+  else
+    swiglu_forward_kernel<1><<<grid_for(n), 256, 0, device_stream()>>>((bf16_t *)out, (const bf16_t *)gate_up, N, F);
   CUDA_CHECK_LAUNCH();
 }
 extern "C" void swiglu_backward_cuda(bf16 *dgate_up, const bf16 *dout, const bf16 *gate_up, int N, int F) {
   size_t n = (size_t)N * F;
   if (!n) return;
-  swiglu_backward_kernel<<<GRID(n)>>>((bf16_t *)dgate_up, (const bf16_t *)dout, (const bf16_t *)gate_up, N, F);
+  if (F % 8 == 0 && aligned16(dgate_up) && aligned16(dout) && aligned16(gate_up))
+    swiglu_backward_kernel<8><<<grid_for(n / 8), 256, 0, device_stream()>>>((bf16_t *)dgate_up, (const bf16_t *)dout,
+                                                                            (const bf16_t *)gate_up, N, F);
+  else
+    swiglu_backward_kernel<1><<<grid_for(n), 256, 0, device_stream()>>>((bf16_t *)dgate_up, (const bf16_t *)dout,
+                                                                        (const bf16_t *)gate_up, N, F);
   CUDA_CHECK_LAUNCH();
 }
 
+// ---- KDA gate ---------------------------------------------------------------------------------------
+// Item i covers V channels of one head: flat element e = i V, channel hk = e % (H K) (K % V == 0).
+template <int V>
 static __global__ void kda_gate_forward_kernel(float *g, const bf16_t *f, const float *A_log, const float *dt_bias,
                                                bool bounded, float lower_bound, int N, int H, int K) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  if (i >= (size_t)N * H * K) return;
-  int hk = (int)(i % ((size_t)H * K)), h = hk / K;
-  float a = __expf(A_log[h]), u = __bfloat162float(f[i]) + dt_bias[hk];
-  g[i] = bounded ? lower_bound * sigmoidf(a * u) : -a * softplusf(u);
-}
-// Writes df and the per-element contributions to dA_log (before the sum over K and rows) to scratch.
-static __global__ void kda_gate_backward_kernel(bf16_t *df, float *du_rows, float *da_rows, const float *dg,
-                                                const bf16_t *f, const float *A_log, const float *dt_bias,
-                                                bool bounded, float lower_bound, int N, int H, int K) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  if (i >= (size_t)N * H * K) return;
-  int hk = (int)(i % ((size_t)H * K)), h = hk / K;
-  float a = __expf(A_log[h]), u = __bfloat162float(f[i]) + dt_bias[hk];
-  float du, da;
-  if (!bounded) {
-    du = -a * sigmoidf(u);
-    da = -a * softplusf(u);
-  } else {
-    float s = sigmoidf(a * u), dz = lower_bound * s * (1.0f - s);
-    du = dz * a;
-    da = dz * a * u;
+  const size_t HK = (size_t)H * K;
+  GRID_STRIDE(i, (size_t)N * HK / V) {
+    size_t e = i * V;
+    int hk = (int)(e % HK), h = hk / K;
+    float a = __expf(A_log[h]), u[V], b[V];
+    load_v<V>(u, f + e);
+    load_v<V>(b, dt_bias + hk);
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+      float x = u[k] + b[k];
+      u[k] = bounded ? lower_bound * sigmoid_f(a * x) : -a * softplus_f(x);
+    }
+    store_v<V>(g + e, u);
   }
-  df[i] = __float2bfloat16(dg[i] * du);
-  du_rows[i] = dg[i] * du;
-  da_rows[i] = dg[i] * da;
+}
+
+// Thread (channel hk, block of rows): writes df for its rows and the rows' sums of dg * dg/du and
+// dg * dg/dA_log into partial_du / partial_da [row block][hk].
+#define GATE_ROWS 64
+static __global__ void kda_gate_backward_kernel(bf16_t *df, float *partial_du, float *partial_da, const float *dg,
+                                                const bf16_t *f, const float *A_log, const float *dt_bias, bool bounded,
+                                                float lower_bound, int N, int H, int K) {
+  const int HK = H * K;
+  int hk = blockIdx.x * blockDim.x + threadIdx.x;
+  if (hk >= HK) return;
+  int h = hk / K, begin = blockIdx.y * GATE_ROWS, end = min(begin + GATE_ROWS, N);
+  float a = __expf(A_log[h]), bias = dt_bias[hk], sum_du = 0.0f, sum_da = 0.0f;
+  for (int n = begin; n < end; n++) {
+    size_t i = (size_t)n * HK + hk;
+    float u = __bfloat162float(f[i]) + bias, du, da;
+    if (!bounded) {
+      du = -a * sigmoid_f(u);
+      da = -a * softplus_f(u);
+    } else {
+      float s = sigmoid_f(a * u), dz = lower_bound * s * (1.0f - s);
+      du = dz * a;
+      da = dz * a * u;
+    }
+    float d = dg[i];
+    df[i] = __float2bfloat16(d * du);
+    sum_du += d * du;
+    sum_da += d * da;
+  }
+  partial_du[(size_t)blockIdx.y * HK + hk] = sum_du;
+  partial_da[(size_t)blockIdx.y * HK + hk] = sum_da;
 }
 static __global__ void sum_heads_kernel(float *dA_log, const float *per_channel, int H, int K) {
   int h = blockIdx.x * blockDim.x + threadIdx.x;
@@ -96,25 +222,31 @@ extern "C" void kda_gate_forward_cuda(float *g, const bf16 *f, const float *A_lo
                                       KdaGateForm form, float lower_bound, int N, int H, int K) {
   size_t n = (size_t)N * H * K;
   if (!n) return;
-  kda_gate_forward_kernel<<<GRID(n)>>>(g, (const bf16_t *)f, A_log, dt_bias, form == KDA_GATE_BOUNDED, lower_bound,
-                                       N, H, K);
+  bool bounded = form == KDA_GATE_BOUNDED;
+  if (K % 8 == 0 && aligned16(g) && aligned16(f) && aligned16(dt_bias))
+    kda_gate_forward_kernel<8><<<grid_for(n / 8), 256, 0, device_stream()>>>(g, (const bf16_t *)f, A_log, dt_bias,
+                                                                             bounded, lower_bound, N, H, K);
+  else
+    kda_gate_forward_kernel<1>
+        <<<grid_for(n), 256, 0, device_stream()>>>(g, (const bf16_t *)f, A_log, dt_bias, bounded, lower_bound, N, H, K);
   CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void kda_gate_backward_cuda(bf16 *df, float *dA_log, float *ddt_bias, const float *dg, const bf16 *f,
                                        const float *A_log, const float *dt_bias, KdaGateForm form, float lower_bound,
                                        int N, int H, int K) {
-  size_t n = (size_t)N * H * K, HK = (size_t)H * K;
-  if (!n) return;
-  float *du_rows = (float *)device_scratch(2, n * sizeof(float));
-  float *da_rows = (float *)device_scratch(3, n * sizeof(float));
-  kda_gate_backward_kernel<<<GRID(n)>>>((bf16_t *)df, du_rows, da_rows, dg, (const bf16_t *)f, A_log, dt_bias,
-                                        form == KDA_GATE_BOUNDED, lower_bound, N, H, K);
+  size_t HK = (size_t)H * K;
+  if (!N || !HK) return;
+  unsigned int row_blocks = ceil_div((size_t)N, GATE_ROWS);
+  float *partial = (float *)device_scratch(2, (2 * (size_t)row_blocks + 1) * HK * sizeof(float));
+  float *partial_du = partial, *partial_da = partial + row_blocks * HK, *per_channel = partial + 2 * row_blocks * HK;
+  kda_gate_backward_kernel<<<dim3(ceil_div(HK, 128), row_blocks), 128, 0, device_stream()>>>(
+      (bf16_t *)df, partial_du, partial_da, dg, (const bf16_t *)f, A_log, dt_bias, form == KDA_GATE_BOUNDED,
+      lower_bound, N, H, K);
   CUDA_CHECK_LAUNCH();
-  device_column_sum_add(ddt_bias, du_rows, (size_t)N, HK);
-  float *per_channel = (float *)device_scratch(4, HK * sizeof(float));
+  device_column_sum_add(ddt_bias, partial_du, row_blocks, HK);
   device_zero(per_channel, HK * sizeof(float));
-  device_column_sum_add(per_channel, da_rows, (size_t)N, HK);
+  device_column_sum_add(per_channel, partial_da, row_blocks, HK);
   sum_heads_kernel<<<ceil_div(H, 64), 64, 0, device_stream()>>>(dA_log, per_channel, H, K);
   CUDA_CHECK_LAUNCH();
 }

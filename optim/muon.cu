@@ -1,13 +1,15 @@
 // Muon on the GPU for one matrix or a batch of equal-shaped matrices at a fixed element stride (a
 // layer's experts); see muon.h. Per step:
-//   1. momentum and the Nesterov look-ahead in fp32, with per-matrix partial sums of squares;
-//   2. the Frobenius normalization per matrix in fp32 (partials added in a fixed order);
-//   3. Newton-Schulz: three strided-batched cuBLASLt GEMMs per iteration with bf16 operands and fp32
-//      outputs. The iterate X and the Gram matrix A stay in fp32 between GEMMs (cuBLASLt adds the
-//      a X and b A terms in fp32 through beta, in place); only their copies fed to the next GEMM are
-//      rounded to bf16. Rounding the iterate itself to bf16 every step (as bf16-only versions do)
-//      roughly doubles the error against the fp64 reference;
-//   4. weight -= lr (0.2 sqrt(max(rows, cols)) X + weight_decay weight), X in fp32.
+//   1. momentum and the Nesterov look-ahead U in fp32, with per-matrix partial sums of U^2;
+//   2. X = U / (||U||_F + 1e-7) per matrix in fp32 (partials added in a fixed order), stored in bf16;
+//   3. Newton-Schulz: three strided-batched cuBLASLt GEMMs per iteration, bf16 operands and outputs,
+//      fp32 accumulation. The b A and a X terms enter through the GEMMs' beta, from the same bf16 A
+//      and X that the products use: near convergence a X and B X nearly cancel (B ~ (1 - a) I), so
+//      adding an fp32 a X to a B X computed from the bf16 X leaves (a - 1) times X's rounding error
+//      behind. Against the fp64 CPU step that mixed version (fp32 X between GEMMs) was off by
+//      1.6-2.4e-2 relative in the weight update, this consistent one by 1.0-1.2e-2, and it moves
+//      fewer bytes;
+//   4. weight -= lr (0.2 sqrt(max(rows, cols)) X + weight_decay weight).
 #include <math.h>
 
 #include "kernels/cuda_common.cuh"
@@ -21,8 +23,8 @@
 #define MUON_UPDATE_RMS 0.2
 
 #define MUON_THREADS 256
-// Matrices per group of batched GEMMs: a group's iterate holds at most this many elements (fp32 +
-// bf16 copies: 384 MiB), so a layer of many large experts does not need scratch for all at once.
+// Matrices per group of batched GEMMs: a group's two bf16 iterates hold at most this many elements
+// each (256 MiB together), so a layer of many large experts does not need scratch for all at once.
 #define MUON_GROUP_ELEMENTS ((size_t)1 << 26)
 
 // Blocks per matrix for the elementwise passes: enough to fill the GPU for one large matrix; fixed
@@ -32,30 +34,29 @@ static int blocks_per_matrix(size_t n) {
   return blocks < 1 ? 1 : blocks > 1024 ? 1024 : (int)blocks;
 }
 
-// Grid (chunks, batch). momentum = mu momentum + s g; u = s g + mu momentum (Nesterov) or momentum,
-// packed (batch, n) into x; partial[b, chunk] = the chunk's sum of u^2.
-static __global__ void muon_momentum_kernel(float *x, float *partial, float *momentum, const float *grad, size_t n,
+// Grid (chunks, batch). momentum = mu momentum + s g; partial[b, chunk] = the chunk's sum of U^2,
+// U = s g + mu momentum (Nesterov) or momentum.
+static __global__ void muon_momentum_kernel(float *partial, float *momentum, const float *grad, size_t n,
                                             long long stride, float mu, bool nesterov, float grad_scale) {
   __shared__ float shared[32];
   const size_t b = blockIdx.y;
   float *mom = momentum + b * stride;
   const float *g = grad + b * stride;
-  float *u = x + b * n;
   float sum = 0.0f;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float gi = g[i] * grad_scale, m = mu * mom[i] + gi;
     mom[i] = m;
-    float ui = nesterov ? gi + mu * m : m;
-    u[i] = ui;
-    sum += ui * ui;
+    float u = nesterov ? gi + mu * m : m;
+    sum += u * u;
   }
   sum = block_sum(sum, shared);
   if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = sum;
 }
 
-// Grid (chunks, batch). x /= (||x||_F + 1e-7) per matrix, and its bf16 copy. Every block adds the
-// same partials in the same order.
-static __global__ void muon_normalize_kernel(float *x, bf16_t *x_bf16, const float *partial, size_t n) {
+// Grid (chunks, batch). x = bf16(U / (||U||_F + 1e-7)), U recomputed from the new momentum; every
+// block adds the same partials in the same order.
+static __global__ void muon_normalize_kernel(bf16_t *x, const float *partial, const float *momentum, const float *grad,
+                                             size_t n, long long stride, float mu, bool nesterov, float grad_scale) {
   __shared__ float inverse_norm;
   const size_t b = blockIdx.y;
   if (threadIdx.x == 0) {
@@ -65,37 +66,24 @@ static __global__ void muon_normalize_kernel(float *x, bf16_t *x_bf16, const flo
   }
   __syncthreads();
   const float scale = inverse_norm;
-  float *u = x + b * n;
-  bf16_t *out = x_bf16 + b * n;
+  const float *mom = momentum + b * stride, *g = grad + b * stride;
+  bf16_t *out = x + b * n;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    float v = u[i] * scale;
-    u[i] = v;
-    out[i] = __float2bfloat16(v);
+    float m = mom[i], u = nesterov ? g[i] * grad_scale + mu * m : m;
+    out[i] = __float2bfloat16(u * scale);
   }
-}
-
-static __global__ void to_bf16_kernel(bf16_t *out, const float *in, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    out[i] = __float2bfloat16(in[i]);
 }
 
 // Grid (chunks, batch). weight -= lr (scale X + decay weight).
-static __global__ void muon_apply_kernel(float *weight, const float *x, size_t n, long long stride, float lr,
+static __global__ void muon_apply_kernel(float *weight, const bf16_t *x, size_t n, long long stride, float lr,
                                          float scale, float decay) {
   const size_t b = blockIdx.y;
   float *w = weight + b * stride;
-  const float *u = x + b * n;
+  const bf16_t *u = x + b * n;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float wi = w[i];
-    w[i] = wi - lr * (scale * u[i] + decay * wi);
+    w[i] = wi - lr * (scale * __bfloat162float(u[i]) + decay * wi);
   }
-}
-
-static void launch_to_bf16(bf16 *out, const float *in, size_t n) {
-  size_t blocks = (n + MUON_THREADS - 1) / MUON_THREADS;
-  if (blocks > 65536) blocks = 65536;
-  to_bf16_kernel<<<(unsigned)blocks, MUON_THREADS, 0, device_stream()>>>((bf16_t *)out, in, n);
-  CUDA_CHECK_LAUNCH();
 }
 
 // Scratch of the process, grown on demand (the old buffer may still be read by queued work: sync).
@@ -119,38 +107,41 @@ static void muon_group(float *weight, float *momentum, const float *grad, int ro
   const int m = rows < cols ? rows : cols;
   const size_t mm = (size_t)m * m;
   const int chunks = blocks_per_matrix(n);
-  size_t at_x = 0, at_xb = at_x + aligned(total * 4), at_gram = at_xb + aligned(total * 2);
-  size_t at_gram_b = at_gram + aligned(mm * batch * 4), at_partial = at_gram_b + aligned(mm * batch * 2);
+  size_t at_x_next = aligned(total * 2), at_gram = 2 * at_x_next, at_poly = at_gram + aligned(mm * batch * 2);
+  size_t at_partial = at_poly + aligned(mm * batch * 2);
   char *base = (char *)muon_scratch(at_partial + aligned((size_t)batch * chunks * 4));
-  float *x = (float *)(base + at_x);           // (batch, rows, cols) fp32 iterate
-  bf16 *xb = (bf16 *)(base + at_xb);           // its bf16 copy
-  float *gram = (float *)(base + at_gram);     // (batch, m, m) A, then B = b A + c A A, fp32
-  bf16 *gram_b = (bf16 *)(base + at_gram_b);   // bf16 copy of A, then of B
+  bf16 *x = (bf16 *)base;                       // (batch, rows, cols) iterate
+  bf16 *x_next = (bf16 *)(base + at_x_next);    // (batch, rows, cols)
+  bf16 *gram = (bf16 *)(base + at_gram);        // (batch, m, m) A
+  bf16 *poly = (bf16 *)(base + at_poly);        // (batch, m, m) B = b A + c A A
   float *partial = (float *)(base + at_partial);
 
   const dim3 grid(chunks, batch);
-  muon_momentum_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(x, partial, momentum, grad, n, stride,
-                                                                   (float)config->momentum, config->nesterov,
-                                                                   grad_scale);
+  const float mu = (float)config->momentum;
+  muon_momentum_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(partial, momentum, grad, n, stride, mu,
+                                                                   config->nesterov, grad_scale);
   CUDA_CHECK_LAUNCH();
-  muon_normalize_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(x, (bf16_t *)xb, partial, n);
+  muon_normalize_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>((bf16_t *)x, partial, momentum, grad, n, stride,
+                                                                    mu, config->nesterov, grad_scale);
   CUDA_CHECK_LAUNCH();
 
   // As on the CPU, iterate on the wide orientation: a tall X uses A = X^T X and X' = a X + X B^T.
   const bool tall = rows > cols;
   const long long sn = (long long)n, smm = (long long)mm;
   for (int step = 0; step < config->ns_steps; step++) {
-    if (tall) gemm_cuda(true, false, m, m, rows, 1.0f, xb, cols, sn, xb, cols, sn, 0.0f, gram, m, smm, true, batch);
-    else gemm_cuda(false, true, m, m, cols, 1.0f, xb, cols, sn, xb, cols, sn, 0.0f, gram, m, smm, true, batch);
-    launch_to_bf16(gram_b, gram, mm * batch);
-    gemm_cuda(false, false, m, m, m, NS_C, gram_b, m, smm, gram_b, m, smm, NS_B, gram, m, smm, true, batch);
-    launch_to_bf16(gram_b, gram, mm * batch);
-    if (tall) gemm_cuda(false, true, rows, cols, cols, 1.0f, xb, cols, sn, gram_b, m, smm, NS_A, x, cols, sn, true, batch);
-    else gemm_cuda(false, false, rows, cols, rows, 1.0f, gram_b, m, smm, xb, cols, sn, NS_A, x, cols, sn, true, batch);
-    if (step + 1 < config->ns_steps) launch_to_bf16(xb, x, total);
+    if (tall) gemm_cuda(true, false, m, m, rows, 1.0f, x, cols, sn, x, cols, sn, 0.0f, gram, m, smm, false, batch);
+    else gemm_cuda(false, true, m, m, cols, 1.0f, x, cols, sn, x, cols, sn, 0.0f, gram, m, smm, false, batch);
+    device_copy(poly, gram, mm * batch * sizeof(bf16));
+    gemm_cuda(false, false, m, m, m, NS_C, gram, m, smm, gram, m, smm, NS_B, poly, m, smm, false, batch);
+    device_copy(x_next, x, total * sizeof(bf16));
+    if (tall) gemm_cuda(false, true, rows, cols, cols, 1.0f, x, cols, sn, poly, m, smm, NS_A, x_next, cols, sn, false, batch);
+    else gemm_cuda(false, false, rows, cols, rows, 1.0f, poly, m, smm, x, cols, sn, NS_A, x_next, cols, sn, false, batch);
+    bf16 *swap = x;
+    x = x_next;
+    x_next = swap;
   }
   const float scale = (float)(MUON_UPDATE_RMS * sqrt((double)(rows > cols ? rows : cols)));
-  muon_apply_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(weight, x, n, stride, lr, scale,
+  muon_apply_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(weight, (const bf16_t *)x, n, stride, lr, scale,
                                                                 (float)config->weight_decay);
   CUDA_CHECK_LAUNCH();
 }

@@ -43,11 +43,11 @@ void muon_step(real *weight,      // (rows, cols)
 KLT_C_BEGIN
 // CUDA: muon_step for `batch` matrices of (rows, cols) whose weights, momenta and gradients lie
 // `stride` elements apart (a layer's experts: one call; stride is ignored when batch = 1), each
-// orthogonalized alone. Newton-Schulz runs through strided-batched cuBLASLt GEMMs with bf16 operands
-// and fp32 accumulation and outputs (the iterate is kept in fp32 between GEMMs); the momentum and the
-// per-matrix Frobenius normalization in fp32. grad is multiplied by grad_scale first. Against the
-// fp64 CPU step the update differs by about 1e-2 relative (bf16 operands). Scratch: the file's own
-// device buffer, grown on demand (up to about 0.4 GiB plus the Gram matrices; batches are split).
+// orthogonalized alone. Momentum and the per-matrix Frobenius normalization in fp32; Newton-Schulz
+// through strided-batched cuBLASLt GEMMs with bf16 operands and outputs and fp32 accumulation.
+// grad is multiplied by grad_scale first. Against the fp64 CPU step the weight update differs by
+// about 1e-2 relative (bf16). Scratch: the file's own device buffer, grown on demand (large
+// batches are split into groups of at most 2^26 elements).
 void muon_step_cuda(float *weight, float *momentum, const float *grad, int rows, int cols, long long stride,
                     int batch, const MuonConfig *config, float lr, float grad_scale);
 KLT_C_END
