@@ -39,21 +39,28 @@ void attention_backward(real *dq,                        // (B, T, H, Dqk)
                         real scale, int B, int T, int H, int Dqk, int Dv);
 
 #ifdef KLT_HAVE_CUDA
-/* CUDA, in query blocks: for each block of up to 512 queries of a row, the scores against the keys it
- * can see (causal: keys up to the block's end) come from a batched cuBLASLt GEMM over the heads, one
- * kernel applies the document mask and the exact softmax (lse, max logit), and a second GEMM forms the
- * output. Memory holds one block's scores (H x 512 x T), never the whole T x T matrix per head.
- * max_logit (H) is max-ACCUMULATED across calls (the caller sets it to -inf at the step's start).
- * The backward recomputes each block's probabilities from lse; dq, dk, dv are overwritten and
- * deterministic (dk, dv accumulate over query blocks in fp32 in a fixed order). */
+/* CUDA, flash style (kernels/attention.cu): tiles of 64 queries (16 per warp) against tiles of keys
+ * with an online softmax, on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate); no T x T
+ * matrix exists in memory. Key tiles wholly above the diagonal or wholly before the query tile's
+ * document start are skipped; the mask is applied only to tiles that cross the diagonal or a document
+ * start. Dqk and Dv: multiples of 16 up to 256; (192, 128), MLA's, is the tuned case. Pointers must be
+ * 16-byte aligned and scale > 0.
+ * Forward: out (bf16), lse (fp32, natural log) overwritten; max_logit (H) is MAX-ACCUMULATED, i.e.
+ * max(previous, this call's largest allowed scale * q.k of the head), so micro-batches combine; the
+ * caller initializes it (e.g. to -inf at the step's start).
+ * Backward: dq, dk, dv are OVERWRITTEN (bf16) and deterministic (no float atomics): D = rowsum(dout *
+ * out), then one pass over key tiles accumulates dk and dv in registers, and a separate pass over
+ * query tiles accumulates dq. Both use device_scratch slot 2. */
 #include "kernels/device.h"
 KLT_C_BEGIN
 void attention_forward_cuda(bf16 *out /*(B,T,H,Dv)*/, float *lse /*(B,T,H)*/, float *max_logit /*(H)*/,
                             const bf16 *q /*(B,T,H,Dqk)*/, const bf16 *k /*(B,T,H,Dqk)*/, const bf16 *v /*(B,T,H,Dv)*/,
                             const unsigned char *doc_start /*(B,T) or NULL*/, float scale, int B, int T, int H,
                             int Dqk, int Dv);
-void attention_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q, const bf16 *k,
-                             const bf16 *v, const bf16 *out, const float *lse, const unsigned char *doc_start,
-                             float scale, int B, int T, int H, int Dqk, int Dv);
+void attention_backward_cuda(bf16 *dq /*(B,T,H,Dqk)*/, bf16 *dk /*(B,T,H,Dqk)*/, bf16 *dv /*(B,T,H,Dv)*/,
+                             const bf16 *dout /*(B,T,H,Dv)*/, const bf16 *q, const bf16 *k, const bf16 *v,
+                             const bf16 *out /*(B,T,H,Dv)*/, const float *lse /*(B,T,H)*/,
+                             const unsigned char *doc_start /*(B,T) or NULL*/, float scale, int B, int T, int H,
+                             int Dqk, int Dv);
 KLT_C_END
 #endif
