@@ -31,10 +31,12 @@ void lm_head_cross_entropy_backward(real *dx,             // (N, C)
                                     int N, int C, int V, int vocab_chunk);
 
 #ifdef KLT_HAVE_CUDA
-/* CUDA: forward and backward fused, in blocks of rows: logits = x W^T (cuBLASLt, fp32 out), per row the
- * log-sum-exp, the loss and the argmax; with dx != NULL also dlogits = (softmax - onehot) * loss_weight
- * (zero where target < 0), dx = dlogits W (overwritten), dweight += dlogits^T x. Scratch: one row
- * block's logits (fp32) and dlogits (bf16). */
+/* CUDA: forward and backward fused (llm.c style), in blocks of rows: logits = x W^T (cuBLASLt, bf16 in,
+ * fp32 out), per row the log-sum-exp, loss = lse - logit[target] (0 where target < 0) and the argmax
+ * (lowest index on ties; argmax may be NULL); with dx != NULL also dlogits = (softmax - onehot) *
+ * loss_weight (zero where target < 0), dx = dlogits W (OVERWRITTEN), and with dweight != NULL
+ * dweight += dlogits^T x (fp32). Scratch: one row block's logits (fp32) and dlogits (bf16), the row
+ * block sized to keep the fp32 logits near 512 MB (4096 rows at V = 32000, 768 at V = 163840). */
 #include "kernels/device.h"
 KLT_C_BEGIN
 void lm_head_cross_entropy_cuda(float *losses /*(N)*/, int *argmax /*(N) or NULL*/, bf16 *dx /*(N,C) or NULL*/,

@@ -77,9 +77,13 @@ void moe_unpermute_backward(real *dexpert_out,             // (N * top_k, C)
                             int N, int top_k, int C);
 
 #ifdef KLT_HAVE_CUDA
-/* CUDA, same semantics as the CPU ops (gradients overwritten rather than added unless noted). The
- * plan is a stable radix sort of the assignments by expert. The grouped expert GEMMs take each
- * expert's row range on the host (offsets_host), and expert e's weight at weight + e * weight_stride. */
+/* CUDA, same semantics as the CPU ops (gradients overwritten rather than added unless noted). Router
+ * logits, scores and weights are fp32, rows bf16. The plan is a stable radix sort of the assignments
+ * by expert (the CPU's plan exactly). The grouped expert GEMMs take each expert's row range on the
+ * host (offsets_host, E + 1 entries: the layer copies the offsets down once per layer), and expert e's
+ * (OC, C) weight at weight + e * weight_stride elements; empty experts are skipped. KLT_MOE_GEMM picks
+ * their form: lt (default: one cuBLASLt call per expert over 2 side streams, cached algorithms), grouped
+ * (cublasGemmGroupedBatchedEx) or loop (gemm_cuda per expert); see kernels/moe.cu for the timings. */
 #include <stdbool.h>
 
 #include "kernels/device.h"
@@ -87,24 +91,27 @@ KLT_C_BEGIN
 void moe_router_forward_cuda(int *expert_index /*(N,k)*/, float *expert_weight /*(N,k)*/, float *scores /*(N,E)*/,
                              const float *logits /*(N,E)*/, const float *bias /*(E) or NULL*/, int N, int E,
                              int top_k, float routed_scaling);
+// dlogits (N, E) fp32 OVERWRITTEN (zero for the experts not chosen).
 void moe_router_backward_cuda(float *dlogits /*(N,E)*/, const float *dexpert_weight, const float *scores,
                               const int *expert_index, int N, int E, int top_k, float routed_scaling);
-void moe_permute_plan_cuda(int *expert_counts /*(E)*/, int *expert_offsets /*(E+1)*/, int *row_of_assignment,
-                           int *token_of_row, const int *expert_index, int N, int E, int top_k);
-void moe_permute_forward_cuda(bf16 *sorted /*(rows,C)*/, const bf16 *x /*(N,C)*/, const int *token_of_row, int rows,
+// Same plan as the CPU's (stable by (token, slot) within an expert); all outputs on the device.
+void moe_permute_plan_cuda(int *expert_counts /*(E)*/, int *expert_offsets /*(E+1)*/, int *row_of_assignment /*(N*k)*/,
+                           int *token_of_row /*(N*k)*/, const int *expert_index, int N, int E, int top_k);
+void moe_permute_forward_cuda(bf16 *sorted /*(N*k,C)*/, const bf16 *x /*(N,C)*/, const int *token_of_row, int rows,
                               int C);
-// dx[n] = (accumulate ? dx[n] : 0) + sum_j dsorted[row_of_assignment[n k + j]].
+// dx[n] = (accumulate ? dx[n] : 0) + sum_j dsorted[row_of_assignment[n k + j]] (deterministic gather form).
 void moe_permute_backward_cuda(bf16 *dx, const bf16 *dsorted, const int *row_of_assignment, int N, int top_k, int C,
                                bool accumulate);
-// out[n] = (shared_out ? shared_out[n] : 0) + sum_j expert_weight[n, j] expert_out[row(n, j)].
+// out[n] = (shared_out ? shared_out[n] : 0) + sum_j expert_weight[n, j] expert_out[row(n, j)]; overwrites out.
 void moe_unpermute_forward_cuda(bf16 *out, const bf16 *expert_out, const float *expert_weight,
                                 const int *row_of_assignment, const bf16 *shared_out, int N, int top_k, int C);
+// dexpert_out (N*k, C) bf16 and dexpert_weight (N, k) fp32 OVERWRITTEN (either may be NULL).
 void moe_unpermute_backward_cuda(bf16 *dexpert_out, float *dexpert_weight, const bf16 *dout, const bf16 *expert_out,
                                  const float *expert_weight, const int *row_of_assignment, int N, int top_k, int C);
-// out rows [offsets[e], offsets[e+1]) = inp rows @ weight_e^T, weight_e (OC, C).
+// out rows [offsets[e], offsets[e+1]) (rows, OC) = inp rows (rows, C) @ weight_e^T, weight_e (OC, C).
 void moe_grouped_matmul_forward_cuda(bf16 *out, const bf16 *inp, const bf16 *weight, long long weight_stride,
                                      const int *offsets_host, int E, int C, int OC);
-// dinp overwritten; dweight_e (OC, C) fp32 += (at dweight + e * weight_stride).
+// dinp (rows, C) OVERWRITTEN; dweight_e (OC, C) fp32 += (at dweight + e * weight_stride). Either may be NULL.
 void moe_grouped_matmul_backward_cuda(bf16 *dinp, float *dweight, const bf16 *dout, const bf16 *inp,
                                       const bf16 *weight, long long weight_stride, const int *offsets_host, int E,
                                       int C, int OC);
