@@ -2,6 +2,13 @@
 // (16384 tokens of width 1024): forward and both backward products of each projection, median of 20
 // after 3 warm-ups, TFLOP/s and the fraction of the 989 TFLOP/s dense bf16 peak (H100 SXM).
 #include <stdio.h>
+
+#ifndef KLT_HAVE_CUDA
+int main(void) {
+  printf("built without the CUDA backend: nothing to measure\n");
+  return 0;
+}
+#else
 #include <stdlib.h>
 
 #include "kernels/device.h"
@@ -51,3 +58,4 @@ int main(void) {
   bench("lm head (V = 32000)", N, 1024, 32000);
   return 0;
 }
+#endif
