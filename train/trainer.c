@@ -227,7 +227,9 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
         moe_layer[moe_layers] = l;
         imbalance[moe_layers++] = load_imbalance(model_expert_load(model, l), mc->num_experts);
       }
+#ifdef KLT_HAVE_CUDA
     double optimizer_start = klt_now_seconds();
+#endif
     OptimizerReport report = optimizer_step(&opt, optimizer_position(&opt, step));
 #ifdef KLT_HAVE_CUDA
     if (cuda && profile) {
