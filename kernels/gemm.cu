@@ -1,6 +1,7 @@
 // cuBLASLt GEMMs for the CUDA backend; see gemm.h. Row-major C = op(A) op(B) is computed as the
 // column-major product C^T = op(B)^T op(A)^T, so the operands swap places.
 #include <cublasLt.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "kernels/cuda_common.cuh"
@@ -40,7 +41,7 @@ static cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, int rows, int cols,
 // heuristic's algorithm, built once; the model's GEMMs repeat every step. Expert GEMMs whose row counts
 // change every step would fill the table; beyond it a GEMM runs unplanned (implicit heuristic).
 typedef struct {
-  long long key[13];
+  long long key[16];
   bool used;
   cublasLtMatmulDesc_t desc;
   cublasLtMatrixLayout_t a, b, c;
@@ -49,9 +50,17 @@ typedef struct {
 #define GEMM_PLANS 1024
 static GemmPlan plans[GEMM_PLANS];
 
+// The largest power of two (up to 256) dividing a pointer's address: the heuristic picks algorithms
+// for the alignment it is told, and an algorithm chosen for 256-byte-aligned operands refuses others.
+static uint32_t alignment_of(const void *ptr) {
+  uint32_t alignment = 256;
+  while (alignment > 1 && ((uintptr_t)ptr % alignment) != 0) alignment /= 2;
+  return alignment;
+}
+
 static void plan_build(GemmPlan *p, bool transpose_a, bool transpose_b, int M, int N, int K, int lda,
                        long long stride_a, int ldb, long long stride_b, int ldc, long long stride_c, bool c_is_float,
-                       int batch, bool find_algo) {
+                       int batch, bool find_algo, uint32_t align_a, uint32_t align_b, uint32_t align_c) {
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   // In the swapped column-major product the first operand is B, the second A.
   cublasOperation_t op_first = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -67,6 +76,13 @@ static void plan_build(GemmPlan *p, bool transpose_a, bool transpose_b, int M, i
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                     &lt_workspace_bytes, sizeof lt_workspace_bytes));
+  // The swapped product's first operand is our B, its second our A.
+  const cublasLtMatmulPreferenceAttributes_t which[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  const uint32_t alignments[4] = {align_b, align_a, align_c, align_c};
+  for (int i = 0; i < 4; i++)
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, which[i], &alignments[i], sizeof alignments[i]));
   cublasLtMatmulHeuristicResult_t result;
   int found = 0;
   CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt_handle, p->desc, p->b, p->a, p->c, p->c, preference, 1, &result,
@@ -95,10 +111,11 @@ extern "C" void gemm_cuda(bool transpose_a, bool transpose_b, int M, int N, int 
                                    0, (size_t)N * (c_is_float ? 4 : 2), M, device_stream()));
     return;
   }
-  const long long key[13] = {transpose_a, transpose_b, M, N, K, lda, ldb, ldc, stride_a, stride_b, stride_c,
-                             c_is_float, batch};
+  const uint32_t align_a = alignment_of(A), align_b = alignment_of(B), align_c = alignment_of(C);
+  const long long key[16] = {transpose_a, transpose_b, M,        N,          K,     lda,     ldb,     ldc,
+                             stride_a,    stride_b,    stride_c, c_is_float, batch, align_a, align_b, align_c};
   unsigned long long hash = 1469598103934665603ull;
-  for (int i = 0; i < 13; i++) hash = (hash ^ (unsigned long long)key[i]) * 1099511628211ull;
+  for (int i = 0; i < 16; i++) hash = (hash ^ (unsigned long long)key[i]) * 1099511628211ull;
   GemmPlan *plan = NULL;
   for (int probe = 0; probe < 8; probe++) {
     GemmPlan *p = &plans[(hash + probe) % GEMM_PLANS];
@@ -109,20 +126,23 @@ extern "C" void gemm_cuda(bool transpose_a, bool transpose_b, int M, int N, int 
     if (!p->used) {
       memcpy(p->key, key, sizeof key);
       plan_build(p, transpose_a, transpose_b, M, N, K, lda, stride_a, ldb, stride_b, ldc, stride_c, c_is_float,
-                 batch, true);
+                 batch, true, align_a, align_b, align_c);
       p->used = true;
       plan = p;
       break;
     }
   }
   if (plan) {
-    CUBLAS_CHECK(cublasLtMatmul(lt_handle, plan->desc, &alpha, B, plan->b, A, plan->a, &beta, C, plan->c, C, plan->c,
-                                &plan->algo, lt_workspace, lt_workspace_bytes, device_stream()));
-    return;
-  }
+    cublasStatus_t status = cublasLtMatmul(lt_handle, plan->desc, &alpha, B, plan->b, A, plan->a, &beta, C, plan->c,
+                                           C, plan->c, &plan->algo, lt_workspace, lt_workspace_bytes, device_stream());
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED) {
+      CUBLAS_CHECK(status);
+      return;
+    }
+  }  // no plan, or the planned algorithm refused these operands: let cuBLASLt choose for this call
   GemmPlan once;
   plan_build(&once, transpose_a, transpose_b, M, N, K, lda, stride_a, ldb, stride_b, ldc, stride_c, c_is_float, batch,
-             false);
+             false, align_a, align_b, align_c);
   CUBLAS_CHECK(cublasLtMatmul(lt_handle, once.desc, &alpha, B, once.b, A, once.a, &beta, C, once.c, C, once.c, NULL,
                               lt_workspace, lt_workspace_bytes, device_stream()));
   plan_destroy(&once);

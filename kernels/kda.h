@@ -41,15 +41,17 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
                         int B, int T, int H, int K, int V, int chunk_size);
 
 #ifdef KLT_HAVE_CUDA
-/* CUDA: bf16 q, k, v, out; fp32 g, beta and states. This first GPU form is the recurrence itself, made
- * parallel over (row, head, 16-column slice of the state): each thread block carries a (K, 16) slice
- * of S in registers, one row per thread, through the tokens; per token it needs one fused block
- * reduction (q^T A and k^T A together) in the forward and one in the backward. The backward recomputes
- * from the inputs: a forward pass saves the state entering every 64-token chunk, then each chunk is
- * replayed (states to scratch) and walked in reverse. Per-slice partial gradients of q, k, g and beta
- * are summed in a fixed order (deterministic). K a multiple of 32 up to 128; V a multiple of 16.
- * Gradients are overwritten; dfinal_state and the state pointers may be NULL. The chunkwise tensor-core
- * form (kernels/kda_chunk.c is its blueprint) is the next step (issue 6). */
+/* CUDA: bf16 q, k, v, out; fp32 g, beta and states. The chunkwise algorithm above with fixed 64-token
+ * chunks; a document start inside a chunk is handled by masking (no pairwise term crosses it, the state
+ * entering it is zero), so T need not be a multiple of 64 and chunks need not align with documents.
+ * Forward: a parallel kernel per chunk (pairwise decays, UT transform by forward substitution, W, U and
+ * the decayed q and k), then one sequential pass per (row, head, 16-column state slice) that carries the
+ * fp32 state and writes the output. Backward recomputes from the inputs: the same two, a reverse state
+ * pass, then two parallel kernels per chunk (the WY/UT backward; the pairwise backward with the gate's
+ * reverse cumulative sum). fp32 arithmetic, fixed summation order (deterministic). Per-chunk
+ * intermediates live in device scratch slot 2, grown on demand (about 0.5 MB per 64-token chunk and head
+ * in the backward at K = V = 128). K and V multiples of 16 up to 128. All gradients are overwritten;
+ * dinitial_state, dfinal_state and the state pointers may be NULL. */
 #include "kernels/device.h"
 KLT_C_BEGIN
 void kda_chunk_forward_cuda(bf16 *out /*(B,T,H,V)*/, float *final_state /*(B,H,K,V)*/, const bf16 *q /*(B,T,H,K)*/,

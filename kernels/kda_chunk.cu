@@ -1,292 +1,775 @@
-// KDA on the GPU in its recurrent form, parallel over (row, head, state slice); see kda.h.
-// Thread a of a block owns row a of the (K, SLICE) state slice in registers. The state update
-//   A = diag(exp g) S;  u = beta (v - A^T k);  S' = A + k u^T;  o = scale S'^T q = scale (A^T q + (q.k) u)
-// needs the column sums A^T k and A^T q over the K threads: one halving shuffle reduction of 32 values per
-// warp, then the K / 32 warps through shared memory. Per chunk of 32 tokens, q, k, g, v, beta and the
-// document starts are staged in shared memory with coalesced loads, so the token loop touches no
-// global memory on its critical path.
+// KDA on the GPU in its chunkwise form (kernels/kda_chunk.c is the blueprint; see kda.h for the contract).
+// Fixed chunks of C = 64 tokens; a document start inside a chunk is handled by masks instead of by cutting
+// the chunk. With seg_i = the number of document starts (t > 0) at chunk rows <= i and gc the cumulative
+// log decay over the whole chunk (g = 0 on rows past T, so gc stays monotone):
+//   pairwise terms KK[i][j], Aqk[i][j] are zero unless seg_i == seg_j,
+//   the entering state reaches row i only if seg_i == 0:        eg_i = seg_i == 0 ? exp(gc_i) : 0,
+//   it survives the chunk only if seg_last == 0:                el = seg_last == 0 ? exp(gc_last) : 0,
+//   row i feeds the leaving state only if seg_i == seg_last:    ekl_i = exp(gc_last - gc_i) or 0.
+// These masked formulas are exactly the document-respecting function, so their derivatives are the
+// exact gradients. Every exponential taken is of a difference gc_i - gc_j with j <= i (or of gc itself),
+// so all are <= 1 and nothing overflows, whatever the decay.
+//
+// Forward:  intra kernel (per chunk, parallel): KK, Aqk, the UT transform by forward substitution
+//           (W | U) = (I + L)^-1 diag(beta) (eg K | V), qg = eg qs, kl = ekl k, el -> scratch.
+//           state kernel (per batch row, head and 16-column state slice, sequential over chunks):
+//           Vp = U - W S; O = qg S + Aqk Vp; S <- diag(el) S + kl^T Vp.
+// Backward: the same two (the state kernel saving S entering each chunk and Vp), a reverse state kernel
+//           (dVp = Aqk^T dO + kl dS'; dS <- qg^T dO + diag(el) dS' - W^T dVp, saving dS' and dVp), then
+//           two parallel per-chunk kernels: the WY / UT backward (dqg, dkl, dX, back substitution, dL, dAqk,
+//           dv, dbeta) and the pairwise backward with the reverse cumulative sum of the gate gradient.
+// All arithmetic is fp32; all sums are in a fixed order (deterministic). Per-chunk intermediates live in
+// device_scratch slot 2, grown on demand.
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
 
-#define SLICE 16       // state columns per block
-#define CHUNK 32       // tokens staged in shared memory at a time; checkpoint / replay chunk of the backward
-#define MAX_WARPS 4    // K <= 128
+#include <mma.h>
+
+#define CH 64          // chunk length
+#define NT 256         // threads per block
+#define VS 16          // state columns per block of the sequential kernels
 
 #define AT(b, t, h, X) ((((size_t)(b) * T + (t)) * H + (h)) * (X))
 
-static inline __device__ bool resets(const unsigned char *doc_start, int b, int t, int T) {
-  return doc_start && t > 0 && doc_start[(size_t)b * T + t];
-}
-
-// Reduces x[0..2*SLICE) over the warp's lanes by halving exchanges: afterwards lane L holds the warp
-// sum of value L (31 shuffles instead of 32 * 5).
-static inline __device__ float warp_reduce_32(float x[2 * SLICE]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int half = 16; half >= 1; half >>= 1) {
-    const bool upper = lane & half;
-#pragma unroll
-    for (int i = 0; i < half; i++) {
-      float send = upper ? x[i] : x[i + half], keep = upper ? x[i + half] : x[i];
-      x[i] = keep + __shfl_xor_sync(0xffffffffu, send, half);
-    }
-  }
-  return x[0];
-}
-// Same for SLICE values: lane L ends with the sum of value L >> 1.
-static inline __device__ float warp_reduce_16(float x[SLICE]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int half = 16; half >= 2; half >>= 1) {
-    const bool upper = lane & half;
-    const int width = half / 2;
-#pragma unroll
-    for (int i = 0; i < width; i++) {
-      float send = upper ? x[i] : x[i + width], keep = upper ? x[i + width] : x[i];
-      x[i] = keep + __shfl_xor_sync(0xffffffffu, send, half);
-    }
-  }
-  return x[0] + __shfl_xor_sync(0xffffffffu, x[0], 1);
-}
-
-// Forward over all tokens for one (b, h, slice). Writes out (if not NULL), the final state, and the state
-// entering every CHUNK-token chunk (before that token's reset) to checkpoints (if not NULL).
-// The tokens [t0, t0 + n) of (b, h) staged for the token loops: q, k in bf16, g, v (this slice), beta.
-struct Staged {
-  bf16_t q[CHUNK][32 * MAX_WARPS], k[CHUNK][32 * MAX_WARPS];
-  float g[CHUNK][32 * MAX_WARPS], v[CHUNK][SLICE], beta[CHUNK];
-  bool reset[CHUNK];
+// Per-chunk scratch, chunk index ch = (b * H + h) * NC + c.
+struct Scratch {
+  float *W, *U, *QG, *KL, *EL, *AQ, *KK;  // (64,K) (64,V) (64,K) (64,K) (K) (64,64) (64,64)
+  float *VP, *S0, *DVP, *DS;              // (64,V) (K,V) (64,V) (K,V)
+  float *PDQ, *PDK, *PDG, *PDK2, *PDG2, *PDG3, *DL, *DA;  // (64,K) x6, (64,64) x2: partial gradients
 };
 
-static inline __device__ void stage_chunk(Staged *st, const bf16_t *q, const bf16_t *k, const bf16_t *v,
-                                          const float *g, const float *beta, const unsigned char *doc_start, int b,
-                                          int h, int t0, int n, int col0, int T, int H, int K, int V) {
-  for (int i = threadIdx.x; i < n * K; i += blockDim.x) {
-    int token = i / K, a = i % K;
-    size_t at = AT(b, t0 + token, h, K) + a;
-    if (q) st->q[token][a] = q[at];
-    st->k[token][a] = k[at];
-    st->g[token][a] = g[at];
-  }
-  for (int i = threadIdx.x; i < n * SLICE; i += blockDim.x)
-    st->v[i / SLICE][i % SLICE] = __bfloat162float(v[AT(b, t0 + i / SLICE, h, V) + col0 + i % SLICE]);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    st->beta[i] = beta[((size_t)b * T + t0 + i) * H + h];
-    st->reset[i] = resets(doc_start, b, t0 + i, T);
+// C (M, N) = A (M, KC) B (KC, N) over the block's 256 threads: thread (tx, ty) = (tid % 16, tid / 16) owns
+// rows m0 + ty + 16 r and columns n0 + tx + 16 s of each 64 x 64 output tile, so two products of the same
+// shape give every element to the same thread (epilogues may read-modify-write what they own).
+// M and N are multiples of 16.
+template <class FA, class FB, class FE>
+static __device__ __forceinline__ void block_gemm(int M, int N, int KC, FA a, FB b, FE epi) {
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  for (int m0 = 0; m0 < M; m0 += 64)
+    for (int n0 = 0; n0 < N; n0 += 64) {
+      const int rows = min(4, (M - m0) >> 4), cols = min(4, (N - n0) >> 4);
+      float acc[4][4];
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int s = 0; s < 4; s++) acc[r][s] = 0.0f;
+      for (int kk = 0; kk < KC; kk++) {
+        float av[4], bv[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) av[r] = r < rows ? a(m0 + ty + 16 * r, kk) : 0.0f;
+#pragma unroll
+        for (int s = 0; s < 4; s++) bv[s] = s < cols ? b(kk, n0 + tx + 16 * s) : 0.0f;
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+#pragma unroll
+          for (int s = 0; s < 4; s++) acc[r][s] = fmaf(av[r], bv[s], acc[r][s]);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int s = 0; s < 4; s++)
+          if (r < rows && s < cols) epi(m0 + ty + 16 * r, n0 + tx + 16 * s, acc[r][s]);
+    }
+}
+
+static __device__ __forceinline__ float4 tf32x4(float4 x) {
+  using namespace nvcuda;
+  return make_float4(wmma::__float_to_tf32(x.x), wmma::__float_to_tf32(x.y), wmma::__float_to_tf32(x.z),
+                     wmma::__float_to_tf32(x.w));
+}
+static __device__ __forceinline__ float4 ldg4(const float *p) { return __ldg((const float4 *)p); }
+static __device__ __forceinline__ float4 lds4(const float *p) { return make_float4(p[0], p[1], p[2], p[3]); }
+// Four bf16 (8-byte aligned) as floats.
+static __device__ __forceinline__ float4 ldg4(const bf16_t *p) {
+  const uint2 u = __ldg((const uint2 *)p);
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                     __uint_as_float(u.y & 0xffff0000u));
+}
+
+// C (M, N) = A (M, KC) B (N, KC)^T for the per-chunk kernels on the tensor cores (tf32 inputs, fp32
+// accumulation), staged through shared memory `tile` (TILE_FLOATS, 128-byte aligned) 32 steps of KC at a
+// time; la(m, k) and lb(n, k) return the four values at k..k+3 (k a multiple of 4; KC a multiple of 16). Each 64 x 64 output tile goes through shared memory to epi(m, n, value), thread (tx, ty) =
+// (tid % 16, tid / 16) getting rows ty + 16 r and columns tx + 16 s (as block_gemm). Synchronizes the
+// block: every thread must call it.
+#define TLD 36
+#define CLD 68
+#define TILE_FLOATS (2 * 64 * TLD + 64 * CLD)
+template <class LA, class LB, class FE>
+static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile, LA la, LB lb, FE epi) {
+  using namespace nvcuda;
+  float *As = tile, *Bs = tile + 64 * TLD, *Cs = Bs + 64 * TLD;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+  for (int m0 = 0; m0 < M; m0 += 64)
+    for (int n0 = 0; n0 < N; n0 += 64) {
+      const int rows = min(64, M - m0), cols = min(64, N - n0);
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> c0, c1;
+      wmma::fill_fragment(c0, 0.0f);
+      wmma::fill_fragment(c1, 0.0f);
+      // The next 32 steps of KC are loaded into registers while the tensor cores work on these.
+      float4 av[64 * 8 / NT], bv[64 * 8 / NT];
+      auto fetch = [&](int k0) {
+        const int kw = min(32, KC - k0);
+        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int u = 0; u < 64 * 8 / NT; u++) {
+          const int e = threadIdx.x + u * NT, r = e >> 3, kk = (e & 7) * 4;
+          av[u] = r < rows && kk < kw ? la(m0 + r, k0 + kk) : zero;
+          bv[u] = r < cols && kk < kw ? lb(n0 + r, k0 + kk) : zero;
+        }
+      };
+      fetch(0);
+      for (int k0 = 0; k0 < KC; k0 += 32) {
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < 64 * 8 / NT; u++) {
+          const int e = threadIdx.x + u * NT, r = e >> 3, kk = (e & 7) * 4;
+          *(float4 *)(As + r * TLD + kk) = tf32x4(av[u]);
+          *(float4 *)(Bs + r * TLD + kk) = tf32x4(bv[u]);
+        }
+        __syncthreads();
+        if (k0 + 32 < KC) fetch(k0 + 32);
+        if (16 * wm < rows && 32 * wn < cols) {
+#pragma unroll
+          for (int ks = 0; ks < 32; ks += 8) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb0, fb1;
+            wmma::load_matrix_sync(fa, As + 16 * wm * TLD + ks, TLD);
+            wmma::load_matrix_sync(fb0, Bs + 32 * wn * TLD + ks, TLD);
+            wmma::load_matrix_sync(fb1, Bs + (32 * wn + 16) * TLD + ks, TLD);
+            wmma::mma_sync(c0, fa, fb0, c0);
+            wmma::mma_sync(c1, fa, fb1, c1);
+          }
+        }
+      }
+      wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, c0, CLD, wmma::mem_row_major);
+      wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, c1, CLD, wmma::mem_row_major);
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+          if (ty + 16 * r < rows && tx + 16 * q < cols)
+            epi(m0 + ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
+    }
+}
+
+// The sequential kernels' product C (M, VS) = A (M, KC) B (KC, VS), B in shared memory (row stride VS), A in
+// shared memory read 16 bytes at a time: row-major (A[m * lda + k]; thread rows ty + 16 r) or, with
+// COLA, column-major (A[k * lda + m]; thread rows 4 ty + r). Thread tx owns column tx. M and KC are
+// multiples of 16 and 4; lda a multiple of 4.
+template <bool COLA, class FE>
+static __device__ __forceinline__ void slice_gemm(int M, int KC, const float *A, int lda, const float *Bs, FE epi) {
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  for (int m0 = 0; m0 < M; m0 += 64) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (COLA) {
+      if (m0 + 4 * ty >= M) continue;
+      const float *a = A + m0 + 4 * ty;
+#pragma unroll 4
+      for (int kk = 0; kk < KC; kk++) {
+        const float4 av = *(const float4 *)(a + kk * lda);
+        const float bv = Bs[kk * VS + tx];
+        acc[0] = fmaf(av.x, bv, acc[0]), acc[1] = fmaf(av.y, bv, acc[1]);
+        acc[2] = fmaf(av.z, bv, acc[2]), acc[3] = fmaf(av.w, bv, acc[3]);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; r++) epi(m0 + 4 * ty + r, tx, acc[r]);
+    } else {
+      const float *a = A + (size_t)(m0 + ty) * lda;
+      const int rows = min(4, (M - m0) >> 4);
+#pragma unroll 2
+      for (int kk = 0; kk < KC; kk += 4) {
+        const float b0 = Bs[kk * VS + tx], b1 = Bs[(kk + 1) * VS + tx], b2 = Bs[(kk + 2) * VS + tx],
+                    b3 = Bs[(kk + 3) * VS + tx];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+          if (r >= rows) break;
+          const float4 av = *(const float4 *)(a + 16 * r * lda + kk);
+          acc[r] = fmaf(av.x, b0, fmaf(av.y, b1, fmaf(av.z, b2, fmaf(av.w, b3, acc[r]))));
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        if (r < rows) epi(m0 + ty + 16 * r, tx, acc[r]);
+    }
   }
 }
 
-// Forward over all tokens for one (b, h, slice). Writes out (if not NULL), the final state, and the state
-// entering every CHUNK-token chunk (before that token's reset) to checkpoints (if not NULL).
-static __global__ void kda_forward_kernel(bf16_t *out, float *final_state, float *checkpoints, const bf16_t *q,
-                                          const bf16_t *k, const bf16_t *v, const float *g, const float *beta,
-                                          const float *initial_state, const unsigned char *doc_start, float scale,
-                                          int T, int H, int K, int V) {
-  __shared__ float reduced[2][MAX_WARPS][2 * SLICE + 1];
-  __shared__ Staged st;
-  const int slices = V / SLICE, slice = blockIdx.x % slices, h = (blockIdx.x / slices) % H;
-  const int b = blockIdx.x / (slices * H), a = threadIdx.x, lane = a & 31, warp = a >> 5, warps = K / 32;
-  const int col0 = slice * SLICE;
-  const size_t state_base = (((size_t)b * H + h) * K + a) * V + col0;
-  float S[SLICE];
+// Up to 8 float4 per thread (n <= 8 * 4 * NT floats, a multiple of 4, 16-byte aligned) into registers and
+// back out to shared memory: the halves of a register-staged copy.
+static __device__ __forceinline__ void fetch4(float4 (&r)[8], const float *src, int n) {
 #pragma unroll
-  for (int c = 0; c < SLICE; c++) S[c] = initial_state ? initial_state[state_base + c] : 0.0f;
-  for (int t0 = 0; t0 < T; t0 += CHUNK) {
-    const int n = min(CHUNK, T - t0);
-    if (checkpoints) {
-      float *ck = checkpoints + ((((size_t)b * H + h) * ((T + CHUNK - 1) / CHUNK) + t0 / CHUNK) * K + a) * V + col0;
+  for (int u = 0; u < 8; u++) {
+    const int e = (threadIdx.x + u * NT) * 4;
+    if (e < n) r[u] = __ldg((const float4 *)(src + e));
+  }
+}
+static __device__ __forceinline__ void commit4(float *dst, const float4 (&r)[8], int n) {
 #pragma unroll
-      for (int c = 0; c < SLICE; c++) ck[c] = S[c];
+  for (int u = 0; u < 8; u++) {
+    const int e = (threadIdx.x + u * NT) * 4;
+    if (e < n) *(float4 *)(dst + e) = r[u];
+  }
+}
+
+// The chunk's gates cumulated over its 64 rows (rows past T have g = 0), beta (0 past T) and seg. The
+// loads are issued together before any use (one memory latency, not 64).
+static __device__ void load_gates(float *gc, int ldg, float *beta, int *seg, const float *g, const float *beta_in,
+                                  const unsigned char *doc_start, int b, int h, int t0, int T, int H, int K) {
+  const int tid = threadIdx.x;
+  if (tid < K) {
+    float gv[CH];
+#pragma unroll
+    for (int i = 0; i < CH; i++) gv[i] = t0 + i < T ? __ldg(g + AT(b, t0 + i, h, K) + tid) : 0.0f;
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < CH; i++) {
+      acc += gv[i];
+      gc[i * ldg + tid] = acc;
     }
-    __syncthreads();
-    stage_chunk(&st, out ? q : NULL, k, v, g, beta, doc_start, b, h, t0, n, col0, T, H, K, V);
-    __syncthreads();
-    for (int i = 0; i < n; i++) {
-      const int t = t0 + i, parity = t & 1;
-      if (st.reset[i])
+  }
+  if (tid < CH) beta[tid] = t0 + tid < T ? __ldg(beta_in + ((size_t)b * T + t0 + tid) * H + h) : 0.0f;
+  if (tid >= NT - 32) {  // the last warp: document starts by ballot, seg by population counts
+    const int lane = tid & 31;
+    auto starts = [&](int i) {
+      const int t = t0 + i;
+      return doc_start && t < T && t > 0 && __ldg(doc_start + (size_t)b * T + t);
+    };
+    const unsigned lo = __ballot_sync(0xffffffffu, starts(lane)), hi = __ballot_sync(0xffffffffu, starts(lane + 32));
+    const unsigned upto = (2u << lane) - 1u;  // bits 0..lane
+    seg[lane] = __popc(lo & upto);
+    seg[lane + 32] = __popc(lo) + __popc(hi & upto);
+  }
+}
+
+// Rows of a (64, K) bf16 tile into fp32 shared memory (leading dimension ld), times mul, zero past T:
+// 16-byte loads, all of a thread's (at most 4, K <= 128) in flight together.
+static __device__ void load_rows(float *dst, int ld, const bf16_t *src, float mul, int b, int h, int t0, int T, int H,
+                                 int K) {
+  const int per_row = K / 8, n = CH * per_row;
+  uint4 x[4];
 #pragma unroll
-        for (int c = 0; c < SLICE; c++) S[c] = 0.0f;
-      const float ka = __bfloat162float(st.k[i][a]), qa = out ? __bfloat162float(st.q[i][a]) : 0.0f;
-      const float decay = __expf(st.g[i][a]);
-      float x[2 * SLICE];
+  for (int u = 0; u < 4; u++) {
+    const int e = threadIdx.x + u * NT, i = e / per_row;
+    x[u] = make_uint4(0, 0, 0, 0);
+    if (e < n && t0 + i < T) x[u] = __ldg((const uint4 *)(src + AT(b, t0 + i, h, K) + (e % per_row) * 8));
+  }
 #pragma unroll
-      for (int c = 0; c < SLICE; c++) {
-        S[c] *= decay;
-        x[c] = ka * S[c];
-        x[SLICE + c] = qa * S[c];
+  for (int u = 0; u < 4; u++) {
+    const int e = threadIdx.x + u * NT, i = e / per_row;
+    if (e >= n) break;
+    float *d = dst + i * ld + (e % per_row) * 8;
+    const unsigned w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+      d[2 * p] = mul * __uint_as_float(w[p] << 16);
+      d[2 * p + 1] = mul * __uint_as_float(w[p] & 0xffff0000u);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Intra-chunk forward: one block per chunk.
+static __global__ void __launch_bounds__(NT) kda_intra_kernel(Scratch sc, const bf16_t *q, const bf16_t *k,
+                                                              const bf16_t *v, const float *g, const float *beta_in,
+                                                              const unsigned char *doc_start, float scale, int T,
+                                                              int H, int K, int V, int NC) {
+  extern __shared__ __align__(128) float smem[];
+  const int ld = K + 1;
+  float *tile = smem, *qs = tile + TILE_FLOATS, *ks = qs + CH * ld, *gc = ks + CH * ld, *kks = gc + CH * ld;
+  float *aqs = kks + CH * (CH + 1), *beta = aqs + CH * (CH + 1);
+  int *seg = (int *)(beta + CH);
+  const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
+  load_rows(qs, ld, q, scale, b, h, t0, T, H, K);
+  load_rows(ks, ld, k, 1.0f, b, h, t0, T, H, K);
+  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
+  __syncthreads();
+  // Pairwise products inside the 16-row sub-chunks, pair by pair: thread per (i, j), 16 consecutive j per
+  // half-warp (conflict-free with the padded rows). Everything else is zeroed here.
+  for (int e = tid; e < CH * CH; e += NT) {
+    const int i = e >> 6, j = e & 63;
+    float kk = 0.0f, qk = 0.0f;
+    if ((i >> 4) == (j >> 4) && j <= i && seg[i] == seg[j]) {
+      const float *ki = ks + i * ld, *kj = ks + j * ld, *qi = qs + i * ld, *gi = gc + i * ld, *gj = gc + j * ld;
+#pragma unroll 8
+      for (int a = 0; a < K; a++) {
+        const float x = kj[a] * __expf(gi[a] - gj[a]);
+        kk = fmaf(ki[a], x, kk);
+        qk = fmaf(qi[a], x, qk);
       }
-      float mine = warp_reduce_32(x), qk = warp_sum(qa * ka);
-      reduced[parity][warp][lane] = mine;
-      if (lane == 0) reduced[parity][warp][2 * SLICE] = qk;
+    }
+    aqs[e] = qk;
+    kks[e] = j < i ? kk : 0.0f;
+  }
+  // Sub-chunk I against all earlier rows j < I0, anchored at a = gc(I0): one product of the rescaled rows
+  // [k_i exp(gc_i - a); qs_i exp(gc_i - a)] (32, K) and k_j exp(a - gc_j) (I0, K), every factor <= 1.
+  for (int I0 = 16; I0 < CH; I0 += 16) {
+    const float *an = gc + I0 * ld;
+    gemm_nt(
+        32, I0, K, tile,
+        [&](int r, int a) {
+          const int i = I0 + (r & 15);
+          const float *x = (r < 16 ? ks : qs) + i * ld + a, *gi = gc + i * ld + a;
+          return make_float4(x[0] * __expf(gi[0] - an[a]), x[1] * __expf(gi[1] - an[a + 1]),
+                             x[2] * __expf(gi[2] - an[a + 2]), x[3] * __expf(gi[3] - an[a + 3]));
+        },
+        [&](int j, int a) {
+          const float *x = ks + j * ld + a, *gj = gc + j * ld + a;
+          return make_float4(x[0] * __expf(an[a] - gj[0]), x[1] * __expf(an[a + 1] - gj[1]),
+                             x[2] * __expf(an[a + 2] - gj[2]), x[3] * __expf(an[a + 3] - gj[3]));
+        },
+        [&](int r, int j, float x) {
+          const int i = I0 + (r & 15);
+          const float v = seg[i] == seg[j] ? x : 0.0f;
+          (r < 16 ? kks : aqs)[i * CH + j] = v;
+        });
+  }
+  __syncthreads();
+  float *AQ = sc.AQ + (size_t)ch * CH * CH, *KKg = sc.KK + (size_t)ch * CH * CH;
+  for (int e = tid; e < CH * CH; e += NT) {
+    AQ[e] = aqs[e];
+    KKg[e] = kks[e];
+  }
+  // qg, kl, el.
+  float *QG = sc.QG + (size_t)ch * CH * K, *KL = sc.KL + (size_t)ch * CH * K;
+  const int last = seg[CH - 1];
+  for (int e = tid; e < CH * K; e += NT) {
+    const int i = e / K, a = e % K;
+    const float gi = gc[i * ld + a], gl = gc[(CH - 1) * ld + a];
+    QG[e] = seg[i] == 0 ? __expf(gi) * qs[i * ld + a] : 0.0f;
+    KL[e] = seg[i] == last ? __expf(gl - gi) * ks[i * ld + a] : 0.0f;
+  }
+  if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? __expf(gc[(CH - 1) * ld + tid]) : 0.0f;
+  float *vs = tile;  // (64, V): free since the last product
+  load_rows(vs, V, v, 1.0f, b, h, t0, T, H, V);
+  __syncthreads();
+  // UT transform by forward substitution, one column of [eg K | V] per thread, in registers.
+  if (tid < K + V) {
+    float x[CH];
+#pragma unroll
+    for (int i = 0; i < CH; i++) {
+      float rhs;
+      if (tid < K) rhs = seg[i] == 0 ? __expf(gc[i * ld + tid]) * ks[i * ld + tid] : 0.0f;
+      else rhs = vs[i * V + tid - K];
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < i; j++) s[j & 3] = fmaf(kks[i * CH + j], x[j], s[j & 3]);
+      x[i] = beta[i] * (rhs - ((s[0] + s[1]) + (s[2] + s[3])));
+    }
+    if (tid < K) {
+      float *W = sc.W + (size_t)ch * CH * K + tid;
+#pragma unroll
+      for (int i = 0; i < CH; i++) W[i * K] = x[i];
+    } else {
+      float *U = sc.U + (size_t)ch * CH * V + tid - K;
+#pragma unroll
+      for (int i = 0; i < CH; i++) U[i * V] = x[i];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward state pass: one block per (b, h, slice of VS state columns), chunks in order. Writes the output
+// (if out), the final state (if final_state), and for the backward the state entering each chunk and Vp.
+static __global__ void __launch_bounds__(NT) kda_state_kernel(bf16_t *out, float *final_state, Scratch sc, bool save,
+                                                              const float *initial_state, int T, int H, int K, int V,
+                                                              int NC) {
+  extern __shared__ __align__(128) float smem[];
+  float *buf = smem, *AQs = buf + CH * K, *S = AQs + CH * CH, *Vp = S + K * VS, *Us = Vp + CH * VS, *Os = Us + CH * VS;
+  float *el = Os + CH * VS;
+  const int slices = V / VS, slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
+  const int col0 = slice * VS, tid = threadIdx.x;
+  for (int e = tid; e < K * VS; e += NT)
+    S[e] = initial_state ? initial_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] : 0.0f;
+  // Software pipeline: the next matrix the block needs is in flight in registers (rb, ra, ru) while the
+  // current product runs.
+  float4 rb[8], ra[8];
+  float ru[CH * VS / NT];
+  auto fetch_u = [&](size_t ch) {
+#pragma unroll
+    for (int u = 0; u < CH * VS / NT; u++) {
+      const int e = tid + u * NT;
+      ru[u] = __ldg(sc.U + (ch * CH + e / VS) * V + col0 + e % VS);
+    }
+  };
+  fetch4(rb, sc.W + (size_t)bh * NC * CH * K, CH * K);
+  fetch_u((size_t)bh * NC);
+  for (int c = 0; c < NC; c++) {
+    const size_t ch = (size_t)bh * NC + c;
+    commit4(buf, rb, CH * K);
+#pragma unroll
+    for (int u = 0; u < CH * VS / NT; u++) Us[tid + u * NT] = ru[u];
+    if (save)
+      for (int e = tid; e < K * VS; e += NT) sc.S0[(ch * K + e / VS) * V + col0 + e % VS] = S[e];
+    __syncthreads();
+    if (out) {
+      fetch4(rb, sc.QG + ch * CH * K, CH * K);
+      fetch4(ra, sc.AQ + ch * CH * CH, CH * CH);
+    } else {
+      fetch4(rb, sc.KL + ch * CH * K, CH * K);
+    }
+    slice_gemm<false>(CH, K, buf, K, S, [&](int m, int n, float x) { Vp[m * VS + n] = Us[m * VS + n] - x; });
+    __syncthreads();
+    if (save)
+      for (int e = tid; e < CH * VS; e += NT) sc.VP[(ch * CH + e / VS) * V + col0 + e % VS] = Vp[e];
+    if (out) {
+      commit4(buf, rb, CH * K);
+      commit4(AQs, ra, CH * CH);
       __syncthreads();
-      float kA[SLICE], qA_lane = 0.0f, qk_all = 0.0f;
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) kA[c] = 0.0f;
-      for (int w = 0; w < warps; w++) {
-#pragma unroll
-        for (int c = 0; c < SLICE; c++) kA[c] += reduced[parity][w][c];
-        qk_all += reduced[parity][w][2 * SLICE];
-      }
-      const float bt = st.beta[i];
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) S[c] += ka * bt * (st.v[i][c] - kA[c]);
-      if (out && a < SLICE) {
-        for (int w = 0; w < warps; w++) qA_lane += reduced[parity][w][SLICE + a];
-        float u = bt * (st.v[i][a] - kA[a]);
-        out[AT(b, t, h, V) + col0 + a] = __float2bfloat16(scale * (qA_lane + qk_all * u));
-      }
+      fetch4(rb, sc.KL + ch * CH * K, CH * K);
+      slice_gemm<false>(CH, K, buf, K, S, [&](int m, int n, float x) { Os[m * VS + n] = x; });
+      slice_gemm<false>(CH, CH, AQs, CH, Vp, [&](int m, int n, float x) {
+        const int t = c * CH + m;
+        if (t < T) out[AT(b, t, h, V) + col0 + n] = __float2bfloat16(Os[m * VS + n] + x);
+      });
+      __syncthreads();
     }
+    commit4(buf, rb, CH * K);
+    if (tid < K) el[tid] = __ldg(sc.EL + ch * K + tid);
+    __syncthreads();
+    if (c + 1 < NC) {
+      fetch4(rb, sc.W + (ch + 1) * CH * K, CH * K);
+      fetch_u(ch + 1);
+    }
+    slice_gemm<true>(K, CH, buf, K, Vp, [&](int m, int n, float x) { S[m * VS + n] = fmaf(el[m], S[m * VS + n], x); });
+    __syncthreads();
   }
   if (final_state)
-#pragma unroll
-    for (int c = 0; c < SLICE; c++) final_state[state_base + c] = S[c];
+    for (int e = tid; e < K * VS; e += NT) final_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] = S[e];
 }
 
-// Backward for one (b, h, slice): chunks in reverse; each is replayed from its checkpoint (states entering
-// each token to `replay`, r = v - A^T k to shared memory), then walked backwards carrying dS.
-static __global__ void kda_backward_kernel(float *dq_part, float *dk_part, float *dg_part, float *dbeta_part,
-                                           bf16_t *dv, float *dinitial_state, float *replay, const float *checkpoints,
-                                           const bf16_t *dout, const float *dfinal_state, const bf16_t *q,
-                                           const bf16_t *k, const bf16_t *v, const float *g, const float *beta,
-                                           const unsigned char *doc_start, float scale, int T, int H, int K, int V) {
-  __shared__ float reduced[2][MAX_WARPS][2 * SLICE + 1];
-  __shared__ Staged st;
-  __shared__ float r_chunk[CHUNK][SLICE], do_chunk[CHUNK][SLICE], du_shared[2][SLICE];
-  const int slices = V / SLICE, slice = blockIdx.x % slices, h = (blockIdx.x / slices) % H;
-  const int b = blockIdx.x / (slices * H), a = threadIdx.x, lane = a & 31, warp = a >> 5, warps = K / 32;
-  const int col0 = slice * SLICE, chunks = (T + CHUNK - 1) / CHUNK;
-  const size_t state_base = (((size_t)b * H + h) * K + a) * V + col0;
-  float *my_replay = replay + ((size_t)blockIdx.x * CHUNK * K + a) * SLICE;  // token i at + i * K * SLICE
-  float dS[SLICE];
+// ---------------------------------------------------------------------------------------------------------
+// Backward state pass: chunks in reverse, carrying dS (the gradient of the state leaving the chunk); the
+// same register pipeline as the forward.
+static __global__ void __launch_bounds__(NT) kda_state_backward_kernel(float *dinitial_state, Scratch sc,
+                                                                       const bf16_t *dout, const float *dfinal_state,
+                                                                       int T, int H, int K, int V, int NC) {
+  extern __shared__ __align__(128) float smem[];
+  float *buf = smem, *AQs = buf + CH * K, *dS = AQs + CH * CH, *tmp = dS + K * VS, *dOs = tmp + max(K, CH) * VS;
+  float *dVp = dOs + CH * VS, *el = dVp + CH * VS;
+  const int slices = V / VS, slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
+  const int col0 = slice * VS, tid = threadIdx.x;
+  for (int e = tid; e < K * VS; e += NT)
+    dS[e] = dfinal_state ? dfinal_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] : 0.0f;
+  float4 rb[8], ra[8];
+  float rd[CH * VS / NT];
+  auto fetch_chunk = [&](int c) {  // what the first products of chunk c need: Aqk, kl, dO
+    const size_t ch = (size_t)bh * NC + c;
+    fetch4(ra, sc.AQ + ch * CH * CH, CH * CH);
+    fetch4(rb, sc.KL + ch * CH * K, CH * K);
 #pragma unroll
-  for (int c = 0; c < SLICE; c++) dS[c] = dfinal_state ? dfinal_state[state_base + c] : 0.0f;
-  for (int chunk = chunks - 1; chunk >= 0; chunk--) {
-    const int t0 = chunk * CHUNK, n = min(CHUNK, T - t0);
-    __syncthreads();
-    stage_chunk(&st, q, k, v, g, beta, doc_start, b, h, t0, n, col0, T, H, K, V);
-    for (int i = a; i < n * SLICE; i += blockDim.x)
-      do_chunk[i / SLICE][i % SLICE] = __bfloat162float(dout[AT(b, t0 + i / SLICE, h, V) + col0 + i % SLICE]);
-    __syncthreads();
-    // Replay: the state entering each token (after its reset) and r.
-    float S[SLICE];
-    const float *ck = checkpoints + ((((size_t)b * H + h) * chunks + chunk) * K + a) * V + col0;
-#pragma unroll
-    for (int c = 0; c < SLICE; c++) S[c] = ck[c];
-    for (int i = 0; i < n; i++) {
-      const int parity = (t0 + i) & 1;
-      if (st.reset[i])
-#pragma unroll
-        for (int c = 0; c < SLICE; c++) S[c] = 0.0f;
-      float *slot = my_replay + (size_t)i * K * SLICE;
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) slot[c] = S[c];
-      const float ka = __bfloat162float(st.k[i][a]), decay = __expf(st.g[i][a]);
-      float x[SLICE];
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) {
-        S[c] *= decay;
-        x[c] = ka * S[c];
-      }
-      float mine = warp_reduce_16(x);
-      if ((lane & 1) == 0) reduced[parity][warp][lane >> 1] = mine;
-      __syncthreads();
-      const float bt = st.beta[i];
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) {
-        float kA = 0.0f;
-        for (int w = 0; w < warps; w++) kA += reduced[parity][w][c];
-        float r = st.v[i][c] - kA;
-        if (a == 0) r_chunk[i][c] = r;
-        S[c] += ka * bt * r;
-      }
+    for (int u = 0; u < CH * VS / NT; u++) {
+      const int e = tid + u * NT, t = c * CH + e / VS;
+      rd[u] = t < T ? __bfloat162float(__ldg(dout + AT(b, t, h, V) + col0 + e % VS)) : 0.0f;
     }
+  };
+  fetch_chunk(NC - 1);
+  for (int c = NC - 1; c >= 0; c--) {
+    const size_t ch = (size_t)bh * NC + c;
+    commit4(AQs, ra, CH * CH);
+    commit4(buf, rb, CH * K);
+#pragma unroll
+    for (int u = 0; u < CH * VS / NT; u++) dOs[tid + u * NT] = rd[u];
+    if (tid < K) el[tid] = __ldg(sc.EL + ch * K + tid);
+    for (int e = tid; e < K * VS; e += NT) sc.DS[(ch * K + e / VS) * V + col0 + e % VS] = dS[e];
     __syncthreads();
-    // Reverse walk.
-    for (int i = n - 1; i >= 0; i--) {
-      const int t = t0 + i, parity = t & 1;
-      const float *slot = my_replay + (size_t)i * K * SLICE;
-      const float ka = __bfloat162float(st.k[i][a]), qa = __bfloat162float(st.q[i][a]);
-      const float decay = __expf(st.g[i][a]), bt = st.beta[i];
-      float A[SLICE], u[SLICE], dq_sum = 0.0f;
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) {
-        A[c] = decay * slot[c];
-        u[c] = bt * r_chunk[i][c];
-        float St = A[c] + ka * u[c], dout_c = do_chunk[i][c];
-        dS[c] += scale * qa * dout_c;
-        dq_sum += St * dout_c;
-      }
-      float x[SLICE];
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) x[c] = dS[c] * ka;
-      float mine = warp_reduce_16(x);
-      if ((lane & 1) == 0) reduced[parity][warp][lane >> 1] = mine;
-      __syncthreads();
-      if (a < SLICE) {
-        float du = 0.0f;
-        for (int w = 0; w < warps; w++) du += reduced[parity][w][a];
-        du_shared[parity][a] = du;
-      }
-      __syncthreads();
-      float du[SLICE], dk_sum = 0.0f, dg_sum = 0.0f;
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) du[c] = du_shared[parity][c];
-#pragma unroll
-      for (int c = 0; c < SLICE; c++) {
-        dk_sum += dS[c] * u[c] - bt * A[c] * du[c];
-        dS[c] -= bt * ka * du[c];
-        dg_sum += dS[c] * A[c];
-        dS[c] *= decay;
-      }
-      const size_t part = (((size_t)b * T + t) * H + h) * slices + slice;
-      dq_part[part * K + a] = scale * dq_sum;
-      dk_part[part * K + a] = dk_sum;
-      dg_part[part * K + a] = dg_sum;
-      if (a < SLICE) dv[AT(b, t, h, V) + col0 + a] = __float2bfloat16(bt * du[a]);
-      if (a == 0) {
-        float db = 0.0f;
-        for (int c = 0; c < SLICE; c++) db += du[c] * r_chunk[i][c];
-        dbeta_part[part] = db;
-      }
-      if (st.reset[i])
-#pragma unroll
-        for (int c = 0; c < SLICE; c++) dS[c] = 0.0f;
-    }
+    fetch4(rb, sc.QG + ch * CH * K, CH * K);
+    slice_gemm<true>(CH, CH, AQs, CH, dOs, [&](int m, int n, float x) { tmp[m * VS + n] = x; });
+    slice_gemm<false>(CH, K, buf, K, dS, [&](int m, int n, float x) { dVp[m * VS + n] = x; });
+    __syncthreads();
+    for (int e = tid; e < CH * VS; e += NT) dVp[e] += tmp[e];
+    commit4(buf, rb, CH * K);
+    __syncthreads();
+    fetch4(rb, sc.W + ch * CH * K, CH * K);
+    for (int e = tid; e < CH * VS; e += NT) sc.DVP[(ch * CH + e / VS) * V + col0 + e % VS] = dVp[e];
+    slice_gemm<true>(K, CH, buf, K, dOs, [&](int m, int n, float x) { tmp[m * VS + n] = fmaf(el[m], dS[m * VS + n], x); });
+    __syncthreads();
+    commit4(buf, rb, CH * K);
+    __syncthreads();
+    if (c > 0) fetch_chunk(c - 1);
+    slice_gemm<true>(K, CH, buf, K, dVp, [&](int m, int n, float x) { dS[m * VS + n] = tmp[m * VS + n] - x; });
+    __syncthreads();
   }
   if (dinitial_state)
+    for (int e = tid; e < K * VS; e += NT) dinitial_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] = dS[e];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// WY / UT backward, one block per chunk: the non-pairwise parts of dq, dk, dg into PDQ, PDK, PDG; dL and dAqk
+// (masked) into DL, DA; dv and dbeta final.
+static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, float *dbeta, Scratch sc,
+                                                                    const bf16_t *dout, const bf16_t *k,
+                                                                    const bf16_t *v, const float *g,
+                                                                    const float *beta_in,
+                                                                    const unsigned char *doc_start, int T, int H,
+                                                                    int K, int V, int NC) {
+  extern __shared__ __align__(128) float smem[];
+  const int ld = K + 1, KV = K + V;
+  float *tile = smem, *gc = tile + TILE_FLOATS, *kks = gc + CH * ld, *Ys = kks + CH * (CH + 1), *dLs = Ys + CH * KV;
+  float *colpart = dLs + CH * (CH + 1), *delS = colpart + 16 * K, *rowpart = delS + K, *beta = rowpart + (NT / 32) * CH;
+  int *seg = (int *)(beta + CH);
+  const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
+  const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
+  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
 #pragma unroll
-    for (int c = 0; c < SLICE; c++) dinitial_state[state_base + c] = dS[c];
+  for (int u = 0; u < CH * CH / NT; u++) {
+    const int e = tid + u * NT;
+    kks[e] = __ldg(sc.KK + cC + e);
+  }
+  for (int e = tid; e < 16 * K; e += NT) colpart[e] = 0.0f;
+  for (int e = tid; e < (NT / 32) * CH; e += NT) rowpart[e] = 0.0f;
+  __syncthreads();
+  const int last = seg[CH - 1], ty = tid >> 4;
+  const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
+  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDG = sc.PDG + cK, *PDK2 = sc.PDK2 + cK, *PDG2 = sc.PDG2 + cK;
+  float *PDG3 = sc.PDG3 + cK;
+  auto dO = [&](int i, int a) {
+    return t0 + i < T ? ldg4(dout + AT(b, t0 + i, h, V) + a) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  };
+  // dqg = dO S0^T
+  gemm_nt(
+      CH, K, V, tile, dO, [&](int n, int a) { return ldg4(S0 + n * V + a); },
+      [&](int i, int n, float x) {
+        const float eg = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
+        PDQ[i * K + n] = eg * x;
+        PDG[i * K + n] = x * __ldg(sc.QG + cK + i * K + n);
+      });
+  // dkl = Vp dS'^T
+  gemm_nt(
+      CH, K, V, tile, [&](int i, int a) { return ldg4(VP + i * V + a); }, [&](int n, int a) { return ldg4(DS + n * V + a); },
+      [&](int i, int n, float x) {
+        const float ekl = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) : 0.0f;
+        PDK[i * K + n] = ekl * x;
+        const float t = x * __ldg(sc.KL + cK + i * K + n);
+        PDG2[i * K + n] = -t;
+        colpart[ty * K + n] += t;
+      });
+  // dX = [-dVp S0^T | dVp]
+  gemm_nt(
+      CH, K, V, tile, [&](int i, int a) { return ldg4(DVP + i * V + a); }, [&](int n, int a) { return ldg4(S0 + n * V + a); },
+      [&](int i, int n, float x) { Ys[i * KV + n] = -x; });
+  for (int e = tid; e < CH * V; e += NT) Ys[(e / V) * KV + K + e % V] = __ldg(DVP + e);
+  // del = rowsum(dS' * S0), a warp per row, four rows at a time.
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int a0 = warp; a0 < K; a0 += 4 * (NT / 32)) {
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const int a = a0 + u * (NT / 32);
+#pragma unroll 4
+      for (int d = lane; d < V; d += 32)
+        if (a < K) x[u] = fmaf(__ldg(DS + a * V + d), __ldg(S0 + a * V + d), x[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const float sum = warp_sum(x[u]);
+      if (lane == 0 && a0 + u * (NT / 32) < K) delS[a0 + u * (NT / 32)] = sum;
+    }
+  }
+  // k and v of the chunk (bf16) for the right-hand sides: the tile is free until dL.
+  bf16_t *kvs = (bf16_t *)tile;  // (64, K + V)
+  __syncthreads();
+  for (int e0 = tid; e0 < CH * KV; e0 += 8 * NT) {
+    bf16_t x[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      const int e = e0 + u * NT, i = e / KV, a = e % KV;
+      x[u] = __float2bfloat16(0.0f);
+      if (e < CH * KV && t0 + i < T) x[u] = a < K ? __ldg(k + AT(b, t0 + i, h, K) + a) : __ldg(v + AT(b, t0 + i, h, V) + a - K);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; u++)
+      if (e0 + u * NT < CH * KV) kvs[e0 + u * NT] = x[u];
+  }
+  __syncthreads();
+  // Back substitution Y = (I + L)^-T dX, one column per thread, and what the column gives directly.
+  if (tid < KV) {
+    // Right-looking: once y_j is final, its term leaves every earlier row (row j of KK, 16-byte reads).
+    float y[CH];
+#pragma unroll
+    for (int i = 0; i < CH; i++) y[i] = Ys[i * KV + tid];
+#pragma unroll
+    for (int j = CH - 1; j > 0; j--) {
+      const float by = beta[j] * y[j];
+#pragma unroll
+      for (int i = 0; i < j; i++) y[i] = fmaf(-kks[j * CH + i], by, y[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < CH; i++) Ys[i * KV + tid] = y[i];
+    // dbeta's Y . rhs part: per row, summed over this warp's 32 columns (K + V is a multiple of 32).
+#pragma unroll
+    for (int i = 0; i < CH; i++) {
+      float rhs = __bfloat162float(kvs[i * KV + tid]);
+      if (tid < K) rhs = seg[i] == 0 ? __expf(gc[i * ld + tid]) * rhs : 0.0f;
+      const float p = warp_sum(y[i] * rhs);
+      if (lane == 0) rowpart[warp * CH + i] = p;
+    }
+    if (tid < K) {
+      const int a = tid;
+      float dgl = 0.0f;
+      for (int w = 0; w < 16; w++) dgl += colpart[w * K + a];
+      dgl = fmaf(delS[a], __ldg(sc.EL + (size_t)ch * K + a), dgl);
+#pragma unroll
+      for (int i = 0; i < CH; i++) {
+        const float eg = seg[i] == 0 ? __expf(gc[i * ld + a]) : 0.0f;
+        const float kv = __bfloat162float(kvs[i * KV + a]);
+        const float by = beta[i] * y[i];
+        PDK2[i * K + a] = eg * by;
+        PDG3[i * K + a] = by * eg * kv + (i == CH - 1 ? dgl : 0.0f);
+      }
+    } else {
+      const int d = tid - K;
+#pragma unroll
+      for (int i = 0; i < CH; i++)
+        if (t0 + i < T) dv[AT(b, t0 + i, h, V) + d] = __float2bfloat16(beta[i] * y[i]);
+    }
+  }
+  __syncthreads();
+  // dL = -Y X^T (strictly lower, same document)
+  const float *W = sc.W + cK, *U = sc.U + cV;
+  gemm_nt(
+      CH, CH, KV, tile, [&](int i, int a) { return lds4(Ys + i * KV + a); },
+      [&](int j, int a) { return a < K ? ldg4(W + j * K + a) : ldg4(U + j * V + a - K); },
+      [&](int i, int j, float x) {
+        const float d = j < i && seg[i] == seg[j] ? -x : 0.0f;
+        dLs[i * (CH + 1) + j] = d;
+        sc.DL[cC + i * CH + j] = d;
+      });
+  // dAqk = dO Vp^T (lower, same document)
+  gemm_nt(
+      CH, CH, V, tile, dO, [&](int j, int a) { return ldg4(VP + j * V + a); },
+      [&](int i, int j, float x) { sc.DA[cC + i * CH + j] = j <= i && seg[i] == seg[j] ? x : 0.0f; });
+  __syncthreads();
+  // dbeta_i = Y_i . rhs_i + sum_j dL_ij KK_ij, one warp per row.
+  for (int i = warp; i < CH; i += NT / 32) {
+    const int t = t0 + i;
+    float s = 0.0f;
+    for (int j = lane; j < CH; j += 32) s = fmaf(dLs[i * (CH + 1) + j], kks[i * CH + j], s);
+    s = warp_sum(s);
+    if (lane == 0 && t < T) {
+      for (int w = 0; w < NT / 32; w++) s += rowpart[w * CH + i];
+      dbeta[((size_t)b * T + t) * H + h] = s;
+    }
+  }
 }
 
-// Sums the per-slice partials in slice order.
-static __global__ void kda_sum_slices_kernel(bf16_t *dq, bf16_t *dk, float *dg, float *dbeta, const float *dq_part,
-                                             const float *dk_part, const float *dg_part, const float *dbeta_part,
-                                             size_t rows, int slices, int K) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;  // (row = (b, t, h), a)
-  if (i >= rows * K) return;
-  size_t row = i / K;
-  int a = (int)(i % K);
-  float sq = 0.0f, sk = 0.0f, sg = 0.0f;
-  for (int s = 0; s < slices; s++) {
-    size_t at = (row * slices + s) * K + a;
-    sq += dq_part[at];
-    sk += dk_part[at];
-    sg += dg_part[at];
+// ---------------------------------------------------------------------------------------------------------
+// Pairwise backward and the gate's reverse cumulative sum, one block per chunk, thread per (row, channel):
+//   P_i = sum_j<i  wl_ij k_j E_ij,  Q_i = sum_j<=i dA_ij k_j E_ij,  R_i = sum_m>=i (wl_mi k_m + dA_mi q_m) E_mi
+// with wl_ij = beta_i dL_ij and E_ij = exp(gc_i - gc_j); dk += P + R, dqs += Q, dgc += k P + q Q - k R.
+static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
+                                                                          Scratch sc, const bf16_t *q,
+                                                                          const bf16_t *k, const float *g,
+                                                                          const float *beta_in,
+                                                                          const unsigned char *doc_start, float scale,
+                                                                          int T, int H, int K, int NC) {
+  extern __shared__ __align__(128) float smem[];
+  const int ld = K + 1;
+  float *qs = smem, *ks = qs + CH * ld, *gc = ks + CH * ld, *dgc = gc + CH * ld, *wl = dgc + CH * ld;
+  float *dA = wl + CH * (CH + 1), *beta = dA + CH * (CH + 1);
+  int *seg = (int *)(beta + CH);
+  const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
+  const size_t cK = (size_t)ch * CH * K, cC = (size_t)ch * CH * CH;
+  load_rows(qs, ld, q, scale, b, h, t0, T, H, K);
+  load_rows(ks, ld, k, 1.0f, b, h, t0, T, H, K);
+  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
+  __syncthreads();
+#pragma unroll 4
+  for (int e = tid; e < CH * CH; e += NT) {
+    const int i = e >> 6, j = e & 63;
+    wl[i * (CH + 1) + j] = beta[i] * __ldg(sc.DL + cC + e);
+    dA[i * (CH + 1) + j] = __ldg(sc.DA + cC + e);
   }
-  dq[i] = __float2bfloat16(sq);
-  dk[i] = __float2bfloat16(sk);
-  dg[i] = sg;
-  if (a == 0) {
-    float sb = 0.0f;
-    for (int s = 0; s < slices; s++) sb += dbeta_part[row * slices + s];
-    dbeta[row] = sb;
+  __syncthreads();
+  for (int e = tid; e < CH * K; e += NT) {
+    const int i = e / K, a = e % K;
+    const float pk = __ldg(sc.PDK + cK + e) + __ldg(sc.PDK2 + cK + e), pq = __ldg(sc.PDQ + cK + e);
+    const float pg = __ldg(sc.PDG + cK + e) + __ldg(sc.PDG2 + cK + e) + __ldg(sc.PDG3 + cK + e);
+    const float gi = gc[i * ld + a];
+    float P = 0.0f, Q = 0.0f, R = 0.0f;
+#pragma unroll 4
+    for (int j = 0; j <= i; j++) {
+      const float x = ks[j * ld + a] * __expf(gi - gc[j * ld + a]);
+      P = fmaf(wl[i * (CH + 1) + j], x, P);
+      Q = fmaf(dA[i * (CH + 1) + j], x, Q);
+    }
+#pragma unroll 4
+    for (int m = i; m < CH; m++) {
+      const float x = fmaf(wl[m * (CH + 1) + i], ks[m * ld + a], dA[m * (CH + 1) + i] * qs[m * ld + a]);
+      R = fmaf(x, __expf(gc[m * ld + a] - gi), R);
+    }
+    const float ki = ks[i * ld + a], qi = qs[i * ld + a];
+    const float dkv = pk + P + R, dqv = pq + Q;
+    dgc[i * ld + a] = pg + ki * (P - R) + qi * Q;
+    const int t = t0 + i;
+    if (t < T) {
+      dk[AT(b, t, h, K) + a] = __float2bfloat16(dkv);
+      dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * dqv);
+    }
+  }
+  __syncthreads();
+  if (tid < K) {
+    float acc = 0.0f;
+    for (int i = CH - 1; i >= 0; i--) {
+      acc += dgc[i * ld + tid];
+      if (t0 + i < T) dg[AT(b, t0 + i, h, K) + tid] = acc;
+    }
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
 static void check_shape(int K, int V) {
-  CHECK(K % 32 == 0 && K <= 32 * MAX_WARPS && V % SLICE == 0 && V > 0,
-        "KDA on the GPU needs K a multiple of 32 up to %d and V a multiple of %d (got K %d, V %d)", 32 * MAX_WARPS,
-        SLICE, K, V);
+  CHECK(K % 16 == 0 && V % 16 == 0 && K > 0 && V > 0 && K <= 128 && V <= 128,
+        "KDA on the GPU needs K and V multiples of 16 up to 128 (got K %d, V %d)", K, V);
+}
+
+static Scratch scratch_get(size_t nch, int K, int V, bool backward) {
+  const size_t cK = CH * (size_t)K, cV = CH * (size_t)V, cC = CH * CH, kv = (size_t)K * V;
+  size_t per = 3 * cK + cV + K + 2 * cC;  // W U QG KL EL AQ KK
+  if (backward) per += 2 * cV + 2 * kv + 6 * cK + 2 * cC;
+  float *p = (float *)device_scratch(2, nch * per * sizeof(float));
+  Scratch s = {};
+  auto take = [&](size_t n) {
+    float *r = p;
+    p += nch * n;
+    return r;
+  };
+  s.W = take(cK), s.U = take(cV), s.QG = take(cK), s.KL = take(cK), s.AQ = take(cC), s.KK = take(cC);
+  if (backward) {
+    s.VP = take(cV), s.S0 = take(kv), s.DVP = take(cV), s.DS = take(kv);
+    s.PDQ = take(cK), s.PDK = take(cK), s.PDG = take(cK), s.PDK2 = take(cK), s.PDG2 = take(cK), s.PDG3 = take(cK);
+    s.DL = take(cC), s.DA = take(cC);
+  }
+  s.EL = take(K);  // last: its size keeps nothing after it from 16-byte alignment
+  return s;
+}
+
+static size_t intra_smem(int K) {
+  return (TILE_FLOATS + 3 * (size_t)CH * (K + 1) + 2 * CH * (CH + 1) + 2 * CH) * sizeof(float);
+}
+static size_t state_smem(int K) {
+  return ((size_t)CH * K + CH * CH + (K + (K > CH ? K : CH)) * VS + 3 * CH * VS + K) * sizeof(float);
+}
+static size_t wy_smem(int K, int V) {
+  return ((size_t)CH * (K + 1) + 2 * CH * (CH + 1) + CH * (K + V) + 17 * K + (NT / 32) * CH + TILE_FLOATS + 2 * CH) *
+         sizeof(float);
+}
+static size_t pair_smem(int K) { return (4 * (size_t)CH * (K + 1) + 2 * CH * (CH + 1) + 2 * CH) * sizeof(float); }
+
+template <class F>
+static void allow_smem(F *kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+static void forward_pieces(const Scratch &sc, const bf16 *q, const bf16 *k, const bf16 *v, const float *g,
+                           const float *beta, const unsigned char *doc_start, float scale, int B, int T, int H, int K,
+                           int V, int NC) {
+  const size_t smem = intra_smem(K);
+  allow_smem(kda_intra_kernel, smem);
+  kda_intra_kernel<<<B * H * NC, NT, smem, device_stream()>>>(sc, (const bf16_t *)q, (const bf16_t *)k,
+                                                              (const bf16_t *)v, g, beta, doc_start, scale, T, H, K,
+                                                              V, NC);
+  CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16 *q, const bf16 *k, const bf16 *v,
@@ -294,10 +777,14 @@ extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16
                                        const unsigned char *doc_start, float scale, int B, int T, int H, int K,
                                        int V) {
   check_shape(K, V);
-  if (B == 0 || T == 0) return;
-  kda_forward_kernel<<<B * H * (V / SLICE), K, 0, device_stream()>>>(
-      (bf16_t *)out, final_state, NULL, (const bf16_t *)q, (const bf16_t *)k, (const bf16_t *)v, g, beta,
-      initial_state, doc_start, scale, T, H, K, V);
+  if (B == 0 || T == 0 || H == 0) return;
+  const int NC = (T + CH - 1) / CH;
+  Scratch sc = scratch_get((size_t)B * H * NC, K, V, false);
+  forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
+  const size_t smem = state_smem(K);
+  allow_smem(kda_state_kernel, smem);
+  kda_state_kernel<<<B * H * (V / VS), NT, smem, device_stream()>>>((bf16_t *)out, final_state, sc, false,
+                                                                    initial_state, T, H, K, V, NC);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -307,23 +794,28 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
                                         const unsigned char *doc_start, float scale, int B, int T, int H, int K,
                                         int V) {
   check_shape(K, V);
-  if (B == 0 || T == 0) return;
-  const int slices = V / SLICE, blocks = B * H * slices, chunks = (T + CHUNK - 1) / CHUNK;
-  const size_t rows = (size_t)B * T * H;
-  float *checkpoints = (float *)device_scratch(2, (size_t)B * H * chunks * K * V * sizeof(float));
-  float *replay = (float *)device_scratch(3, (size_t)blocks * CHUNK * K * SLICE * sizeof(float));
-  float *parts = (float *)device_scratch(4, rows * slices * (3 * (size_t)K + 1) * sizeof(float));
-  float *dq_part = parts, *dk_part = dq_part + rows * slices * K, *dg_part = dk_part + rows * slices * K;
-  float *dbeta_part = dg_part + rows * slices * K;
-  kda_forward_kernel<<<blocks, K, 0, device_stream()>>>(NULL, NULL, checkpoints, (const bf16_t *)q, (const bf16_t *)k,
-                                                        (const bf16_t *)v, g, beta, initial_state, doc_start, scale,
-                                                        T, H, K, V);
+  if (B == 0 || T == 0 || H == 0) return;
+  const int NC = (T + CH - 1) / CH, chunks = B * H * NC, slices = B * H * (V / VS);
+  Scratch sc = scratch_get((size_t)chunks, K, V, true);
+  forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
+  size_t smem = state_smem(K);
+  allow_smem(kda_state_kernel, smem);
+  kda_state_kernel<<<slices, NT, smem, device_stream()>>>(NULL, NULL, sc, true, initial_state, T, H, K, V, NC);
   CUDA_CHECK_LAUNCH();
-  kda_backward_kernel<<<blocks, K, 0, device_stream()>>>(
-      dq_part, dk_part, dg_part, dbeta_part, (bf16_t *)dv, dinitial_state, replay, checkpoints, (const bf16_t *)dout,
-      dfinal_state, (const bf16_t *)q, (const bf16_t *)k, (const bf16_t *)v, g, beta, doc_start, scale, T, H, K, V);
+  allow_smem(kda_state_backward_kernel, smem);
+  kda_state_backward_kernel<<<slices, NT, smem, device_stream()>>>(dinitial_state, sc, (const bf16_t *)dout,
+                                                                   dfinal_state, T, H, K, V, NC);
   CUDA_CHECK_LAUNCH();
-  kda_sum_slices_kernel<<<ceil_div(rows * K, 256), 256, 0, device_stream()>>>(
-      (bf16_t *)dq, (bf16_t *)dk, dg, dbeta, dq_part, dk_part, dg_part, dbeta_part, rows, slices, K);
+  smem = wy_smem(K, V);
+  allow_smem(kda_wy_backward_kernel, smem);
+  kda_wy_backward_kernel<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout,
+                                                                (const bf16_t *)k, (const bf16_t *)v, g, beta,
+                                                                doc_start, T, H, K, V, NC);
+  CUDA_CHECK_LAUNCH();
+  smem = pair_smem(K);
+  allow_smem(kda_pairwise_backward_kernel, smem);
+  kda_pairwise_backward_kernel<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dq, (bf16_t *)dk, dg, sc,
+                                                                      (const bf16_t *)q, (const bf16_t *)k, g, beta,
+                                                                      doc_start, scale, T, H, K, NC);
   CUDA_CHECK_LAUNCH();
 }

@@ -571,13 +571,9 @@ static void lt_expert_gemm(int kind, int rows, int C, int OC, const void *a, con
   if (algo)
     status = cublasLtMatmul(lt_handle, lt_desc[kind], &alpha, a, l.a, b, l.b, &beta, d, l.d, d, l.d, algo,
                             lt_workspace[stream], LT_WORKSPACE_BYTES, lt_streams[stream]);
-  if (status != CUBLAS_STATUS_SUCCESS) {  // the bucket's algorithm does not take this row count
-    cublasLtMatmulAlgo_t exact;
-    CHECK(lt_heuristic(kind, l, &exact), "cuBLASLt has no algorithm for the expert GEMM (kind %d, rows %d)", kind,
-          rows);
-    CUBLAS_CHECK(cublasLtMatmul(lt_handle, lt_desc[kind], &alpha, a, l.a, b, l.b, &beta, d, l.d, d, l.d, &exact,
-                                lt_workspace[stream], LT_WORKSPACE_BYTES, lt_streams[stream]));
-  }
+  if (status != CUBLAS_STATUS_SUCCESS)  // the bucket's algorithm does not take this row count or alignment:
+    CUBLAS_CHECK(cublasLtMatmul(lt_handle, lt_desc[kind], &alpha, a, l.a, b, l.b, &beta, d, l.d, d, l.d, NULL,
+                                lt_workspace[stream], LT_WORKSPACE_BYTES, lt_streams[stream]));  // implicit heuristic
   lt_layouts_free(l);
 }
 

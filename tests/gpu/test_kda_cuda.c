@@ -1,17 +1,20 @@
-// The CUDA KDA against the CPU chunkwise reference (itself checked against the recurrence): decays
-// near 0 and strong, documents inside and at chunk boundaries, initial and final states.
+// The CUDA chunkwise KDA against the CPU chunkwise reference in fp64 (itself checked against the
+// recurrence): head dims 128, 64, 32 (and V != K), decays near 0 and strong, documents starting inside
+// chunks, at chunk boundaries and at t = 0, T not a multiple of 64, initial state and dfinal_state.
 #include <math.h>
 
 #include "kernels/kda.h"
 #include "kernels/norm.h"
 #include "tests/gpu/gpu_testing.h"
 
-static void check_shape(int B, int T, int H, int K, double g_lo, double g_hi, bool states, uint64_t seed) {
-  const int V = K;
+enum { NO_DOCS, DOCS };
+
+static void check_shape(int B, int T, int H, int K, int V, double g_lo, double g_hi, bool states, int docs,
+                        uint64_t seed) {
   uint64_t rng = seed;
   const size_t nk = (size_t)B * T * H * K, nv = (size_t)B * T * H * V, nb = (size_t)B * T * H, ns = (size_t)B * H * K * V;
   real *q = test_alloc(nk), *k = test_alloc(nk), *v = test_alloc(nv), *g = test_alloc(nk), *beta = test_alloc(nb);
-  real *dout = test_alloc(nv), *s0 = test_alloc(ns), *dsT = test_alloc(ns), *inv = test_alloc(nb * 1);
+  real *dout = test_alloc(nv), *s0 = test_alloc(ns), *dsT = test_alloc(ns), *inv = test_alloc(nb);
   test_fill_normal(q, nk, 1, &rng), test_fill_normal(k, nk, 1, &rng);
   l2norm_forward(q, inv, q, 1e-6, B * T * H, K);
   l2norm_forward(k, inv, k, 1e-6, B * T * H, K);
@@ -19,10 +22,16 @@ static void check_shape(int B, int T, int H, int K, double g_lo, double g_hi, bo
   test_fill_uniform(g, nk, g_lo, g_hi, &rng), test_fill_uniform(beta, nb, 0.05, 0.95, &rng);
   test_fill_normal(s0, ns, 0.5, &rng), test_fill_normal(dsT, ns, 0.5, &rng);
   gpu_round_bf16(q, nk), gpu_round_bf16(k, nk), gpu_round_bf16(v, nv), gpu_round_bf16(dout, nv);
-  unsigned char *doc = calloc((size_t)B * T, 1);
-  for (int b = 0; b < B; b++) {
-    doc[(size_t)b * T] = 1;
-    if (T > 70) doc[(size_t)b * T + 37] = 1, doc[(size_t)b * T + 64] = 1;
+  unsigned char *doc = NULL;
+  if (docs) {
+    doc = calloc((size_t)B * T, 1);
+    // Row 0: starts inside a chunk (37), at chunk boundaries (64, 128); row 1: inside (100, 150), boundary 192.
+    const int starts[2][3] = {{37, 64, 128}, {100, 150, 192}};
+    for (int b = 0; b < B; b++) {
+      doc[(size_t)b * T] = 1;
+      for (int i = 0; i < 3; i++)
+        if (starts[b % 2][i] < T) doc[(size_t)b * T + starts[b % 2][i]] = 1;
+    }
   }
   const real scale = 1 / sqrt((double)K);
   real *out = test_alloc(nv), *sT = test_alloc(ns), *dq = test_alloc(nk), *dk = test_alloc(nk), *dv = test_alloc(nv);
@@ -37,13 +46,19 @@ static void check_shape(int B, int T, int H, int K, double g_lo, double g_hi, bo
   float *g_g = gpu_upload_float(g, nk), *g_beta = gpu_upload_float(beta, nb), *g_s0 = gpu_upload_float(s0, ns);
   float *g_dsT = gpu_upload_float(dsT, ns), *g_sT = device_alloc(ns * 4), *g_ds0 = device_alloc(ns * 4);
   float *g_dg = device_alloc(nk * 4), *g_dbeta = device_alloc(nb * 4);
-  unsigned char *g_doc = device_alloc((size_t)B * T);
-  device_upload(g_doc, doc, (size_t)B * T);
+  unsigned char *g_doc = NULL;
+  if (doc) {
+    g_doc = device_alloc((size_t)B * T);
+    device_upload(g_doc, doc, (size_t)B * T);
+  }
+  // Gradients are overwritten: fill them with garbage first.
+  device_copy(g_dg, g_g, nk * 4), device_copy(g_dq, g_q, nk * 2), device_copy(g_dv, g_v, nv * 2);
   kda_chunk_forward_cuda(g_out, g_sT, g_q, g_k, g_v, g_g, g_beta, states ? g_s0 : NULL, g_doc, (float)scale, B, T, H,
                          K, V);
   kda_chunk_backward_cuda(g_dq, g_dk, g_dv, g_dg, g_dbeta, g_ds0, g_dout, states ? g_dsT : NULL, g_q, g_k, g_v, g_g,
                           g_beta, states ? g_s0 : NULL, g_doc, (float)scale, B, T, H, K, V);
-  cr_log_info("KDA B %d T %d H %d K %d g in [%g, %g] states %d", B, T, H, K, g_lo, g_hi, states);
+  cr_log_info("KDA B %d T %d H %d K %d V %d g in [%g, %g] states %d documents %d", B, T, H, K, V, g_lo, g_hi, states,
+              docs);
   gpu_expect_close("out", gpu_download_bf16(g_out, nv), out, nv, GPU_TOLERANCE);
   gpu_expect_close("final state", gpu_download_float(g_sT, ns), sT, ns, GPU_TOLERANCE);
   gpu_expect_close("dq", gpu_download_bf16(g_dq, nk), dq, nk, GPU_TOLERANCE);
@@ -52,9 +67,20 @@ static void check_shape(int B, int T, int H, int K, double g_lo, double g_hi, bo
   gpu_expect_close("dg", gpu_download_float(g_dg, nk), dg, nk, GPU_TOLERANCE);
   gpu_expect_close("dbeta", gpu_download_float(g_dbeta, nb), dbeta, nb, GPU_TOLERANCE);
   gpu_expect_close("dinitial state", gpu_download_float(g_ds0, ns), ds0, ns, GPU_TOLERANCE);
+  device_free(g_q), device_free(g_k), device_free(g_v), device_free(g_dout), device_free(g_out), device_free(g_dq);
+  device_free(g_dk), device_free(g_dv), device_free(g_g), device_free(g_beta), device_free(g_s0), device_free(g_dsT);
+  device_free(g_sT), device_free(g_ds0), device_free(g_dg), device_free(g_dbeta);
+  if (g_doc) device_free(g_doc);
+  free(doc);
 }
 
-Test(kda_cuda, documents_and_states_k64) { check_shape(2, 200, 3, 64, -1.0, -0.01, true, 1); }
-Test(kda_cuda, head_dim_128) { check_shape(1, 256, 2, 128, -0.5, -0.001, true, 2); }
-Test(kda_cuda, decays_near_zero) { check_shape(2, 130, 2, 32, -1e-4, -1e-6, false, 3); }
-Test(kda_cuda, strong_decays) { check_shape(1, 150, 2, 64, -8, -2, true, 4); }
+Test(kda_cuda, k64_documents_states) { check_shape(2, 200, 3, 64, 64, -1.0, -0.01, true, DOCS, 1); }
+Test(kda_cuda, k64_strong_decays) { check_shape(2, 200, 3, 64, 64, -8, -2, true, DOCS, 2); }
+Test(kda_cuda, k64_near_zero_decays) { check_shape(2, 200, 3, 64, 64, -1e-4, -1e-6, true, DOCS, 3); }
+Test(kda_cuda, k128_near_zero_decays) { check_shape(1, 256, 2, 128, 128, -1e-4, -1e-6, true, DOCS, 4); }
+Test(kda_cuda, k128_strong_decays) { check_shape(1, 256, 2, 128, 128, -8, -2, true, DOCS, 5); }
+Test(kda_cuda, k128_no_documents) { check_shape(1, 256, 2, 128, 128, -0.5, -0.001, true, NO_DOCS, 6); }
+Test(kda_cuda, k32_near_zero_decays) { check_shape(2, 130, 4, 32, 32, -1e-4, -1e-6, false, DOCS, 7); }
+Test(kda_cuda, k32_strong_decays) { check_shape(2, 130, 4, 32, 32, -8, -2, true, DOCS, 8); }
+Test(kda_cuda, k64_v32) { check_shape(2, 100, 2, 64, 32, -1.0, -0.01, true, DOCS, 9); }
+Test(kda_cuda, k32_v128_short) { check_shape(1, 40, 2, 32, 128, -0.3, -0.01, true, NO_DOCS, 10); }
