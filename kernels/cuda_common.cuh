@@ -5,7 +5,15 @@
 
 #include "kernels/device.h"
 
-typedef __nv_bfloat16 bf16_t;  // the device view of kernels/device.h's bf16
+typedef __nv_bfloat16 bf16_t;
+
+// CUBLAS_CHECK(cublasLtMatmul(...)): a failed cuBLAS(Lt) call is a bug; stop naming the status. Files
+// that use it include cublasLt.h or cublas_v2.h.
+#define CUBLAS_CHECK(call)                                                                                \
+  do {                                                                                                    \
+    cublasStatus_t klt_cublas_status_ = (call);                                                           \
+    CHECK(klt_cublas_status_ == CUBLAS_STATUS_SUCCESS, "cuBLAS status %d", (int)klt_cublas_status_);   \
+  } while (0)  // the device view of kernels/device.h's bf16
 
 static inline __device__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -7,12 +7,6 @@
 #include "kernels/cuda_common.cuh"
 #include "kernels/gemm.h"
 
-#define CUBLAS_CHECK(call)                                                      \
-  do {                                                                          \
-    cublasStatus_t klt_cublas_status_ = (call);                                 \
-    CHECK(klt_cublas_status_ == CUBLAS_STATUS_SUCCESS, "cuBLASLt status %d",    \
-          (int)klt_cublas_status_);                                             \
-  } while (0)
 
 static cublasLtHandle_t lt_handle;
 static void *lt_workspace;

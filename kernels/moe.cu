@@ -416,11 +416,6 @@ extern "C" void moe_unpermute_backward_cuda(bf16 *dexpert_out, float *dexpert_we
 //   dinp_e (rows, C) = dout_e W_e       -> m = C,  n = rows, k = OC,   A = W_e (N, ld C),  B = dout_e (N, ld OC)
 //   dW_e (OC, C) += dout_e^T inp_e      -> m = C,  n = OC,   k = rows, A = inp_e (N, ld C), B = dout_e (T, ld OC)
 
-#define CUBLAS_CHECK(call)                                                                                      \
-  do {                                                                                                          \
-    cublasStatus_t klt_cublas_status_ = (call);                                                                 \
-    CHECK(klt_cublas_status_ == CUBLAS_STATUS_SUCCESS, "cuBLAS status %d", (int)klt_cublas_status_);          \
-  } while (0)
 
 static cublasHandle_t grouped_handle;
 
