@@ -80,6 +80,7 @@ foreach(src ${KLT_CPU_TESTS})
 endforeach()
 
 file(GLOB KLT_MPI_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/mpi/test_*.c)
+list(FILTER KLT_MPI_TESTS EXCLUDE REGEX "_cuda\\.c$")  # the GPU ones: label gpu-mpi below
 foreach(src ${KLT_MPI_TESTS})
   get_filename_component(name ${src} NAME_WE)
   add_executable(${name} ${src})
@@ -92,6 +93,24 @@ foreach(src ${KLT_MPI_TESTS})
       ENVIRONMENT "${KLT_TEST_ENV};OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
   endforeach()
 endforeach()
+
+# tests/mpi/test_*_cuda.c: MPI programs on GPUs with NCCL, one GPU per rank, label gpu-mpi (CI's cpu and
+# mpi labels never run them), under mpirun -np 2 and -np 4 (run the one that fits the machine's GPUs).
+if(KLT_HAVE_CUDA)
+  file(GLOB KLT_GPU_MPI_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/mpi/test_*_cuda.c)
+  foreach(src ${KLT_GPU_MPI_TESTS})
+    get_filename_component(name ${src} NAME_WE)
+    add_executable(${name} ${src})
+    target_link_libraries(${name} PRIVATE klt_model_f64)
+    foreach(np 2 4)
+      add_test(NAME ${name}_np${np}
+               COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} ${MPIEXEC_PREFLAGS}
+                       $<TARGET_FILE:${name}> ${MPIEXEC_POSTFLAGS})
+      set_tests_properties(${name}_np${np} PROPERTIES LABELS gpu-mpi TIMEOUT 600
+        ENVIRONMENT "${KLT_TEST_ENV};OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;NCCL_NVLS_ENABLE=0")
+    endforeach()
+  endforeach()
+endif()
 
 if(KLT_HAVE_CUDA)
   file(GLOB KLT_GPU_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/gpu/test_*.c)

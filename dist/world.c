@@ -34,6 +34,7 @@ void world_init(World *world, int *argc, char ***argv, int dp, int ep, int cp) {
   MPI_Comm node;
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world->rank, MPI_INFO_NULL, &node);
   MPI_Comm_rank(node, &world->local_rank);
+  MPI_Comm_size(node, &world->local_size);
   MPI_Comm_free(&node);
   if (dp * cp != world->size)
     klt_user_error("the layout [parallel] dp = %d x cp = %d needs %d ranks, but mpirun started %d; "
@@ -46,6 +47,7 @@ void world_init(World *world, int *argc, char ***argv, int dp, int ep, int cp) {
   world->dp_rank = world->rank / cp;
   world->ep_rank = world->dp_rank % ep;
   world->ep_comm = MPI_COMM_NULL;
+  world->comm = NULL;
   if (ep > 1) MPI_Comm_split(MPI_COMM_WORLD, world->dp_rank / ep, world->ep_rank, &world->ep_comm);
 }
 

@@ -11,13 +11,15 @@
 
 #include "common/real.h"
 
-typedef struct {
+typedef struct World {
   int rank, size;          // in the world
   int local_rank;          // on this node (picks the GPU)
+  int local_size;          // ranks on this node
   int dp, ep, cp;          // layout
   int dp_rank, ep_rank;    // this rank's place: dp group index, and index inside its ep group
   bool initialized_mpi;    // whether world_init called MPI_Init (and world_finalize must finalize)
   MPI_Comm ep_comm;        // the ranks of this rank's expert-parallel group (MPI_COMM_NULL alone)
+  struct Comm *comm;       // NCCL communicators for device buffers (dist/comm.h; NULL on the CPU or one rank)
 } World;
 
 // Initializes MPI (if not yet) and checks that the layout divides the world; user errors exit 2.

@@ -20,7 +20,7 @@ echo "built in $build"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 
 if has tests; then
-  (cd "$build" && ctest -L gpu --output-on-failure --timeout 300) 2>&1 | tee "$logs/gpu-tests.log" | tail -40
+  (cd "$build" && ctest -L "^gpu$" --output-on-failure --timeout 300) 2>&1 | tee "$logs/gpu-tests.log" | tail -40
 fi
 if has sanitize; then
   for t in "$build"/test_*_cuda; do

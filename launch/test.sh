@@ -6,9 +6,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/launch/setup.sh"
 "$root/launch/build.sh" "$@"
 build=${KLT_BUILD_DIR:-$root/build}
-labels="cpu|mpi"
+labels="^(cpu|mpi)$"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-  labels="cpu|mpi|gpu"
+  labels="^(cpu|mpi|gpu)$"  # gpu-mpi (one GPU per rank) runs from launch/gpu-multi.sh
 else
   echo "klt test: no GPU found, skipping the gpu tests"
 fi

@@ -1,12 +1,15 @@
 // The FFN layers on the GPU: a SwiGLU MLP (dense layers and the shared expert) and the MoE layer
 // (router, top-k, permutation, grouped expert GEMMs, weighted combine); see gpu_layers.h and the CPU
-// twins ffn_layer.c and moe_layer.c. One expert-parallel rank (ep = 1).
+// twins ffn_layer.c and moe_layer.c. With expert parallelism (ep > 1) the rows travel to their experts'
+// ranks and back by NCCL all-to-alls, with dist/moe_dispatch.c's plan (see "Expert parallelism" below).
 #ifdef KLT_HAVE_CUDA
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/check.h"
+#include "dist/comm.h"
+#include "dist/world.h"
 #include "kernels/activation.h"
 #include "kernels/gemm.h"
 #include "kernels/moe.h"
@@ -97,7 +100,12 @@ void gpu_moe_init(GpuMoe *L, const ModelConfig *m, const GpuParams *p, int l, in
   L->load = klt_calloc(E, sizeof(double));
 }
 
+static void ep_free(GpuMoe *L);
+static void ep_forward_experts(GpuMoe *L);
+static void ep_backward_experts(GpuMoe *L, GpuScratch *s);
+
 void gpu_moe_free(GpuMoe *L) {
+  if (L->ep) ep_free(L);
   if (L->has_shared) {
     gpu_swiglu_free(&L->shared);
     device_free(L->shared_out);
@@ -122,11 +130,15 @@ void gpu_moe_forward(GpuMoe *L, bf16 *out, const bf16 *x, int N) {
   for (int e = 0; e < E; e++) L->load[e] += L->offsets_host[e + 1] - L->offsets_host[e];
   const int rows = N * k;
   moe_permute_forward_cuda(L->sorted, x, L->token_of_row, rows, d);
-  moe_grouped_matmul_forward_cuda(L->gate_up_out, L->sorted, L->experts.w, L->expert_stride, L->offsets_host, E, d,
-                                  2 * F);
-  swiglu_forward_cuda(L->act, L->gate_up_out, rows, F);
-  moe_grouped_matmul_forward_cuda(L->expert_out, L->act, L->experts.w + 2LL * F * d, L->expert_stride,
-                                  L->offsets_host, E, F, d);
+  if (L->ep) {
+    ep_forward_experts(L);  // expert_out (N*k, d): this rank's rows, back from their experts' ranks
+  } else {
+    moe_grouped_matmul_forward_cuda(L->gate_up_out, L->sorted, L->experts.w, L->expert_stride, L->offsets_host, E, d,
+                                    2 * F);
+    swiglu_forward_cuda(L->act, L->gate_up_out, rows, F);
+    moe_grouped_matmul_forward_cuda(L->expert_out, L->act, L->experts.w + 2LL * F * d, L->expert_stride,
+                                    L->offsets_host, E, F, d);
+  }
   if (L->has_shared) gpu_swiglu_forward(&L->shared, L->shared_out, x, N);
   moe_unpermute_forward_cuda(out, L->expert_out, L->expert_weight, L->row_of_assignment,
                              L->has_shared ? L->shared_out : NULL, N, k, d);
@@ -139,16 +151,217 @@ void gpu_moe_backward(GpuMoe *L, bf16 *dx, const bf16 *dout, GpuScratch *s) {
   bf16 *dexpert_out = s->moe_rows[0], *dact = s->moe_rows[1], *dgate_up = s->moe_rows[2];
   moe_unpermute_backward_cuda(dexpert_out, s->dexpert_weight, dout, L->expert_out, L->expert_weight,
                               L->row_of_assignment, N, k, d);
-  moe_grouped_matmul_backward_cuda(dact, L->experts.grad + 2LL * F * d, dexpert_out, L->act,
-                                   L->experts.w + 2LL * F * d, L->expert_stride, L->offsets_host, E, F, d);
-  swiglu_backward_cuda(dgate_up, dact, L->gate_up_out, rows, F);
-  bf16 *dsorted = dexpert_out;  // consumed above
-  moe_grouped_matmul_backward_cuda(dsorted, L->experts.grad, dgate_up, L->sorted, L->experts.w, L->expert_stride,
-                                   L->offsets_host, E, d, 2 * F);
-  moe_permute_backward_cuda(dx, dsorted, L->row_of_assignment, N, k, d, true);
+  if (L->ep) {
+    ep_backward_experts(L, s);  // dexpert_out (N*k, d) in, the rows' gradients (N*k, d) back in dexpert_out
+  } else {
+    moe_grouped_matmul_backward_cuda(dact, L->experts.grad + 2LL * F * d, dexpert_out, L->act,
+                                     L->experts.w + 2LL * F * d, L->expert_stride, L->offsets_host, E, F, d);
+    swiglu_backward_cuda(dgate_up, dact, L->gate_up_out, rows, F);
+    bf16 *dsorted = dexpert_out;  // consumed above
+    moe_grouped_matmul_backward_cuda(dsorted, L->experts.grad, dgate_up, L->sorted, L->experts.w, L->expert_stride,
+                                     L->offsets_host, E, d, 2 * F);
+  }
+  moe_permute_backward_cuda(dx, dexpert_out, L->row_of_assignment, N, k, d, true);
   float *dlogits = s->h_float[0];
   moe_router_backward_cuda(dlogits, s->dexpert_weight, L->scores, L->expert_index, N, E, k, L->scaling);
   device_float_to_bf16(s->h_bf16, dlogits, (size_t)N * E);
   matmul_backward_cuda(dx, L->router.grad, s->h_bf16, L->x, L->router.w, N, d, E, true);
+}
+
+// ---- Expert parallelism (ep > 1) ----------------------------------------------------------------------
+// The plan of dist/moe_dispatch.c on device rows: ep rank r owns experts [r Le, (r+1) Le), a contiguous
+// run of this rank's expert-sorted rows, so
+//   sorted (N*k, d) --all-to-all--> received (by source rank, then expert) --gather--> rows (by local
+//   expert, then source): what the local experts' grouped GEMMs run on
+// and the outputs go back the same way reversed. The per-expert counts are exchanged first over MPI
+// (host ints; the grouped GEMMs need them on the host anyway). The backward reuses the forward's plan.
+// Buffers on the experts' side hold `capacity` rows and grow when a step routes more rows here.
+struct GpuMoeEp {
+  const World *world;
+  const Comm *comm;
+  int P, rank, Le, begin;  // ep ranks, this rank's place, local experts, the first of them
+  int capacity;            // rows the expert-side buffers below (and gate_up_out, act) hold
+  bf16 *rows;              // (capacity, d) the local experts' input rows (kept for the backward)
+  int local_rows;          // rows of the current plan
+  int *recv_counts;        // (P, Le) rows from each source for each local expert
+  int *local_offsets;      // (Le + 1) host: local expert e owns rows [offsets[e], offsets[e+1])
+  size_t *send_bytes, *recv_bytes;  // (P)
+  int *index_host;         // (2 capacity) received_of_row, then row_of_received
+  int *received_of_row;    // (capacity) device: rows[r] = received[received_of_row[r]]
+  int *row_of_received;    // (capacity) device: the inverse
+};
+
+// Scratch on the experts' side shared by all MoE layers (only one runs at a time).
+static struct {
+  int users;
+  size_t rows;             // capacity
+  bf16 *x, *y;             // (rows, d)
+  bf16 *dact, *dgate_up;   // (rows, F), (rows, 2F)
+} ep_scratch;
+
+static void regrow(void **buffer, size_t bytes) {
+  device_free(*buffer);
+  *buffer = device_alloc(bytes);
+}
+
+static void ep_scratch_reserve(size_t rows, int d, int F) {
+  if (rows <= ep_scratch.rows) return;
+  regrow((void **)&ep_scratch.x, rows * d * sizeof(bf16));
+  regrow((void **)&ep_scratch.y, rows * d * sizeof(bf16));
+  regrow((void **)&ep_scratch.dact, rows * F * sizeof(bf16));
+  regrow((void **)&ep_scratch.dgate_up, rows * 2 * F * sizeof(bf16));
+  ep_scratch.rows = rows;
+}
+
+// The layer's expert-side buffers for at least `rows` rows (with a quarter of headroom when they grow).
+static void ep_reserve(GpuMoe *L, int rows) {
+  struct GpuMoeEp *ep = L->ep;
+  if (rows > ep->capacity) {
+    size_t capacity = (size_t)rows + rows / 4;
+    CHECK(capacity <= (size_t)1 << 30, "expert-parallel capacity of %zu rows", capacity);
+    ep->capacity = (int)capacity;
+    regrow((void **)&ep->rows, capacity * L->d * sizeof(bf16));
+    regrow((void **)&L->gate_up_out, capacity * 2 * L->F * sizeof(bf16));
+    regrow((void **)&L->act, capacity * L->F * sizeof(bf16));
+    regrow((void **)&ep->received_of_row, capacity * sizeof(int));
+    regrow((void **)&ep->row_of_received, capacity * sizeof(int));
+    ep->index_host = klt_realloc(ep->index_host, 2 * capacity * sizeof(int));
+  }
+  ep_scratch_reserve((size_t)ep->capacity, L->d, L->F);
+}
+
+void gpu_moe_enable_expert_parallel(GpuMoe *L, const World *world, int max_rows) {
+  CHECK(world->ep > 1 && world->comm, "expert parallelism needs ep > 1 and the NCCL communicators");
+  if (L->E % world->ep != 0)
+    klt_user_error("[parallel] ep = %d must divide [moe] num_experts = %d", world->ep, L->E);
+  struct GpuMoeEp *ep = klt_calloc(1, sizeof *ep);
+  L->ep = ep;
+  ep->world = world;
+  ep->comm = world->comm;
+  ep->P = world->ep;
+  ep->rank = world->ep_rank;
+  ep->Le = L->E / world->ep;
+  ep->begin = ep->rank * ep->Le;
+  CHECK(comm_size(ep->comm, COMM_EP) == ep->P && comm_rank(ep->comm, COMM_EP) == ep->rank,
+        "the NCCL ep group does not match the MPI layout");
+  ep->recv_counts = klt_calloc((size_t)ep->P * ep->Le, sizeof(int));
+  ep->local_offsets = klt_calloc((size_t)ep->Le + 1, sizeof(int));
+  ep->send_bytes = klt_calloc((size_t)ep->P, sizeof(size_t));
+  ep->recv_bytes = klt_calloc((size_t)ep->P, sizeof(size_t));
+  // The ep = 1 buffers of the experts' side are replaced by capacity-sized ones (balanced routing puts
+  // N*k rows on every rank; more rows grow them).
+  device_free(L->gate_up_out);
+  device_free(L->act);
+  L->gate_up_out = L->act = NULL;
+  ep_reserve(L, max_rows * L->top_k);
+  ep_scratch.users++;
+}
+
+static void ep_free(GpuMoe *L) {
+  struct GpuMoeEp *ep = L->ep;
+  device_free(ep->rows);
+  device_free(ep->received_of_row);
+  device_free(ep->row_of_received);
+  free(ep->index_host);
+  free(ep->recv_counts);
+  free(ep->local_offsets);
+  free(ep->send_bytes);
+  free(ep->recv_bytes);
+  free(ep);
+  L->ep = NULL;
+  if (--ep_scratch.users == 0) {
+    void *buffers[] = {ep_scratch.x, ep_scratch.y, ep_scratch.dact, ep_scratch.dgate_up};
+    for (int i = 0; i < 4; i++) device_free(buffers[i]);
+    memset(&ep_scratch, 0, sizeof ep_scratch);
+  }
+}
+
+// From the forward's expert offsets (L->offsets_host): counts exchanged, then the rows' movement.
+static void ep_plan(GpuMoe *L) {
+  struct GpuMoeEp *ep = L->ep;
+  const int P = ep->P, Le = ep->Le;
+  const size_t row_bytes = (size_t)L->d * sizeof(bf16);
+  int *counts = klt_malloc((size_t)L->E * sizeof(int));
+  for (int e = 0; e < L->E; e++) counts[e] = L->offsets_host[e + 1] - L->offsets_host[e];
+  world_ep_all_to_all_ints(ep->world, counts, ep->recv_counts, Le);
+  free(counts);
+  int local_rows = 0;
+  for (int e = 0; e <= Le; e++) ep->local_offsets[e] = 0;
+  for (int r = 0; r < P; r++) {
+    int send = L->offsets_host[(r + 1) * Le] - L->offsets_host[r * Le], recv = 0;
+    for (int e = 0; e < Le; e++) {
+      recv += ep->recv_counts[r * Le + e];
+      ep->local_offsets[e + 1] += ep->recv_counts[r * Le + e];
+    }
+    ep->send_bytes[r] = (size_t)send * row_bytes;
+    ep->recv_bytes[r] = (size_t)recv * row_bytes;
+    local_rows += recv;
+  }
+  for (int e = 0; e < Le; e++) ep->local_offsets[e + 1] += ep->local_offsets[e];
+  ep->local_rows = local_rows;
+  ep_reserve(L, local_rows);
+  // Received rows come by source, then expert; the experts want them by expert, then source.
+  int *received_of_row = ep->index_host, *row_of_received = ep->index_host + ep->capacity;
+  int row = 0;
+  for (int e = 0; e < Le; e++) {
+    int source_begin = 0;
+    for (int r = 0; r < P; r++) {
+      int begin = source_begin;
+      for (int f = 0; f < e; f++) begin += ep->recv_counts[r * Le + f];
+      for (int i = 0; i < ep->recv_counts[r * Le + e]; i++) received_of_row[row++] = begin + i;
+      source_begin += (int)(ep->recv_bytes[r] / row_bytes);
+    }
+  }
+  for (int r = 0; r < local_rows; r++) row_of_received[received_of_row[r]] = r;
+  if (local_rows > 0) {
+    device_upload(ep->received_of_row, received_of_row, (size_t)local_rows * sizeof(int));
+    device_upload(ep->row_of_received, row_of_received, (size_t)local_rows * sizeof(int));
+  }
+}
+
+// This rank's expert-sorted rows (N*k, d) -> rows (local_rows, d) grouped by local expert.
+static void ep_to_experts(struct GpuMoeEp *ep, bf16 *rows, const bf16 *sorted, int d) {
+  comm_all_to_all(ep->comm, COMM_EP, sorted, ep->send_bytes, ep_scratch.x, ep->recv_bytes);
+  moe_permute_forward_cuda(rows, ep_scratch.x, ep->received_of_row, ep->local_rows, d);
+}
+
+// rows (local_rows, d) grouped by local expert -> back to their ranks, in each rank's sorted order.
+static void ep_to_tokens(struct GpuMoeEp *ep, bf16 *sorted, const bf16 *rows, int d) {
+  moe_permute_forward_cuda(ep_scratch.x, rows, ep->row_of_received, ep->local_rows, d);
+  comm_all_to_all(ep->comm, COMM_EP, ep_scratch.x, ep->recv_bytes, sorted, ep->send_bytes);
+}
+
+static void ep_forward_experts(GpuMoe *L) {
+  struct GpuMoeEp *ep = L->ep;
+  const int d = L->d, F = L->F;
+  ep_plan(L);
+  const bf16 *w = L->experts.w + ep->begin * L->expert_stride;  // the first local expert's w1
+  ep_to_experts(ep, ep->rows, L->sorted, d);
+  if (ep->local_rows > 0) {
+    moe_grouped_matmul_forward_cuda(L->gate_up_out, ep->rows, w, L->expert_stride, ep->local_offsets, ep->Le, d,
+                                    2 * F);
+    swiglu_forward_cuda(L->act, L->gate_up_out, ep->local_rows, F);
+    moe_grouped_matmul_forward_cuda(ep_scratch.y, L->act, w + 2LL * F * d, L->expert_stride, ep->local_offsets,
+                                    ep->Le, F, d);
+  }
+  ep_to_tokens(ep, L->expert_out, ep_scratch.y, d);
+}
+
+// d (N*k, d): the gradient of this rank's returned rows in, the gradient of its sorted input rows out.
+static void ep_backward_experts(GpuMoe *L, GpuScratch *s) {
+  struct GpuMoeEp *ep = L->ep;
+  const int d = L->d, F = L->F;
+  bf16 *d_rows = s->moe_rows[0];
+  const bf16 *w = L->experts.w + ep->begin * L->expert_stride;
+  float *dw = L->experts.grad + ep->begin * L->expert_stride;
+  ep_to_experts(ep, ep_scratch.y, d_rows, d);  // dexpert_out on the experts' side
+  if (ep->local_rows > 0) {
+    moe_grouped_matmul_backward_cuda(ep_scratch.dact, dw + 2LL * F * d, ep_scratch.y, L->act, w + 2LL * F * d,
+                                     L->expert_stride, ep->local_offsets, ep->Le, F, d);
+    swiglu_backward_cuda(ep_scratch.dgate_up, ep_scratch.dact, L->gate_up_out, ep->local_rows, F);
+    moe_grouped_matmul_backward_cuda(ep_scratch.y, dw, ep_scratch.dgate_up, ep->rows, w, L->expert_stride,
+                                     ep->local_offsets, ep->Le, d, 2 * F);
+  }
+  ep_to_tokens(ep, d_rows, ep_scratch.y, d);
 }
 #endif

@@ -101,6 +101,7 @@ typedef struct {
   bf16 *expert_out;                // (N*k, d)
   bf16 *shared_out;                // (N, d)
   double *load;                    // (E) host: tokens per expert over the step
+  struct GpuMoeEp *ep;             // expert parallelism (ffn_layer_gpu.c), NULL with ep = 1
 } GpuMoe;
 
 // Backward scratch shared by all layers (sized for the largest layer).
@@ -137,4 +138,10 @@ void gpu_moe_init(GpuMoe *layer, const ModelConfig *config, const GpuParams *par
 void gpu_moe_free(GpuMoe *layer);
 void gpu_moe_forward(GpuMoe *layer, bf16 *out, const bf16 *x, int N);
 void gpu_moe_backward(GpuMoe *layer, bf16 *dx, const bf16 *dout, GpuScratch *scratch);
+
+// Expert parallelism (world->ep > 1, world->comm set): from now on the layer computes only its ep rank's
+// experts, on the rows of every rank of its ep group, moved by NCCL all-to-alls (dist/comm.h). The other
+// experts' weights stay in the arenas (their gradients stay zero here; the world sum fills them in).
+struct World;
+void gpu_moe_enable_expert_parallel(GpuMoe *layer, const struct World *world, int max_rows);
 #endif

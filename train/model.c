@@ -50,6 +50,8 @@ struct Model {
 #ifdef KLT_HAVE_CUDA
   GpuModel *gpu;             // the CUDA backend's model; then the CPU layers and activations are not built
   real **gpu_max_logits;     // (L) x (H) host copies for MLA layers
+  bool gpu_max_logits_fresh;  // downloaded since the last forward: the host copies (maybe reduced over
+                              // ranks by the trainer) are what the optimizer must read, not the device's
 #endif
 };
 
@@ -85,14 +87,20 @@ Model *model_create_on(const ModelConfig *config, int max_batch, int seq_len, ui
   m->predictions = klt_calloc(N, sizeof(int));
   if (cuda) {
 #ifdef KLT_HAVE_CUDA
-    if (world->size > 1)
-      klt_user_error("[train] device = cuda runs on one GPU in this version (got %d ranks); multi-GPU "
-                     "training over NCCL is not there yet",
+    // Multi-GPU: data parallel over the world (the trainer all-reduces the gradient arena with NCCL),
+    // experts spread over ep ranks. Context parallelism is not there on the GPU (nor on the CPU).
+    if (world->cp > 1)
+      klt_user_error("[train] device = cuda: context parallelism ([parallel] cp = %d) is not available; use cp = 1",
+                     world->cp);
+    if (world->size > 1 && !world->comm)
+      klt_user_error("[train] device = cuda on %d ranks needs the NCCL communicators (dist/comm.h: comm_create "
+                     "after comm_select_device)",
                      world->size);
     if (config->aux_loss_coef > 0)
       klt_user_error("[moe] aux_loss_coef > 0 is not available with device = cuda yet; use 0 (aux-loss-free "
                      "balancing)");
     m->gpu = gpu_model_create(config, &m->params, (int)N);
+    if (world->ep > 1) gpu_model_enable_expert_parallel(m->gpu, world);
     m->gpu_max_logits = klt_calloc((size_t)L, sizeof(real *));
     for (int l = 0; l < L; l++)
       if (config->layer_is_mla[l]) m->gpu_max_logits[l] = klt_calloc((size_t)config->mla_heads, sizeof(real));
@@ -175,7 +183,10 @@ const ModelConfig *model_config(const Model *m) { return &m->config; }
 
 void model_reset_step_stats(Model *m) {
 #ifdef KLT_HAVE_CUDA
-  if (m->gpu) return gpu_model_reset_step_stats(m->gpu);
+  if (m->gpu) {
+    m->gpu_max_logits_fresh = false;
+    return gpu_model_reset_step_stats(m->gpu);
+  }
 #endif
   for (int l = 0; l < m->config.num_layers; l++) {
     Layer *layer = &m->layers[l];
@@ -191,7 +202,10 @@ double model_aux_loss(const Model *m) { return m->aux_loss; }
 real *model_max_logits(Model *m, int l) {
 #ifdef KLT_HAVE_CUDA
   if (m->gpu) {
-    if (m->gpu_max_logits[l]) gpu_model_max_logits(m->gpu, l, m->gpu_max_logits[l]);
+    if (!m->gpu_max_logits_fresh)
+      for (int i = 0; i < m->config.num_layers; i++)
+        if (m->gpu_max_logits[i]) gpu_model_max_logits(m->gpu, i, m->gpu_max_logits[i]);
+    m->gpu_max_logits_fresh = true;
     return m->gpu_max_logits[l];
   }
 #endif
@@ -240,7 +254,10 @@ double model_forward(Model *m, const int *inputs, const int *targets, const unsi
   const int N = B * T, d = c->hidden_size, L = c->num_layers;
   CHECK(N <= m->max_rows, "forward over %d rows exceeds the planned %d", N, m->max_rows);
 #ifdef KLT_HAVE_CUDA
-  if (m->gpu) return gpu_model_forward(m->gpu, inputs, targets, doc_start, B, T, (float)loss_weight, m->predictions);
+  if (m->gpu) {
+    m->gpu_max_logits_fresh = false;
+    return gpu_model_forward(m->gpu, inputs, targets, doc_start, B, T, (float)loss_weight, m->predictions);
+  }
 #endif
   m->B = B;
   m->T = T;

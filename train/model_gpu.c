@@ -338,4 +338,10 @@ void gpu_model_backward(GpuModel *m) {
   embedding_backward_cuda(m->embed.grad, m->dstream, m->inputs, N, d, c->vocab_size);
   phase_end(1, PHASE_EMBEDDING);
 }
+
+// ---- Multi-GPU hook (dist helper): see model_gpu.h.
+void gpu_model_enable_expert_parallel(GpuModel *m, const struct World *world) {
+  for (int l = 0; l < m->config.num_layers; l++)
+    if (m->layers[l].is_moe) gpu_moe_enable_expert_parallel(&m->layers[l].moe, world, m->max_rows);
+}
 #endif

@@ -25,4 +25,8 @@ void gpu_model_reset_step_stats(GpuModel *model);
 // expert loads of MoE layer l (E), NULL for dense layers.
 void gpu_model_max_logits(GpuModel *model, int layer, real *out);
 double *gpu_model_expert_load(GpuModel *model, int layer);
+
+// ---- Multi-GPU hook (dist helper): expert parallelism over world's ep group for every MoE layer
+// (train/ffn_layer_gpu.c). Called once, right after gpu_model_create, when world->ep > 1.
+void gpu_model_enable_expert_parallel(GpuModel *model, const struct World *world);
 #endif

@@ -10,6 +10,7 @@
 
 #include "common/check.h"
 #include "data/loader.h"
+#include "dist/comm.h"
 #include "dist/watchdog.h"
 #include "dist/world.h"
 #include "kernels/device.h"
@@ -18,6 +19,7 @@
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/model.h"
+#include "train/model_gpu.h"
 #include "train/optimizer.h"
 
 // Dense bf16 tensor-core peak of an H100 / H200 SXM (the same chip): the denominator of MFU.
@@ -132,7 +134,10 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   const bool main_rank = world_is_main(&world);
   const bool cuda = strcmp(c->train.device, "cuda") == 0;
 #ifdef KLT_HAVE_CUDA
-  if (cuda) device_select(world.local_rank);
+  if (cuda) {
+    comm_select_device(&world);  // one GPU per rank of the node
+    comm_create(&world);         // NCCL over the ranks (none on one rank)
+  }
 #endif
   if (c->parallel.cp > 1) klt_user_error("[parallel] cp = %d: context parallelism is not available yet; use cp = 1", c->parallel.cp);
 
@@ -197,12 +202,18 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   Batch batch;
   loader_alloc_batch(loader, &batch);
   double run_start = klt_now_seconds();
-  Watchdog *watchdog = watchdog_start(c->train.step_timeout, world.rank);
+  Watchdog *watchdog = watchdog_start_with(c->train.step_timeout, world.rank, world.comm);
   const bool profile = getenv("KLT_PROFILE") != NULL;  // see README: where the step's time goes
   double optimizer_seconds = 0;
   long profiled_steps = 0;
+#ifdef KLT_HAVE_CUDA
+  double comm_seconds[2] = {0, 0};  // NCCL all-reduce, all-to-all of the steps (not of validation)
+#endif
   for (long step = first_step; step < c->stage.steps; step++) {
     watchdog_arm(watchdog, step);
+#ifdef KLT_HAVE_CUDA
+    comm_profile_reset();
+#endif
     double start = klt_now_seconds();
     loader_next_batch(loader, &batch);
     double loss_tokens = (double)count_loss_tokens(&batch);
@@ -212,7 +223,12 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     double loss = forward_backward(model, &batch, micro_rows, (real)(1.0 / fmax(loss_tokens, 1)), true, NULL);
     world_sum_doubles(&world, &loss, 1);
     loss /= fmax(loss_tokens, 1);
-    if (!cuda) world_sum_reals(&world, params->grads, params->total);  // one GPU until the NCCL path lands
+    // Gradients summed over the ranks: data parallel, and with ep > 1 each expert's gradient comes from
+    // its owners only (zeros elsewhere), so the sum gives every rank every expert's gradient.
+    if (!cuda) world_sum_reals(&world, params->grads, params->total);
+#ifdef KLT_HAVE_CUDA
+    if (cuda) comm_all_reduce_sum(world.comm, COMM_WORLD, gpu_model_params(model_gpu(model))->grads, params->total);
+#endif
     for (int l = 0; l < mc->num_layers; l++) {
       if (model_max_logits(model, l)) world_max_reals(&world, model_max_logits(model, l), (size_t)mc->mla_heads);
       if (model_expert_load(model, l)) world_sum_doubles(&world, model_expert_load(model, l), (size_t)mc->num_experts);
@@ -239,6 +255,10 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
 #endif
     double seconds = klt_now_seconds() - start;
     profiled_steps++;
+#ifdef KLT_HAVE_CUDA
+    comm_seconds[0] += comm_profile_seconds(COMM_KIND_ALL_REDUCE, NULL);
+    comm_seconds[1] += comm_profile_seconds(COMM_KIND_ALL_TO_ALL, NULL);
+#endif
     double tokens_per_second = (double)G * T / seconds;
 
     bool last = step + 1 == c->stage.steps;
@@ -247,11 +267,15 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
 #ifdef KLT_HAVE_CUDA
       if (cuda) memory = (double)device_memory_used() / 1e6;  // the GPU's, which is what runs out
 #endif
-      double mfu = cuda ? tokens_per_second * flops_per_token / HOPPER_BF16_PEAK_FLOPS : NAN;
+      // Per GPU: the global throughput over the ranks.
+      double mfu = cuda ? tokens_per_second / world.size * flops_per_token / HOPPER_BF16_PEAK_FLOPS : NAN;
       char max_logit[32] = "-";  // no MLA layer: no attention logit
       if (isfinite(report.max_logit)) snprintf(max_logit, sizeof max_logit, "%.1f", report.max_logit);
-      char utilization[32] = "";
-      if (cuda) snprintf(utilization, sizeof utilization, " (MFU %.1f%%)", 100 * mfu);
+      char utilization[64] = "";
+      if (cuda && world.size > 1)
+        snprintf(utilization, sizeof utilization, " (%.1fK tok/s per GPU, MFU %.1f%%)",
+                 tokens_per_second / world.size / 1e3, 100 * mfu);
+      else if (cuda) snprintf(utilization, sizeof utilization, " (MFU %.1f%%)", 100 * mfu);
       printf("step %6ld/%lld | loss %.4f | lr %.2e | grad %.3f | %.1fK tok/s | %.2f GFLOP/s%s | max logit %s "
              "(%d clipped) | load %.2f | mem %.0f MB | %.0f ms\n",
              step + 1, c->stage.steps, loss, report.lr, grad_norm, tokens_per_second / 1e3,
@@ -295,8 +319,14 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     }
   }
   watchdog_stop(watchdog);
-  if (profile && main_rank && profiled_steps > 0)
+  if (profile && main_rank && profiled_steps > 0) {
     printf("klt profile: optimizer %.2f ms per step (synchronized)\n", 1e3 * optimizer_seconds / profiled_steps);
+#ifdef KLT_HAVE_CUDA
+    if (world.comm)
+      printf("klt profile: NCCL all-reduce %.2f ms, all-to-all %.2f ms per step (rank 0, synchronized)\n",
+             1e3 * comm_seconds[0] / profiled_steps, 1e3 * comm_seconds[1] / profiled_steps);
+#endif
+  }
   if (main_rank) printf("klt-train: done in %.1f s\n", klt_now_seconds() - run_start);
   free(text);
   loader_free_batch(&batch);
@@ -304,6 +334,10 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   optimizer_free(&opt);
   model_free(model);
   loader_close(loader);
+#ifdef KLT_HAVE_CUDA
+  comm_destroy(world.comm);
+  world.comm = NULL;
+#endif
   world_finalize(&world);
   return 0;
 }
