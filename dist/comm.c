@@ -30,7 +30,7 @@ static double profile_seconds[COMM_KINDS];
 static long profile_calls[COMM_KINDS];
 
 static double profile_begin(void) {
-  if (profiling < 0) profiling = getenv("KLT_PROFILE") != NULL;
+  if (profiling < 0) profiling = getenv("KLT_PROFILE") != NULL || getenv("KLT_PROFILE_COMM") != NULL;
   if (!profiling) return 0;
   device_synchronize();
   return klt_now_seconds();

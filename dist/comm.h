@@ -5,8 +5,8 @@
  *   expert_dp  the ranks that hold the same experts (ep_rank alike), one per ep group
  * Every call is enqueued on klt's stream (device_stream()) and returns at once; a failed NCCL call stops
  * the rank with the call and NCCL's reason, and the watchdog polls the communicators' asynchronous
- * errors (a dead peer), so no rank hangs silently. With KLT_PROFILE set, each collective synchronizes
- * before and after and its time is summed per kind (comm_profile). */
+ * errors (a dead peer), so no rank hangs silently. With KLT_PROFILE (or only KLT_PROFILE_COMM) set, each
+ * collective synchronizes before and after and its time is summed per kind (comm_profile_seconds). */
 #pragma once
 #ifdef KLT_HAVE_CUDA
 #include <stdbool.h>

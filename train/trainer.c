@@ -204,6 +204,8 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   double run_start = klt_now_seconds();
   Watchdog *watchdog = watchdog_start_with(c->train.step_timeout, world.rank, world.comm);
   const bool profile = getenv("KLT_PROFILE") != NULL;  // see README: where the step's time goes
+  const bool profile_comm = profile || getenv("KLT_PROFILE_COMM") != NULL;  // only the collectives' times
+  const bool bench = getenv("KLT_BENCH") != NULL;  // throughput runs: no checkpoint or validation at the end
   double optimizer_seconds = 0;
   long profiled_steps = 0;
 #ifdef KLT_HAVE_CUDA
@@ -299,6 +301,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     // Every rank stops at the same step: a signal seen by any rank stops them all.
     double stop = stop_requested;
     world_sum_doubles(&world, &stop, 1);
+    if (bench && last) break;
     if (last || stop > 0 || (c->ckpt.every > 0 && (step + 1) % c->ckpt.every == 0))
       save(c->train.run_dir, step + 1, c, &opt, loader, &world, text);
     if (stop > 0) {
@@ -319,8 +322,9 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     }
   }
   watchdog_stop(watchdog);
-  if (profile && main_rank && profiled_steps > 0) {
+  if (profile && main_rank && profiled_steps > 0)
     printf("klt profile: optimizer %.2f ms per step (synchronized)\n", 1e3 * optimizer_seconds / profiled_steps);
+  if (profile_comm && main_rank && profiled_steps > 0) {
 #ifdef KLT_HAVE_CUDA
     if (world.comm)
       printf("klt profile: NCCL all-reduce %.2f ms, all-to-all %.2f ms per step (rank 0, synchronized)\n",
