@@ -1,11 +1,11 @@
 #!/bin/bash
 # On a machine with several GPUs, from the repository root: builds klt with the CUDA backend, runs the
 # NCCL equivalence test (tests/mpi/test_data_parallel_cuda.c: np ranks against one GPU), then the small
-# config for STEPS steps on 1 and NP GPUs (data parallel, and with expert parallelism ep = EP) at a
-# per-GPU batch of 4 x 4096 tokens, and prints a table: tokens/s per GPU, MFU, NCCL all-reduce and
-# all-to-all milliseconds per step (KLT_PROFILE_COMM: each collective synchronized). Logs go to
-# $KLT_LOG_DIR (default gpu-logs/).
-#   launch/gpu-multi.sh [NP [STEPS [EP...]]]         defaults: all GPUs, 20 steps, ep 1 and 2
+# config for STEPS steps at a per-GPU batch of 4 x 4096 tokens on the layouts asked for (GPUs:ep), and
+# prints a table: tokens/s per GPU, MFU, NCCL all-reduce and all-to-all milliseconds per step
+# (KLT_PROFILE_COMM: each collective synchronized). Logs go to $KLT_LOG_DIR (default gpu-logs/).
+#   launch/gpu-multi.sh [NP [STEPS [LAYOUT...]]]   defaults: all GPUs, 20 steps, layouts 1:1 NP:1 NP:2
+#   KLT_TEST_NPS="2 4" sets the test's rank counts (default NP).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${KLT_BUILD_DIR:-/tmp/klt-build}
@@ -14,19 +14,25 @@ gpus=$(nvidia-smi -L | grep -c GPU)
 np=${1:-$gpus}
 steps=${2:-20}
 shift $(($# > 2 ? 2 : $#))
-eps=("$@")
-[[ ${#eps[@]} -eq 0 ]] && eps=(1 2)
+layouts=("$@")
+[[ ${#layouts[@]} -eq 0 ]] && layouts=(1:1 "$np:1" "$np:2")
 mkdir -p "$logs"
 cd "$root"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
 cmake -S . -B "$build" -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > "$logs/cmake.log" 2>&1 || { cat "$logs/cmake.log"; exit 1; }
+start=$(date +%s)
 cmake --build "$build" -j "$(nproc)" --target klt-train klt-data test_data_parallel_cuda > "$logs/build.log" 2>&1 ||
   { grep -E "error" -A3 "$logs/build.log" | head -60; exit 1; }
+echo "built in $(($(date +%s) - start)) s"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
+nvidia-smi topo -m > "$logs/topo.txt" 2>&1
 mpirun="mpirun --bind-to none -x NCCL_NVLS_ENABLE -x OPENBLAS_NUM_THREADS=1 -x KLT_SOURCE_DIR=$root"
 
-echo "== equivalence test, np $np"
-timeout 90 $mpirun -np "$np" "$build/test_data_parallel_cuda" 2>&1 | tee "$logs/test-np$np.log" | grep -v "^  step" | tail -20
+for n in ${KLT_TEST_NPS:-$np}; do
+  echo "== equivalence test, np $n"
+  timeout 90 $mpirun -np "$n" "$build/test_data_parallel_cuda" 2>&1 | tee "$logs/test-np$n.log" | grep -v "^  step" |
+    tail -20
+done
 
 [[ -f data/sample/shards/shard_00000.h5 ]] ||
   "$build/klt-data" prep --format text --output data/sample/shards data/sample/*.txt > "$logs/prep.log" 2>&1
@@ -50,7 +56,6 @@ bench() {
 }
 echo "| GPUs | ep | step ms (mean of steps 6-$steps) | tokens/s per GPU | MFU % | all-reduce ms/step | all-to-all ms/step | last loss |"
 echo "|---|---|---|---|---|---|---|---|"
-bench 1 1
-for ep in "${eps[@]}"; do
-  ((np % ep == 0)) && bench "$np" "$ep"
+for layout in "${layouts[@]}"; do
+  bench "${layout%%:*}" "${layout##*:}"
 done
