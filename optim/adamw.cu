@@ -6,8 +6,8 @@
 
 // The bias corrections are folded into two factors on the host (in double, as the CPU does):
 // update = (m / c1) / (sqrt(v / c2) + eps) = m * step_scale / (sqrt(v) * root_scale + eps).
-static __global__ void adamw_kernel(float *weight, float *first_moment, float *second_moment, const float *grad,
-                                    size_t n, float beta1, float beta2, float inverse_correction1,
+static __global__ void adamw_kernel(float *weight, bf16_t *weight_bf16, float *first_moment, float *second_moment,
+                                    const float *grad, size_t n, float beta1, float beta2, float inverse_correction1,
                                     float inverse_root_correction2, float eps, float lr, float decay,
                                     float grad_scale) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -18,12 +18,15 @@ static __global__ void adamw_kernel(float *weight, float *first_moment, float *s
     second_moment[i] = v;
     float update = (m * inverse_correction1) / (sqrtf(v) * inverse_root_correction2 + eps);
     float w = weight[i];
-    weight[i] = w - lr * (update + decay * w);
+    w -= lr * (update + decay * w);
+    weight[i] = w;
+    if (weight_bf16) weight_bf16[i] = __float2bfloat16(w);
   }
 }
 
-extern "C" void adamw_step_cuda(float *weight, float *first_moment, float *second_moment, const float *grad, size_t n,
-                                const AdamWConfig *config, float lr, long step, float grad_scale) {
+extern "C" void adamw_step_cuda(float *weight, bf16 *weight_bf16, float *first_moment, float *second_moment,
+                                const float *grad, size_t n, const AdamWConfig *config, float lr, long step,
+                                float grad_scale) {
   CHECK(step >= 1, "AdamW step counter is 1-based, got %ld", step);
   if (n == 0) return;
   double correction1 = 1.0 - pow(config->beta1, (double)step);
@@ -32,7 +35,7 @@ extern "C" void adamw_step_cuda(float *weight, float *first_moment, float *secon
   size_t blocks = (n + 255) / 256;
   if (blocks > 65536) blocks = 65536;
   adamw_kernel<<<(unsigned)blocks, 256, 0, device_stream()>>>(
-      weight, first_moment, second_moment, grad, n, (float)config->beta1, (float)config->beta2,
+      weight, (bf16_t *)weight_bf16, first_moment, second_moment, grad, n, (float)config->beta1, (float)config->beta2,
       (float)(1.0 / correction1), (float)(1.0 / sqrt(correction2)), (float)config->eps, lr,
       (float)config->weight_decay, grad_scale);
   CUDA_CHECK_LAUNCH();

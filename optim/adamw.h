@@ -29,7 +29,8 @@ void adamw_step(real *weight,         // (n)
 #include "kernels/device.h"
 KLT_C_BEGIN
 // CUDA: the same update on fp32 device arrays; grad is multiplied by grad_scale first (global clipping).
-void adamw_step_cuda(float *weight, float *first_moment, float *second_moment, const float *grad, size_t n,
-                     const AdamWConfig *config, float lr, long step, float grad_scale);
+// weight_bf16 (or NULL) receives the new weights rounded to bf16 (the copy the model computes with).
+void adamw_step_cuda(float *weight, bf16 *weight_bf16, float *first_moment, float *second_moment, const float *grad,
+                     size_t n, const AdamWConfig *config, float lr, long step, float grad_scale);
 KLT_C_END
 #endif

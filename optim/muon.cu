@@ -1,5 +1,5 @@
-// Muon on the GPU for one matrix or a batch of equal-shaped matrices at a fixed element stride (a
-// layer's experts); see muon.h. Per step:
+// Muon on the GPU for a batch of equal-shaped matrices anywhere in the weight, momentum and gradient
+// arrays (every expert of every layer, or every layer's q projection: one call each); see muon.h. Per step:
 //   1. momentum and the Nesterov look-ahead U in fp32, with per-matrix partial sums of U^2;
 //   2. X = U / (||U||_F + 1e-7) per matrix in fp32 (partials added in a fixed order), stored in bf16;
 //   3. Newton-Schulz: three strided-batched cuBLASLt GEMMs per iteration, bf16 operands and outputs,
@@ -24,8 +24,8 @@
 
 #define MUON_THREADS 256
 // Matrices per group of batched GEMMs: a group's two bf16 iterates hold at most this many elements
-// each (256 MiB together), so a layer of many large experts does not need scratch for all at once.
-#define MUON_GROUP_ELEMENTS ((size_t)1 << 26)
+// each (512 MiB together), so a layer of many large experts does not need scratch for all at once.
+#define MUON_GROUP_ELEMENTS ((size_t)1 << 27)
 
 // Blocks per matrix for the elementwise passes: enough to fill the GPU for one large matrix; fixed
 // by the shape alone, so the sums of squares (and the whole step) are deterministic.
@@ -34,14 +34,14 @@ static int blocks_per_matrix(size_t n) {
   return blocks < 1 ? 1 : blocks > 1024 ? 1024 : (int)blocks;
 }
 
-// Grid (chunks, batch). momentum = mu momentum + s g; partial[b, chunk] = the chunk's sum of U^2,
-// U = s g + mu momentum (Nesterov) or momentum.
+// Grid (chunks, batch); matrix b starts at element offsets[b]. momentum = mu momentum + s g;
+// partial[b, chunk] = the chunk's sum of U^2, U = s g + mu momentum (Nesterov) or momentum.
 static __global__ void muon_momentum_kernel(float *partial, float *momentum, const float *grad, size_t n,
-                                            long long stride, float mu, bool nesterov, float grad_scale) {
+                                            const long long *offsets, float mu, bool nesterov, float grad_scale) {
   __shared__ float shared[32];
   const size_t b = blockIdx.y;
-  float *mom = momentum + b * stride;
-  const float *g = grad + b * stride;
+  float *mom = momentum + offsets[b];
+  const float *g = grad + offsets[b];
   float sum = 0.0f;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float gi = g[i] * grad_scale, m = mu * mom[i] + gi;
@@ -56,7 +56,8 @@ static __global__ void muon_momentum_kernel(float *partial, float *momentum, con
 // Grid (chunks, batch). x = bf16(U / (||U||_F + 1e-7)), U recomputed from the new momentum; every
 // block adds the same partials in the same order.
 static __global__ void muon_normalize_kernel(bf16_t *x, const float *partial, const float *momentum, const float *grad,
-                                             size_t n, long long stride, float mu, bool nesterov, float grad_scale) {
+                                             size_t n, const long long *offsets, float mu, bool nesterov,
+                                             float grad_scale) {
   __shared__ float inverse_norm;
   const size_t b = blockIdx.y;
   if (threadIdx.x == 0) {
@@ -66,7 +67,7 @@ static __global__ void muon_normalize_kernel(bf16_t *x, const float *partial, co
   }
   __syncthreads();
   const float scale = inverse_norm;
-  const float *mom = momentum + b * stride, *g = grad + b * stride;
+  const float *mom = momentum + offsets[b], *g = grad + offsets[b];
   bf16_t *out = x + b * n;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float m = mom[i], u = nesterov ? g[i] * grad_scale + mu * m : m;
@@ -74,15 +75,18 @@ static __global__ void muon_normalize_kernel(bf16_t *x, const float *partial, co
   }
 }
 
-// Grid (chunks, batch). weight -= lr (scale X + decay weight).
-static __global__ void muon_apply_kernel(float *weight, const bf16_t *x, size_t n, long long stride, float lr,
-                                         float scale, float decay) {
+// Grid (chunks, batch). weight -= lr (scale X + decay weight), also into weight_bf16 when not NULL.
+static __global__ void muon_apply_kernel(float *weight, bf16_t *weight_bf16, const bf16_t *x, size_t n,
+                                         const long long *offsets, float lr, float scale, float decay) {
   const size_t b = blockIdx.y;
-  float *w = weight + b * stride;
+  float *w = weight + offsets[b];
+  bf16_t *w16 = weight_bf16 ? weight_bf16 + offsets[b] : NULL;
   const bf16_t *u = x + b * n;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float wi = w[i];
-    w[i] = wi - lr * (scale * __bfloat162float(u[i]) + decay * wi);
+    wi -= lr * (scale * __bfloat162float(u[i]) + decay * wi);
+    w[i] = wi;
+    if (w16) w16[i] = __float2bfloat16(wi);
   }
 }
 
@@ -100,9 +104,9 @@ static void *muon_scratch(size_t bytes) {
 }
 static size_t aligned(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 
-// One group of `batch` matrices (stride > 0 between them).
-static void muon_group(float *weight, float *momentum, const float *grad, int rows, int cols, long long stride,
-                       int batch, const MuonConfig *config, float lr, float grad_scale) {
+// One group of `batch` matrices at element offsets (device array).
+static void muon_group(float *weight, bf16 *weight_bf16, float *momentum, const float *grad, const long long *offsets,
+                       int rows, int cols, int batch, const MuonConfig *config, float lr, float grad_scale) {
   const size_t n = (size_t)rows * cols, total = n * batch;
   const int m = rows < cols ? rows : cols;
   const size_t mm = (size_t)m * m;
@@ -118,10 +122,10 @@ static void muon_group(float *weight, float *momentum, const float *grad, int ro
 
   const dim3 grid(chunks, batch);
   const float mu = (float)config->momentum;
-  muon_momentum_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(partial, momentum, grad, n, stride, mu,
+  muon_momentum_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(partial, momentum, grad, n, offsets, mu,
                                                                    config->nesterov, grad_scale);
   CUDA_CHECK_LAUNCH();
-  muon_normalize_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>((bf16_t *)x, partial, momentum, grad, n, stride,
+  muon_normalize_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>((bf16_t *)x, partial, momentum, grad, n, offsets,
                                                                     mu, config->nesterov, grad_scale);
   CUDA_CHECK_LAUNCH();
 
@@ -134,31 +138,29 @@ static void muon_group(float *weight, float *momentum, const float *grad, int ro
     device_copy(poly, gram, mm * batch * sizeof(bf16));
     gemm_cuda(false, false, m, m, m, NS_C, gram, m, smm, gram, m, smm, NS_B, poly, m, smm, false, batch);
     device_copy(x_next, x, total * sizeof(bf16));
-    if (tall) gemm_cuda(false, true, rows, cols, cols, 1.0f, x, cols, sn, poly, m, smm, NS_A, x_next, cols, sn, false, batch);
+    if (tall)
+      gemm_cuda(false, true, rows, cols, cols, 1.0f, x, cols, sn, poly, m, smm, NS_A, x_next, cols, sn, false, batch);
     else gemm_cuda(false, false, rows, cols, rows, 1.0f, poly, m, smm, x, cols, sn, NS_A, x_next, cols, sn, false, batch);
     bf16 *swap = x;
     x = x_next;
     x_next = swap;
   }
   const float scale = (float)(MUON_UPDATE_RMS * sqrt((double)(rows > cols ? rows : cols)));
-  muon_apply_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(weight, (const bf16_t *)x, n, stride, lr, scale,
+  muon_apply_kernel<<<grid, MUON_THREADS, 0, device_stream()>>>(weight, (bf16_t *)weight_bf16, (const bf16_t *)x, n, offsets, lr, scale,
                                                                 (float)config->weight_decay);
   CUDA_CHECK_LAUNCH();
 }
 
-extern "C" void muon_step_cuda(float *weight, float *momentum, const float *grad, int rows, int cols,
-                               long long stride, int batch, const MuonConfig *config, float lr, float grad_scale) {
+extern "C" void muon_step_cuda(float *weight, bf16 *weight_bf16, float *momentum, const float *grad, const long long *offsets,
+                               int rows, int cols, int batch, const MuonConfig *config, float lr, float grad_scale) {
   CHECK(rows > 0 && cols > 0 && batch > 0 && config->ns_steps >= 0, "bad Muon shape (%d, %d) x %d or steps %d",
         rows, cols, batch, config->ns_steps);
   const size_t n = (size_t)rows * cols;
-  if (batch == 1) stride = (long long)n;
-  CHECK(stride >= (long long)n, "Muon batch stride %lld is below the matrix size %zu", stride, n);
   size_t group = MUON_GROUP_ELEMENTS / n;
   if (group < 1) group = 1;
   if (group > 65535) group = 65535;  // the grid's y dimension
   for (int first = 0; first < batch; first += (int)group) {
     int count = batch - first < (int)group ? batch - first : (int)group;
-    size_t offset = (size_t)first * stride;
-    muon_group(weight + offset, momentum + offset, grad + offset, rows, cols, stride, count, config, lr, grad_scale);
+    muon_group(weight, weight_bf16, momentum, grad, offsets + first, rows, cols, count, config, lr, grad_scale);
   }
 }

@@ -41,14 +41,16 @@ void muon_step(real *weight,      // (rows, cols)
 #ifdef KLT_HAVE_CUDA
 #include "kernels/device.h"
 KLT_C_BEGIN
-// CUDA: muon_step for `batch` matrices of (rows, cols) whose weights, momenta and gradients lie
-// `stride` elements apart (a layer's experts: one call; stride is ignored when batch = 1), each
-// orthogonalized alone. Momentum and the per-matrix Frobenius normalization in fp32; Newton-Schulz
-// through strided-batched cuBLASLt GEMMs with bf16 operands and outputs and fp32 accumulation.
-// grad is multiplied by grad_scale first. Against the fp64 CPU step the weight update differs by
-// about 1e-2 relative (bf16). Scratch: the file's own device buffer, grown on demand (large
-// batches are split into groups of at most 2^26 elements).
-void muon_step_cuda(float *weight, float *momentum, const float *grad, int rows, int cols, long long stride,
-                    int batch, const MuonConfig *config, float lr, float grad_scale);
+// CUDA: muon_step for `batch` matrices of (rows, cols), each orthogonalized alone; matrix b's weight,
+// momentum and gradient start at element offsets[b] of weight, momentum and grad (offsets: a device
+// array of batch entries; the optimizer batches every matrix of one shape in the model into one
+// call). Momentum and the per-matrix Frobenius normalization in fp32; Newton-Schulz through
+// strided-batched cuBLASLt GEMMs with bf16 operands and outputs and fp32 accumulation. grad is
+// multiplied by grad_scale first. Against the fp64 CPU step the weight update differs by about 1e-2
+// relative (bf16). weight_bf16 (or NULL), at the same offsets, receives the new weights rounded to
+// bf16. Scratch: the file's own device buffer, grown on demand (large batches are split
+// into groups of at most 2^27 elements).
+void muon_step_cuda(float *weight, bf16 *weight_bf16, float *momentum, const float *grad, const long long *offsets,
+                    int rows, int cols, int batch, const MuonConfig *config, float lr, float grad_scale);
 KLT_C_END
 #endif

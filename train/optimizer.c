@@ -103,6 +103,7 @@ void optimizer_state_to_device(Optimizer *opt) { states_transfer(opt, true); }
 
 void optimizer_free(Optimizer *opt) {
 #ifdef KLT_HAVE_CUDA
+  optimizer_free_gpu(opt);
   device_free(opt->device_state1);
   device_free(opt->device_state2);
 #endif

@@ -15,6 +15,7 @@ typedef struct {
   long step;              // optimizer steps taken (AdamW's bias correction counts from 1)
   real grad_scale;        // multiplies every gradient before the update (global-norm clipping); 1 by default
   float *device_state1, *device_state2;  // the states on the GPU when the model is there (else NULL)
+  struct MuonGroups *muon_groups;         // GPU: the Muon matrices batched by shape (optimizer_gpu.c)
   Schedule schedule;
 } Optimizer;
 

@@ -12,53 +12,91 @@
 #include "train/gpu_layers.h"
 #include "train/model_gpu.h"
 
-// Expert e's tensor of a MoE layer: "model.layers.L.block_sparse_moe.experts.E.<rest>". Sets *expert.
-static bool expert_of(const char *name, int *expert, const char **rest) {
-  const char *p = strstr(name, ".experts.");
-  if (!p) return false;
-  p += strlen(".experts.");
-  char *end;
-  long e = strtol(p, &end, 10);
-  if (end == p || *end != '.') return false;
-  *expert = (int)e;
-  *rest = end;
-  return true;
+// Every Muon matrix of one shape and weight decay in the model (all experts of all layers, all
+// layers' q projections, ...): one batched muon_step_cuda call each.
+typedef struct {
+  int rows, cols;
+  real decay;
+  int count;
+  long long *offsets;  // (count) on the device: element offsets into the arenas
+} MuonGroup;
+
+struct MuonGroups {
+  int count;
+  MuonGroup *groups;
+};
+
+// Groups in the registry's order of first appearance, so the plan (and the step) is deterministic.
+static struct MuonGroups *muon_groups_plan(const Optimizer *opt) {
+  const ParamRegistry *r = model_params(opt->model);
+  struct MuonGroups *plan = klt_calloc(1, sizeof *plan);
+  plan->groups = klt_calloc((size_t)r->count, sizeof(MuonGroup));
+  long long *host = klt_malloc((size_t)r->count * sizeof(long long));
+  int *member_of = klt_malloc((size_t)r->count * sizeof(int));
+  for (int i = 0; i < r->count; i++) {
+    const ParamInfo *p = &r->params[i];
+    member_of[i] = -1;
+    if (p->group == GROUP_NONE || !optimizer_uses_muon(opt, p)) continue;
+    const real decay = optimizer_decay_of(opt, p);
+    int g = 0;
+    while (g < plan->count && !(plan->groups[g].rows == (int)p->shape[0] && plan->groups[g].cols == (int)p->shape[1] &&
+                                plan->groups[g].decay == decay))
+      g++;
+    if (g == plan->count) plan->groups[plan->count++] = (MuonGroup){(int)p->shape[0], (int)p->shape[1], decay, 0, NULL};
+    plan->groups[g].count++;
+    member_of[i] = g;
+  }
+  for (int g = 0; g < plan->count; g++) {
+    int n = 0;
+    for (int i = 0; i < r->count; i++)
+      if (member_of[i] == g) host[n++] = (long long)r->params[i].offset;
+    plan->groups[g].offsets = device_alloc((size_t)n * sizeof(long long));
+    device_upload(plan->groups[g].offsets, host, (size_t)n * sizeof(long long));
+  }
+  free(host);
+  free(member_of);
+  return plan;
+}
+
+void optimizer_free_gpu(Optimizer *opt) {
+  struct MuonGroups *plan = opt->muon_groups;
+  if (!plan) return;
+  for (int g = 0; g < plan->count; g++) device_free(plan->groups[g].offsets);
+  free(plan->groups);
+  free(plan);
+  opt->muon_groups = NULL;
+}
+
+// The bf16 copy of model.layers.<layer>.<suffix> from its fp32 master.
+static void refresh_bf16(const GpuParams *gp, int layer, const char *suffix) {
+  char name[256];
+  snprintf(name, sizeof name, "model.layers.%d.%s", layer, suffix);
+  int i = params_find(gp->registry, name);
+  CHECK(i >= 0, "%s is not registered", name);
+  const ParamInfo *p = &gp->registry->params[i];
+  device_float_to_bf16(gp->weights + p->offset, gp->master + p->offset, p->numel);
 }
 
 int optimizer_update_gpu(Optimizer *opt, MuonConfig *muon, AdamWConfig *adamw, real lr, double *max_logit) {
   const OptimSection *o = &opt->config->optim;
   ParamRegistry *r = model_params(opt->model);
   const ModelConfig *mc = model_config(opt->model);
-  GpuModel *gm = model_gpu(opt->model);
-  GpuParams *gp = gpu_model_params(gm);
+  GpuParams *gp = gpu_model_params(model_gpu(opt->model));
   const float scale = (float)opt->grad_scale;
+  if (!opt->muon_groups) opt->muon_groups = muon_groups_plan(opt);
+  for (int g = 0; g < opt->muon_groups->count; g++) {
+    const MuonGroup *group = &opt->muon_groups->groups[g];
+    muon->weight_decay = group->decay;
+    muon_step_cuda(gp->master, gp->weights, opt->device_state1, gp->grads, group->offsets, group->rows, group->cols,
+                   group->count, muon, (float)lr, scale);
+  }
   for (int i = 0; i < r->count; i++) {
     const ParamInfo *p = &r->params[i];
-    if (p->group == GROUP_NONE) continue;
-    float *w = gp->master + p->offset, *g = gp->grads + p->offset;
-    float *s1 = opt->device_state1 + p->offset, *s2 = opt->device_state2 + p->offset;
-    if (optimizer_uses_muon(opt, p)) {
-      // A layer's experts have equal shapes at a fixed stride: one batched call from expert 0.
-      int expert, batch = 1;
-      long long stride = 0;
-      const char *rest;
-      if (expert_of(p->name, &expert, &rest)) {
-        if (expert > 0) continue;
-        batch = mc->num_experts;
-        if (batch > 1) {
-          char next[160];
-          snprintf(next, sizeof next, "%.*s1%s", (int)(strstr(p->name, ".experts.") - p->name + 9), p->name, rest);
-          int j = params_find(r, next);
-          CHECK(j >= 0, "expert tensor %s is not registered", next);
-          stride = (long long)(r->params[j].offset - p->offset);
-        }
-      }
-      muon->weight_decay = optimizer_decay_of(opt, p);
-      muon_step_cuda(w, s1, g, (int)p->shape[0], (int)p->shape[1], stride, batch, muon, (float)lr, scale);
-    } else {
-      adamw->weight_decay = optimizer_decay_of(opt, p);
-      adamw_step_cuda(w, s1, s2, g, p->numel, adamw, (float)lr, opt->step, scale);
-    }
+    if (p->group == GROUP_NONE || optimizer_uses_muon(opt, p)) continue;
+    adamw->weight_decay = optimizer_decay_of(opt, p);
+    adamw_step_cuda(gp->master + p->offset, gp->weights + p->offset, opt->device_state1 + p->offset,
+                    opt->device_state2 + p->offset, gp->grads + p->offset, p->numel, adamw, (float)lr, opt->step,
+                    scale);
   }
   int clipped = 0;
   *max_logit = -INFINITY;
@@ -73,10 +111,14 @@ int optimizer_update_gpu(Optimizer *opt, MuonConfig *muon, AdamWConfig *adamw, r
     if (o->qk_clip_tau <= 0 || strcmp(o->optimizer, "muonclip") != 0) continue;
     GpuTensor q_proj = gpu_param(gp, l, "self_attn.q_proj.weight");
     GpuTensor kv_b_proj = gpu_param(gp, l, "self_attn.kv_b_proj.weight");
-    clipped += qk_clip_apply_cuda(q_proj.master, kv_b_proj.master, host_max, (float)o->qk_clip_tau, mc->mla_heads,
-                                  mc->qk_nope_dim, mc->qk_pe_dim, mc->v_dim, mc->hidden_size, mc->kv_lora_rank);
+    int heads = qk_clip_apply_cuda(q_proj.master, kv_b_proj.master, host_max, (float)o->qk_clip_tau, mc->mla_heads,
+                                   mc->qk_nope_dim, mc->qk_pe_dim, mc->v_dim, mc->hidden_size, mc->kv_lora_rank);
+    if (heads > 0) {  // the clipped masters' bf16 copies (the updates above wrote all others)
+      refresh_bf16(gp, l, "self_attn.q_proj.weight");
+      refresh_bf16(gp, l, "self_attn.kv_b_proj.weight");
+    }
+    clipped += heads;
   }
-  gpu_model_refresh_bf16(gm);
   return clipped;
 }
 

@@ -1,6 +1,6 @@
 /* The optimizer's per-tensor updates on the GPU (CUDA backend), called from optimizer.c when the
- * model lives on the device: Muon (experts of a layer batched into one call per matrix kind), AdamW,
- * QK-Clip on the fp32 master weights, then the bf16 copies refreshed. The rule choice per tensor is
+ * model lives on the device: Muon (every matrix of one shape in the model batched into one call), AdamW,
+ * QK-Clip on the fp32 master weights; the updates write the bf16 copies too. The rule choice per tensor is
  * optimizer.c's (optimizer_uses_muon, optimizer_decay_of). */
 #pragma once
 #include "train/optimizer.h"
@@ -13,6 +13,8 @@ real optimizer_decay_of(const Optimizer *opt, const ParamInfo *p);
 #include "optim/muon.h"
 // Updates every trained tensor, applies QK-Clip; returns the heads clipped and sets *max_logit.
 int optimizer_update_gpu(Optimizer *opt, MuonConfig *muon, AdamWConfig *adamw, real lr, double *max_logit);
+// Frees the Muon batching plan (made on the first update).
+void optimizer_free_gpu(Optimizer *opt);
 // After the host-side router-bias update of MoE layer `layer`: the new bias to the device.
 void optimizer_upload_router_bias_gpu(Optimizer *opt, int layer, const real *bias);
 #endif

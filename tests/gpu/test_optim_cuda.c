@@ -19,6 +19,16 @@ static real *random_float(size_t n, double std, uint64_t *rng) {
   return x;
 }
 
+// The bf16 copy an update writes is exactly the new fp32 weight rounded to bf16.
+static void expect_bf16_copy(const char *what, const bf16 *d_copy, const real *weights, size_t n) {
+  real *copy = gpu_download_bf16(d_copy, n), *rounded = test_copy(weights, n);
+  gpu_round_bf16(rounded, n);
+  size_t differ = 0;
+  for (size_t i = 0; i < n; i++) differ += copy[i] != rounded[i];
+  cr_expect(differ == 0, "%s: %zu of %zu bf16 weights are not the rounded fp32 weights", what, differ, n);
+  free(copy), free(rounded);
+}
+
 Test(optim_cuda, adamw_three_steps) {
   const size_t n = 100003;
   const float grad_scale = 0.7f, lr = 3e-3f;
@@ -26,17 +36,20 @@ Test(optim_cuda, adamw_three_steps) {
   AdamWConfig config = adamw_config_default();
   real *w = random_float(n, 1.0, &rng), *m = test_alloc(n), *v = test_alloc(n);
   float *d_w = gpu_upload_float(w, n), *d_m = gpu_upload_float(m, n), *d_v = gpu_upload_float(v, n);
+  bf16 *d_w16 = device_alloc(n * sizeof(bf16));
   for (long step = 1; step <= 3; step++) {
     real *g = random_float(n, 0.5, &rng), *scaled = test_alloc(n);
     for (size_t i = 0; i < n; i++) scaled[i] = g[i] * (real)grad_scale;
     float *d_g = gpu_upload_float(g, n);
     adamw_step(w, m, v, scaled, n, &config, lr, step);
-    adamw_step_cuda(d_w, d_m, d_v, d_g, n, &config, lr, step, grad_scale);
+    adamw_step_cuda(d_w, d_w16, d_m, d_v, d_g, n, &config, lr, step, grad_scale);
     device_free(d_g);
     free(g), free(scaled);
   }
   real *g_w = gpu_download_float(d_w, n), *g_m = gpu_download_float(d_m, n), *g_v = gpu_download_float(d_v, n);
   gpu_expect_close("adamw weight", g_w, w, n, 1e-5);
+  expect_bf16_copy("adamw", d_w16, g_w, n);
+  device_free(d_w16);
   gpu_expect_close("adamw first moment", g_m, m, n, 1e-5);
   gpu_expect_close("adamw second moment", g_v, v, n, 1e-5);
   device_free(d_w), device_free(d_m), device_free(d_v);
@@ -46,6 +59,17 @@ Test(optim_cuda, adamw_three_steps) {
 // The weight UPDATE (new - old) of the bf16 Newton-Schulz against the fp64 one: 3e-2 relative
 // (about 1e-2 is typical; see muon.h and muon.cu).
 #define MUON_UPDATE_TOLERANCE 3e-2
+
+// Device array of the element offsets b * stride, b < batch, listed last first (the batch may name its
+// matrices in any order).
+static long long *strided_offsets(int batch, long long stride) {
+  long long *host = malloc((size_t)batch * sizeof(long long));
+  for (int b = 0; b < batch; b++) host[b] = (batch - 1 - b) * stride;
+  long long *device = device_alloc((size_t)batch * sizeof(long long));
+  device_upload(device, host, (size_t)batch * sizeof(long long));
+  free(host);
+  return device;
+}
 
 // `batch` matrices at `stride`; the gaps between them must come back untouched.
 static void check_muon_steps(int rows, int cols, int batch, long long stride, bool nesterov, int ns_steps,
@@ -65,8 +89,16 @@ static void check_muon_steps(int rows, int cols, int batch, long long stride, bo
     for (size_t i = 0; i < n; i++) scaled[i] = g[at + i] * (real)grad_scale;
     muon_step(w + at, mom + at, scaled, rows, cols, &config, lr, scratch);
   }
-  muon_step_cuda(d_w, d_mom, d_g, rows, cols, stride, batch, &config, lr, grad_scale);
+  long long *d_offsets = strided_offsets(batch, stride);
+  bf16 *d_w16 = gpu_upload_bf16(w_old, span);
+  muon_step_cuda(d_w, d_w16, d_mom, d_g, d_offsets, rows, cols, batch, &config, lr, grad_scale);
+  device_free(d_offsets);
   real *g_w = gpu_download_float(d_w, span), *g_mom = gpu_download_float(d_mom, span);
+  real *expected16 = test_copy(w_old, span);  // the gaps keep the old weights (bf16-rounded at upload)
+  for (int b = 0; b < batch; b++) memcpy(expected16 + (size_t)b * stride, g_w + (size_t)b * stride, n * sizeof(real));
+  expect_bf16_copy("muon", d_w16, expected16, span);
+  device_free(d_w16);
+  free(expected16);
 
   real *want = test_alloc(n * batch), *got = test_alloc(n * batch);
   size_t gaps_changed = 0;
@@ -77,7 +109,8 @@ static void check_muon_steps(int rows, int cols, int batch, long long stride, bo
       got[(size_t)b * n + i] = g_w[at + i] - w_old[at + i];
     }
     if (b + 1 < batch)
-      for (size_t i = at + n; i < at + (size_t)stride; i++) gaps_changed += g_w[i] != w_old[i] || g_mom[i] != mom_old[i];
+      for (size_t i = at + n; i < at + (size_t)stride; i++)
+        gaps_changed += g_w[i] != w_old[i] || g_mom[i] != mom_old[i];
   }
   char what[128];
   snprintf(what, sizeof what, "muon (%d, %d) x %d stride %lld, %d Newton-Schulz steps%s: weight update", rows, cols,
@@ -178,10 +211,10 @@ static void time_muon(int rows, int cols, int batch) {
   float *d_w = gpu_upload_float(x, total), *d_mom = gpu_upload_float(x, total), *d_g = gpu_upload_float(x, total);
   MuonConfig config = muon_config_default();
   Timer t = timer_create();
-  muon_step_cuda(d_w, d_mom, d_g, rows, cols, (long long)rows * cols, batch, &config, 1e-3f, 1.0f);
+  long long *d_offsets = strided_offsets(batch, (long long)rows * cols);
+  muon_step_cuda(d_w, NULL, d_mom, d_g, d_offsets, rows, cols, batch, &config, 1e-3f, 1.0f);
   timer_start(&t);
-  for (int r = 0; r < reps; r++)
-    muon_step_cuda(d_w, d_mom, d_g, rows, cols, (long long)rows * cols, batch, &config, 1e-3f, 1.0f);
+  for (int r = 0; r < reps; r++) muon_step_cuda(d_w, NULL, d_mom, d_g, d_offsets, rows, cols, batch, &config, 1e-3f, 1.0f);
   double ms = timer_stop_ms(&t, reps);
   // Per Newton-Schulz step, with m = min and M = max: 2 m^2 M (Gram) + 2 m^3 + 2 m^2 M.
   double m = rows < cols ? rows : cols, big = rows > cols ? rows : cols;
@@ -190,13 +223,15 @@ static void time_muon(int rows, int cols, int batch) {
               rows, cols, batch, ms, tflops);
   cr_expect(ms > 0);
   timer_free(&t);
-  device_free(d_w), device_free(d_mom), device_free(d_g);
+  device_free(d_w), device_free(d_mom), device_free(d_g), device_free(d_offsets);
   free(x);
 }
 
 Test(optim_cuda, timing) {
   time_muon(4096, 1024, 1);
   time_muon(1024, 512, 64);
+  time_muon(512, 1024, 128);  // a group of the small model's w1 and w3 experts
+  time_muon(1024, 1024, 36);
 
   const size_t n = (size_t)1 << 26;
   const int reps = 5;
@@ -205,9 +240,9 @@ Test(optim_cuda, timing) {
   double *d_result = (double *)device_alloc(sizeof(double));
   AdamWConfig config = adamw_config_default();
   Timer t = timer_create();
-  adamw_step_cuda(d_w, d_m, d_v, d_g, n, &config, 1e-3f, 1, 1.0f);
+  adamw_step_cuda(d_w, NULL, d_m, d_v, d_g, n, &config, 1e-3f, 1, 1.0f);
   timer_start(&t);
-  for (int r = 0; r < reps; r++) adamw_step_cuda(d_w, d_m, d_v, d_g, n, &config, 1e-3f, r + 2, 1.0f);
+  for (int r = 0; r < reps; r++) adamw_step_cuda(d_w, NULL, d_m, d_v, d_g, n, &config, 1e-3f, r + 2, 1.0f);
   double ms = timer_stop_ms(&t, reps);
   cr_log_info("adamw_step_cuda 2^26 elements: %.3f ms, %.0f GB/s (7 fp32 accesses per element)", ms,
               7.0 * 4 * n / (ms * 1e-3) / 1e9);
