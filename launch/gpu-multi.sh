@@ -29,7 +29,7 @@ nvidia-smi topo -m > "$logs/topo.txt" 2>&1
 mpirun="mpirun --bind-to none -x NCCL_NVLS_ENABLE -x OPENBLAS_NUM_THREADS=1 -x KLT_SOURCE_DIR=$root"
 
 for n in ${KLT_TEST_NPS:-$np}; do
-  echo "== equivalence test, np $n"
+  echo "== equivalence test, np $n ($(date +%T))"
   timeout 90 $mpirun -np "$n" "$build/test_data_parallel_cuda" 2>&1 | tee "$logs/test-np$n.log" | grep -v "^  step" |
     tail -20
 done
@@ -45,6 +45,7 @@ bench() {
     --set parallel.dp="$ranks" --set parallel.ep="$ep" --set stage.global_batch=$((4 * ranks)) \
     --set train.run_dir=/tmp/klt-bench-run > "$log" 2>&1
   local rc=$?
+  echo "$(date +%T) np $ranks ep $ep done (rc $rc)" >> "$logs/times.txt"
   awk -v ranks="$ranks" -v ep="$ep" -v rc="$rc" '
     /^step/ { n++; nf = split($0, f, "|"); ms = f[nf]; sub(/ ms.*/, "", ms);
               if (n > 5) { sum += ms; k++ } if (match($0, /MFU [0-9.]+%/)) mfu = substr($0, RSTART + 4, RLENGTH - 5);

@@ -6,6 +6,11 @@
 // one GEMM) and the order of the expert weight-gradient sums. Checked each step: loss (relative
 // LOSS_TOL), gradients after the all-reduce (relative Frobenius GRAD_TOL), weights after the optimizer
 // step (WEIGHT_TOL), and at the end that every rank holds bit-identical weights.
+// With ep = 1 the two sides run free for STEPS steps (they stay bit-identical). With ep > 1 the last
+// bits differ, and a free run amplifies them: the bf16 weight copies round differently, near-tied
+// router choices flip, and after a few steps the gradients differ by percents (seen on H200: 8 free
+// steps, ep 2: loss within 2.6e-4, gradients 0.18, weights 5.8e-3). So with ep > 1 the one-GPU side
+// restarts every step from the ranks' weights and optimizer state, and each step is checked alone.
 #include <math.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -23,9 +28,9 @@
 #define T 128
 #define ROWS_PER_RANK 2
 #define STEPS 8
-#define LOSS_TOL 1e-3
-#define GRAD_TOL 2e-2
-#define WEIGHT_TOL 1e-3
+#define LOSS_TOL 1e-5
+#define GRAD_TOL 1e-4
+#define WEIGHT_TOL 5e-4
 
 static int failures = 0;
 
@@ -77,6 +82,12 @@ static void run_layout(World *world, double worst[4]) {
   unsigned char *doc_start = calloc((size_t)G * T, 1);
   uint64_t rng = 99;
   for (int step = 0; step < STEPS; step++) {
+    if (world->ep > 1 && step > 0) {  // the one-GPU side from the ranks' state (see the top)
+      memcpy(wp->values, pp->values, wp->total * sizeof(real));
+      model_weights_to_device(whole);
+      device_copy(whole_opt.device_state1, part_opt.device_state1, wp->total * sizeof(float));
+      device_copy(whole_opt.device_state2, part_opt.device_state2, wp->total * sizeof(float));
+    }
     long loss_tokens = 0;
     for (int i = 0; i < G * T; i++) {
       inputs[i] = (int)(test_rand_u64(&rng) % (uint64_t)mc.vocab_size);
