@@ -99,6 +99,29 @@ typedef struct {
   long tokens;
 } Validation;
 
+// With expert parallelism every forward is collective over the ep group, but the last validation batch
+// can give ranks different numbers of rows (even none): the most forwards of any rank (agreed on
+// before any of them), and a rank with fewer runs the missing ones on one row without loss positions,
+// so no rank waits in an all-to-all alone.
+static int most_forwards(int forwards, const World *world) {
+  if (world->ep == 1) return forwards;
+  real most = (real)forwards;
+  world_max_reals(world, &most, 1);
+  return (int)most;
+}
+
+static void pad_forwards(Model *model, int forwards, int most, int T) {
+  if (most <= forwards) return;
+  int *tokens = klt_calloc((size_t)T, sizeof(int)), *no_targets = klt_malloc((size_t)T * sizeof(int));
+  unsigned char *doc_start = klt_calloc((size_t)T, 1);
+  for (int t = 0; t < T; t++) no_targets[t] = -1;
+  doc_start[0] = 1;
+  for (int i = forwards; i < most; i++) model_forward(model, tokens, no_targets, doc_start, 1, T, 0);
+  free(tokens);
+  free(no_targets);
+  free(doc_start);
+}
+
 static Validation validate(Model *model, Loader *loader, Batch *batch, int max_rows, const World *world,
                            const Config *c) {
   int batches = loader_val_batches(loader);
@@ -108,7 +131,9 @@ static Validation validate(Model *model, Loader *loader, Batch *batch, int max_r
   double *histogram = klt_calloc((size_t)V + 3, sizeof(double));
   for (int i = 0; i < batches; i++) {
     loader_val_batch(loader, i, batch);
+    int forwards = (batch->B + max_rows - 1) / max_rows, most = most_forwards(forwards, world);
     histogram[V] += forward_backward(model, batch, max_rows, 0, false, &histogram[V + 2]);
+    pad_forwards(model, forwards, most, batch->T);
     for (long j = 0; j < (long)batch->B * batch->T; j++)
       if (batch->targets[j] >= 0) {
         histogram[batch->targets[j]] += 1;
