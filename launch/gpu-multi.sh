@@ -5,6 +5,7 @@
 # prints a table: tokens/s per GPU, MFU, NCCL all-reduce and all-to-all milliseconds per step
 # (KLT_PROFILE_COMM: each collective synchronized). Logs go to $KLT_LOG_DIR (default gpu-logs/).
 #   launch/gpu-multi.sh [NP [STEPS [LAYOUT...]]]   defaults: all GPUs, 20 steps, layouts 1:1 NP:1 NP:2
+#                                                  (LAYOUT - : the test only)
 #   KLT_TEST_NPS="2 4" sets the test's rank counts (default NP).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,6 +17,7 @@ steps=${2:-20}
 shift $(($# > 2 ? 2 : $#))
 layouts=("$@")
 [[ ${#layouts[@]} -eq 0 ]] && layouts=(1:1 "$np:1" "$np:2")
+[[ ${layouts[0]} == - ]] && layouts=()  # tests only
 mkdir -p "$logs"
 cd "$root"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
