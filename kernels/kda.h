@@ -43,15 +43,17 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
 #ifdef KLT_HAVE_CUDA
 /* CUDA: bf16 q, k, v, out; fp32 g, beta and states. The chunkwise algorithm above with fixed 64-token
  * chunks; a document start inside a chunk is handled by masking (no pairwise term crosses it, the state
- * entering it is zero), so T need not be a multiple of 64 and chunks need not align with documents.
- * Forward: a parallel kernel per chunk (pairwise decays, UT transform by forward substitution, W, U and
- * the decayed q and k), then one sequential pass per (row, head, 16-column state slice) that carries the
- * fp32 state and writes the output. Backward recomputes from the inputs: the same two, a reverse state
- * pass, then two parallel kernels per chunk (the WY/UT backward; the pairwise backward with the gate's
- * reverse cumulative sum). fp32 arithmetic, fixed summation order (deterministic). Per-chunk
- * intermediates live in device scratch slot 2, grown on demand (about 0.5 MB per 64-token chunk and head
- * in the backward at K = V = 128). K and V multiples of 16 up to 128. All gradients are overwritten;
- * dinitial_state, dfinal_state and the state pointers may be NULL. */
+ * entering it is zero), so T need not be a multiple of 64 and chunks need not align with documents. Forward:
+ * a parallel kernel per chunk (pairwise decays, UT transform by forward substitution, W, U and the decayed q
+ * and k), then one sequential pass per (row, head) (per 16 state columns when V is not a multiple of 128)
+ * that carries the fp32 state in registers and writes the output. Backward recomputes from the inputs: the
+ * same two, a reverse state pass, then two parallel kernels per chunk (the WY/UT backward; the pairwise
+ * backward with the gate's reverse cumulative sum). fp32 arithmetic except the matrix products, which take
+ * tf32 operands on the tensor cores (fp32 accumulation); fixed summation order (deterministic). Per-chunk
+ * intermediates live in device scratch slot 2, grown on demand (about 0.5 MB per 64-token chunk and head in
+ * the backward at K = V = 128). K and V multiples of 16 up to 128. All gradients are overwritten;
+ * dinitial_state, dfinal_state and the state pointers may be NULL.
+ */
 #include "kernels/device.h"
 KLT_C_BEGIN
 void kda_chunk_forward_cuda(bf16 *out /*(B,T,H,V)*/, float *final_state /*(B,H,K,V)*/, const bf16 *q /*(B,T,H,K)*/,

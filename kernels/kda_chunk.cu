@@ -12,14 +12,42 @@
 //
 // Forward:  intra kernel (per chunk, parallel): KK, Aqk, the UT transform by forward substitution
 //           (W | U) = (I + L)^-1 diag(beta) (eg K | V), qg = eg qs, kl = ekl k, el -> scratch.
-//           state kernel (per batch row, head and 16-column state slice, sequential over chunks):
+//           state kernel (per batch row and head, sequential over chunks, tensor cores):
 //           Vp = U - W S; O = qg S + Aqk Vp; S <- diag(el) S + kl^T Vp.
 // Backward: the same two (the state kernel saving S entering each chunk and Vp), a reverse state kernel
 //           (dVp = Aqk^T dO + kl dS'; dS <- qg^T dO + diag(el) dS' - W^T dVp, saving dS' and dVp), then
 //           two parallel per-chunk kernels: the WY / UT backward (dqg, dkl, dX, back substitution, dL, dAqk,
 //           dv, dbeta) and the pairwise backward with the reverse cumulative sum of the gate gradient.
-// All arithmetic is fp32; all sums are in a fixed order (deterministic). Per-chunk intermediates live in
-// device_scratch slot 2, grown on demand.
+//
+// Design note (what is fused, where things live, where fp32 is needed, what limits it):
+// - Five kernels, per chunk or per (b, h); nothing between them but device_scratch slot 2 (fp32, per chunk:
+//   W U QG KL (64 x 128), Aqk KK (64 x 64), el; the backward adds S0 and dS' (128 x 128), Vp and dVp,
+//   six partial gradients and dL, dAqk). The forward's output is fused into its state pass.
+// - State passes: one block of 8 warps per (b, h) at V = 128 (1 warp per 16 columns otherwise); each warp
+//   holds S^T (or dS^T) for its 16 state columns in fp32 registers (64 per thread) for the whole sequence,
+//   and every product is mma.sync m16n8k8 tf32 with fp32 accumulation, the accumulator tiles feeding the
+//   next product as A fragments without a trip through shared memory. W, QG, KL, Aqk (stored tf32-rounded
+//   by the intra kernel) stream through shared memory by cp.async, one operand pair loading while the
+//   other is used. dO goes from global memory straight into A fragments.
+// - Per-chunk kernels: q, k, gc (fp32, padded rows) and the 64 x 64 KK / Aqk in shared memory; the
+//   off-diagonal 16-row blocks of KK, Aqk and the backward's chunk products on tensor cores (wmma tf32,
+//   through gemm_nt); diagonal 16 x 16 blocks pair by pair in fp32 on CUDA cores (their exp(gc_i - gc_j)
+//   cannot be factored without overflow when decays are strong); the UT forward / back substitution one
+//   column per thread in registers.
+// - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
+//   the cumulative gates and every exponential of them, the substitution (the inverse of I + L amplifies
+//   rounding), and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands;
+//   bf16 only for q, k, v, out, dout and the bf16 gradients, as the contract says.
+// - What limits it now (H100, 8 x 4096 x 16 x 128, run of 2026-11-22): the per-chunk kernels. intra 5.7 ms
+//   (twice: forward and the backward's recompute), WY backward 10.9 ms, pairwise backward 5.0 ms, against
+//   0.6 ms (forward) and 1.4 ms (backward) for the state passes. Each per-chunk kernel takes 166-179 KB
+//   of shared memory, so one block of 8 warps per SM (12.5% occupancy; ncu: intra issues 1.3 instructions
+//   a cycle, latency bound), and their diagonal-block and substitution loops are CUDA-core work on
+//   shared memory. The next steps: smaller shared footprints (bf16 q, k; Aqk straight to global) for two
+//   blocks per SM; 16-byte shared reads in the diagonal loops; the pairwise backward's off-diagonal blocks
+//   as anchored tensor-core products like the forward's; and fewer fp32 scratch bytes (S0 and dS' are
+//   512 MB each at this shape).
+// Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
 
@@ -27,7 +55,6 @@
 
 #define CH 64          // chunk length
 #define NT 256         // threads per block
-#define VS 16          // state columns per block of the sequential kernels
 
 #define AT(b, t, h, X) ((((size_t)(b) * T + (t)) * H + (h)) * (X))
 
@@ -153,62 +180,45 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
     }
 }
 
-// The sequential kernels' product C (M, VS) = A (M, KC) B (KC, VS), B in shared memory (row stride VS), A in
-// shared memory read 16 bytes at a time: row-major (A[m * lda + k]; thread rows ty + 16 r) or, with
-// COLA, column-major (A[k * lda + m]; thread rows 4 ty + r). Thread tx owns column tx. M and KC are
-// multiples of 16 and 4; lda a multiple of 4.
-template <bool COLA, class FE>
-static __device__ __forceinline__ void slice_gemm(int M, int KC, const float *A, int lda, const float *Bs, FE epi) {
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  for (int m0 = 0; m0 < M; m0 += 64) {
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (COLA) {
-      if (m0 + 4 * ty >= M) continue;
-      const float *a = A + m0 + 4 * ty;
-#pragma unroll 4
-      for (int kk = 0; kk < KC; kk++) {
-        const float4 av = *(const float4 *)(a + kk * lda);
-        const float bv = Bs[kk * VS + tx];
-        acc[0] = fmaf(av.x, bv, acc[0]), acc[1] = fmaf(av.y, bv, acc[1]);
-        acc[2] = fmaf(av.z, bv, acc[2]), acc[3] = fmaf(av.w, bv, acc[3]);
-      }
-#pragma unroll
-      for (int r = 0; r < 4; r++) epi(m0 + 4 * ty + r, tx, acc[r]);
-    } else {
-      const float *a = A + (size_t)(m0 + ty) * lda;
-      const int rows = min(4, (M - m0) >> 4);
-#pragma unroll 2
-      for (int kk = 0; kk < KC; kk += 4) {
-        const float b0 = Bs[kk * VS + tx], b1 = Bs[(kk + 1) * VS + tx], b2 = Bs[(kk + 2) * VS + tx],
-                    b3 = Bs[(kk + 3) * VS + tx];
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-          if (r >= rows) break;
-          const float4 av = *(const float4 *)(a + 16 * r * lda + kk);
-          acc[r] = fmaf(av.x, b0, fmaf(av.y, b1, fmaf(av.z, b2, fmaf(av.w, b3, acc[r]))));
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        if (r < rows) epi(m0 + ty + 16 * r, tx, acc[r]);
-    }
-  }
+// Tensor-core helpers for the sequential state kernels: mma.sync m16n8k8 with tf32 inputs and fp32
+// accumulation. Fragments (g = lane / 4, t = lane % 4): A (16 x 8) a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
+// a3 (g + 8, t + 4); B (8 x 8) b0 (t, g), b1 (t + 4, g); C (16 x 8) c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t),
+// c3 (g + 8, 2t + 1). The k order inside an 8-step is free as long as A and B agree: these kernels let
+// A's slot t hold k = 2t and slot t + 4 hold k = 2t + 1, so that an accumulator tile (C) is directly the A
+// fragment (c0, c2, c1, c3) of the next product, and B's b0, b1 are rows 2t, 2t + 1.
+static __device__ __forceinline__ unsigned tf32_bits(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
 }
-
-// Up to 8 float4 per thread (n <= 8 * 4 * NT floats, a multiple of 4, 16-byte aligned) into registers and
-// back out to shared memory: the halves of a register-staged copy.
-static __device__ __forceinline__ void fetch4(float4 (&r)[8], const float *src, int n) {
-#pragma unroll
-  for (int u = 0; u < 8; u++) {
-    const int e = (threadIdx.x + u * NT) * 4;
-    if (e < n) r[u] = __ldg((const float4 *)(src + e));
-  }
+// x rounded to the nearest tf32 (kept as a float): what the per-chunk kernels store for the state kernels'
+// B operands, which then go to the tensor cores as they are.
+static __device__ __forceinline__ float round_tf32(float x) { return __uint_as_float(tf32_bits(x)); }
+static __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], float b0, float b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
 }
-static __device__ __forceinline__ void commit4(float *dst, const float4 (&r)[8], int n) {
-#pragma unroll
-  for (int u = 0; u < 8; u++) {
-    const int e = (threadIdx.x + u * NT) * 4;
-    if (e < n) *(float4 *)(dst + e) = r[u];
+// An accumulator tile as the A fragment of the next product (rounded to tf32; negated if neg).
+static __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c)[4], bool neg = false) {
+  const unsigned s = neg ? 0x80000000u : 0u;
+  a[0] = tf32_bits(c[0]) ^ s, a[1] = tf32_bits(c[2]) ^ s, a[2] = tf32_bits(c[1]) ^ s, a[3] = tf32_bits(c[3]) ^ s;
+}
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+static __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+// rows x cols floats (cols a multiple of 4, rows contiguous in global memory) into shared memory with leading
+// dimension ld (a multiple of 4), 16 bytes a copy, by the block's threads.
+static __device__ __forceinline__ void tile_async(float *dst, int ld, const float *src, int rows, int cols) {
+  const int per_row = cols / 4;
+  for (int e = threadIdx.x; e < rows * per_row; e += blockDim.x) {
+    const int r = e / per_row, c4 = (e % per_row) * 4;
+    cp_async16(dst + r * ld + c4, src + (size_t)r * cols + c4);
   }
 }
 
@@ -327,7 +337,7 @@ static __global__ void __launch_bounds__(NT) kda_intra_kernel(Scratch sc, const 
   __syncthreads();
   float *AQ = sc.AQ + (size_t)ch * CH * CH, *KKg = sc.KK + (size_t)ch * CH * CH;
   for (int e = tid; e < CH * CH; e += NT) {
-    AQ[e] = aqs[e];
+    AQ[e] = round_tf32(aqs[e]);
     KKg[e] = kks[e];
   }
   // qg, kl, el.
@@ -336,8 +346,8 @@ static __global__ void __launch_bounds__(NT) kda_intra_kernel(Scratch sc, const 
   for (int e = tid; e < CH * K; e += NT) {
     const int i = e / K, a = e % K;
     const float gi = gc[i * ld + a], gl = gc[(CH - 1) * ld + a];
-    QG[e] = seg[i] == 0 ? __expf(gi) * qs[i * ld + a] : 0.0f;
-    KL[e] = seg[i] == last ? __expf(gl - gi) * ks[i * ld + a] : 0.0f;
+    QG[e] = round_tf32(seg[i] == 0 ? __expf(gi) * qs[i * ld + a] : 0.0f);
+    KL[e] = round_tf32(seg[i] == last ? __expf(gl - gi) * ks[i * ld + a] : 0.0f);
   }
   if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? __expf(gc[(CH - 1) * ld + tid]) : 0.0f;
   float *vs = tile;  // (64, V): free since the last product
@@ -359,7 +369,7 @@ static __global__ void __launch_bounds__(NT) kda_intra_kernel(Scratch sc, const 
     if (tid < K) {
       float *W = sc.W + (size_t)ch * CH * K + tid;
 #pragma unroll
-      for (int i = 0; i < CH; i++) W[i * K] = x[i];
+      for (int i = 0; i < CH; i++) W[i * K] = round_tf32(x[i]);
     } else {
       float *U = sc.U + (size_t)ch * CH * V + tid - K;
 #pragma unroll
@@ -369,131 +379,242 @@ static __global__ void __launch_bounds__(NT) kda_intra_kernel(Scratch sc, const 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward state pass: one block per (b, h, slice of VS state columns), chunks in order. Writes the output
-// (if out), the final state (if final_state), and for the backward the state entering each chunk and Vp.
-static __global__ void __launch_bounds__(NT) kda_state_kernel(bf16_t *out, float *final_state, Scratch sc, bool save,
-                                                              const float *initial_state, int T, int H, int K, int V,
-                                                              int NC) {
+// Forward state pass on the tensor cores: one block per (b, h, slice of 16 NW state columns), warp w owning
+// columns v0 = col0 + 16 w .. v0 + 15, chunks in order. The warp keeps S^T (its 16 columns x K) in
+// registers as K / 8 accumulator tiles; per chunk (all products tf32 in, fp32 accumulated):
+//   Vp^T = U^T - S^T W^T                     (16 x 64; S^T's tiles are the A fragments)
+//   O^T  = S^T QG^T + Vp^T Aqk^T             (16 x 64; only with out)
+//   S^T  = S^T diag(el) + Vp^T KL            (16 x K; Vp^T's tiles are the A fragments)
+// W, QG, KL, Aqk (tf32-rounded by the intra kernel) come into shared memory by cp.async, staggered: W and
+// QG of the next chunk load while this chunk's Aqk and KL products run, and the other way round. The
+// padded leading dimensions make every fragment read conflict-free. Writes the output (if out), the
+// final state (if final_state), and with save the state entering each chunk (S0) and Vp for the backward.
+template <int NW>
+static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, float *final_state, Scratch sc,
+                                                                   bool save, const float *initial_state, int T,
+                                                                   int H, int K, int V, int NC) {
   extern __shared__ __align__(128) float smem[];
-  float *buf = smem, *AQs = buf + CH * K, *S = AQs + CH * CH, *Vp = S + K * VS, *Us = Vp + CH * VS, *Os = Us + CH * VS;
-  float *el = Os + CH * VS;
-  const int slices = V / VS, slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
-  const int col0 = slice * VS, tid = threadIdx.x;
-  for (int e = tid; e < K * VS; e += NT)
-    S[e] = initial_state ? initial_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] : 0.0f;
-  // Software pipeline: the next matrix the block needs is in flight in registers (rb, ra, ru) while the
-  // current product runs.
-  float4 rb[8], ra[8];
-  float ru[CH * VS / NT];
-  auto fetch_u = [&](size_t ch) {
+  const int ldw = K + 8, ldk = K + 4, lda = CH + 8, KT = K / 8;
+  float *Ws = smem, *QGs = Ws + CH * ldw, *KLs = QGs + CH * ldw, *AQs = KLs + CH * ldk, *els = AQs + CH * lda;
+  const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
+  const bool with_out = out != NULL;
+  float S[16][4];  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
 #pragma unroll
-    for (int u = 0; u < CH * VS / NT; u++) {
-      const int e = tid + u * NT;
-      ru[u] = __ldg(sc.U + (ch * CH + e / VS) * V + col0 + e % VS);
+  for (int j = 0; j < 16; j++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int a = 8 * j + 2 * t + (r & 1), v = v0 + g + 8 * (r >> 1);
+      S[j][r] = j < KT && initial_state ? initial_state[((size_t)bh * K + a) * V + v] : 0.0f;
     }
+  auto load_wq = [&](size_t ch) {
+    tile_async(Ws, ldw, sc.W + ch * CH * K, CH, K);
+    if (with_out) tile_async(QGs, ldw, sc.QG + ch * CH * K, CH, K);
+    cp_async_commit();
   };
-  fetch4(rb, sc.W + (size_t)bh * NC * CH * K, CH * K);
-  fetch_u((size_t)bh * NC);
+  load_wq((size_t)bh * NC);
   for (int c = 0; c < NC; c++) {
     const size_t ch = (size_t)bh * NC + c;
-    commit4(buf, rb, CH * K);
+    float u[8][4];  // U^T tiles of this chunk, in flight during the first products
 #pragma unroll
-    for (int u = 0; u < CH * VS / NT; u++) Us[tid + u * NT] = ru[u];
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        u[n][r] = __ldg(sc.U + (ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1));
+    cp_async_wait_all();
+    __syncthreads();
+    tile_async(KLs, ldk, sc.KL + ch * CH * K, CH, K);
+    if (with_out) tile_async(AQs, lda, sc.AQ + ch * CH * CH, CH, CH);
+    tile_async(els, K, sc.EL + ch * K, 1, K);
+    cp_async_commit();
     if (save)
-      for (int e = tid; e < K * VS; e += NT) sc.S0[(ch * K + e / VS) * V + col0 + e % VS] = S[e];
-    __syncthreads();
-    if (out) {
-      fetch4(rb, sc.QG + ch * CH * K, CH * K);
-      fetch4(ra, sc.AQ + ch * CH * CH, CH * CH);
-    } else {
-      fetch4(rb, sc.KL + ch * CH * K, CH * K);
+#pragma unroll
+      for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+          if (j < KT) sc.S0[(ch * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
+    float P[8][4], O[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) P[n][r] = O[n][r] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < 16; ks++) {
+      if (ks >= KT) break;
+      unsigned a[4];
+      acc_to_a(a, S[ks]);
+#pragma unroll
+      for (int n = 0; n < 8; n++) {
+        const float2 w = *(const float2 *)(Ws + (8 * n + g) * ldw + 8 * ks + 2 * t);
+        mma_tf32(P[n], a, w.x, w.y);
+        if (with_out) {
+          const float2 q = *(const float2 *)(QGs + (8 * n + g) * ldw + 8 * ks + 2 * t);
+          mma_tf32(O[n], a, q.x, q.y);
+        }
+      }
     }
-    slice_gemm<false>(CH, K, buf, K, S, [&](int m, int n, float x) { Vp[m * VS + n] = Us[m * VS + n] - x; });
-    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) u[n][r] -= P[n][r];  // u is now Vp^T
     if (save)
-      for (int e = tid; e < CH * VS; e += NT) sc.VP[(ch * CH + e / VS) * V + col0 + e % VS] = Vp[e];
-    if (out) {
-      commit4(buf, rb, CH * K);
-      commit4(AQs, ra, CH * CH);
-      __syncthreads();
-      fetch4(rb, sc.KL + ch * CH * K, CH * K);
-      slice_gemm<false>(CH, K, buf, K, S, [&](int m, int n, float x) { Os[m * VS + n] = x; });
-      slice_gemm<false>(CH, CH, AQs, CH, Vp, [&](int m, int n, float x) {
-        const int t = c * CH + m;
-        if (t < T) out[AT(b, t, h, V) + col0 + n] = __float2bfloat16(Os[m * VS + n] + x);
-      });
-      __syncthreads();
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) sc.VP[(ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = u[n][r];
+    cp_async_wait_all();
+    __syncthreads();  // KL, Aqk, el are in; W and QG are free
+    if (c + 1 < NC) load_wq(ch + 1);
+    if (with_out) {
+#pragma unroll
+      for (int ks = 0; ks < 8; ks++) {
+        unsigned a[4];
+        acc_to_a(a, u[ks]);
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+          const float2 x = *(const float2 *)(AQs + (8 * n + g) * lda + 8 * ks + 2 * t);
+          mma_tf32(O[n], a, x.x, x.y);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+          const int tt = c * CH + 8 * n + 2 * t + (r & 1);
+          if (tt < T) out[AT(b, tt, h, V) + v0 + g + 8 * (r >> 1)] = __float2bfloat16(O[n][r]);
+        }
     }
-    commit4(buf, rb, CH * K);
-    if (tid < K) el[tid] = __ldg(sc.EL + ch * K + tid);
-    __syncthreads();
-    if (c + 1 < NC) {
-      fetch4(rb, sc.W + (ch + 1) * CH * K, CH * K);
-      fetch_u(ch + 1);
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+      if (j < KT) {
+        const float e0 = els[8 * j + 2 * t], e1 = els[8 * j + 2 * t + 1];
+        S[j][0] *= e0, S[j][1] *= e1, S[j][2] *= e0, S[j][3] *= e1;
+      }
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++) {
+      unsigned a[4];
+      acc_to_a(a, u[ks]);
+#pragma unroll
+      for (int n = 0; n < 16; n++)
+        if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
     }
-    slice_gemm<true>(K, CH, buf, K, Vp, [&](int m, int n, float x) { S[m * VS + n] = fmaf(el[m], S[m * VS + n], x); });
-    __syncthreads();
   }
   if (final_state)
-    for (int e = tid; e < K * VS; e += NT) final_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] = S[e];
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        if (j < KT) final_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward state pass: chunks in reverse, carrying dS (the gradient of the state leaving the chunk); the
-// same register pipeline as the forward.
-static __global__ void __launch_bounds__(NT) kda_state_backward_kernel(float *dinitial_state, Scratch sc,
-                                                                       const bf16_t *dout, const float *dfinal_state,
-                                                                       int T, int H, int K, int V, int NC) {
+// Backward state pass on the tensor cores: chunks in reverse, the warp keeping dS^T (the gradient of the
+// state leaving the chunk, its 16 columns x K) in registers; per chunk:
+//   dVp^T = dO^T Aqk + dS^T KL^T                       (16 x 64)
+//   dS^T  = dS^T diag(el) + dO^T QG - dVp^T W          (16 x K)
+// dO^T comes from global memory straight into A fragments (bf16 values are exact in tf32). Saves dS (as
+// DS, before the update) and dVp per chunk; Aqk and KL of the next (earlier) chunk load during the QG and
+// W products and the other way round.
+template <int NW>
+static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(float *dinitial_state, Scratch sc,
+                                                                            const bf16_t *dout,
+                                                                            const float *dfinal_state, int T, int H,
+                                                                            int K, int V, int NC) {
   extern __shared__ __align__(128) float smem[];
-  float *buf = smem, *AQs = buf + CH * K, *dS = AQs + CH * CH, *tmp = dS + K * VS, *dOs = tmp + max(K, CH) * VS;
-  float *dVp = dOs + CH * VS, *el = dVp + CH * VS;
-  const int slices = V / VS, slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
-  const int col0 = slice * VS, tid = threadIdx.x;
-  for (int e = tid; e < K * VS; e += NT)
-    dS[e] = dfinal_state ? dfinal_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] : 0.0f;
-  float4 rb[8], ra[8];
-  float rd[CH * VS / NT];
-  auto fetch_chunk = [&](int c) {  // what the first products of chunk c need: Aqk, kl, dO
-    const size_t ch = (size_t)bh * NC + c;
-    fetch4(ra, sc.AQ + ch * CH * CH, CH * CH);
-    fetch4(rb, sc.KL + ch * CH * K, CH * K);
+  const int ldw = K + 8, ldk = K + 4, lda = CH + 4, KT = K / 8;
+  float *KLs = smem, *QGs = KLs + CH * ldw, *Ws = QGs + CH * ldk, *AQs = Ws + CH * ldk, *els = AQs + CH * lda;
+  const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
+  float dS[16][4];
 #pragma unroll
-    for (int u = 0; u < CH * VS / NT; u++) {
-      const int e = tid + u * NT, t = c * CH + e / VS;
-      rd[u] = t < T ? __bfloat162float(__ldg(dout + AT(b, t, h, V) + col0 + e % VS)) : 0.0f;
+  for (int j = 0; j < 16; j++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int a = 8 * j + 2 * t + (r & 1), v = v0 + g + 8 * (r >> 1);
+      dS[j][r] = j < KT && dfinal_state ? dfinal_state[((size_t)bh * K + a) * V + v] : 0.0f;
     }
+  auto load_ak = [&](size_t ch) {
+    tile_async(AQs, lda, sc.AQ + ch * CH * CH, CH, CH);
+    tile_async(KLs, ldw, sc.KL + ch * CH * K, CH, K);
+    tile_async(els, K, sc.EL + ch * K, 1, K);
+    cp_async_commit();
   };
-  fetch_chunk(NC - 1);
+  load_ak((size_t)bh * NC + NC - 1);
   for (int c = NC - 1; c >= 0; c--) {
     const size_t ch = (size_t)bh * NC + c;
-    commit4(AQs, ra, CH * CH);
-    commit4(buf, rb, CH * K);
+    unsigned dOa[8][4];  // dO^T as A fragments: slot t = row 8 ks + 2 t, slot t + 4 = row 8 ks + 2 t + 1
 #pragma unroll
-    for (int u = 0; u < CH * VS / NT; u++) dOs[tid + u * NT] = rd[u];
-    if (tid < K) el[tid] = __ldg(sc.EL + ch * K + tid);
-    for (int e = tid; e < K * VS; e += NT) sc.DS[(ch * K + e / VS) * V + col0 + e % VS] = dS[e];
+    for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const int tt = c * CH + 8 * ks + 2 * t + (r >> 1), v = v0 + g + 8 * (r & 1);
+        dOa[ks][r] = tt < T ? (unsigned)__bfloat16_as_ushort(__ldg(dout + AT(b, tt, h, V) + v)) << 16 : 0u;
+      }
+    cp_async_wait_all();
     __syncthreads();
-    fetch4(rb, sc.QG + ch * CH * K, CH * K);
-    slice_gemm<true>(CH, CH, AQs, CH, dOs, [&](int m, int n, float x) { tmp[m * VS + n] = x; });
-    slice_gemm<false>(CH, K, buf, K, dS, [&](int m, int n, float x) { dVp[m * VS + n] = x; });
-    __syncthreads();
-    for (int e = tid; e < CH * VS; e += NT) dVp[e] += tmp[e];
-    commit4(buf, rb, CH * K);
-    __syncthreads();
-    fetch4(rb, sc.W + ch * CH * K, CH * K);
-    for (int e = tid; e < CH * VS; e += NT) sc.DVP[(ch * CH + e / VS) * V + col0 + e % VS] = dVp[e];
-    slice_gemm<true>(K, CH, buf, K, dOs, [&](int m, int n, float x) { tmp[m * VS + n] = fmaf(el[m], dS[m * VS + n], x); });
-    __syncthreads();
-    commit4(buf, rb, CH * K);
-    __syncthreads();
-    if (c > 0) fetch_chunk(c - 1);
-    slice_gemm<true>(K, CH, buf, K, dVp, [&](int m, int n, float x) { dS[m * VS + n] = tmp[m * VS + n] - x; });
-    __syncthreads();
+    tile_async(QGs, ldk, sc.QG + ch * CH * K, CH, K);
+    tile_async(Ws, ldk, sc.W + ch * CH * K, CH, K);
+    cp_async_commit();
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        if (j < KT) sc.DS[(ch * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dS[j][r];
+    float dVp[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) dVp[n][r] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+        mma_tf32(dVp[n], dOa[ks], AQs[(8 * ks + 2 * t) * lda + 8 * n + g], AQs[(8 * ks + 2 * t + 1) * lda + 8 * n + g]);
+#pragma unroll
+    for (int ks = 0; ks < 16; ks++) {
+      if (ks >= KT) break;
+      unsigned a[4];
+      acc_to_a(a, dS[ks]);
+#pragma unroll
+      for (int n = 0; n < 8; n++) {
+        const float2 x = *(const float2 *)(KLs + (8 * n + g) * ldw + 8 * ks + 2 * t);
+        mma_tf32(dVp[n], a, x.x, x.y);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        sc.DVP[(ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dVp[n][r];
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+      if (j < KT) {
+        const float e0 = els[8 * j + 2 * t], e1 = els[8 * j + 2 * t + 1];
+        dS[j][0] *= e0, dS[j][1] *= e1, dS[j][2] *= e0, dS[j][3] *= e1;
+      }
+    cp_async_wait_all();
+    __syncthreads();  // QG, W are in; Aqk, KL, el are free
+    if (c > 0) load_ak(ch - 1);
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++) {
+      unsigned a[4];
+      acc_to_a(a, dVp[ks], true);
+#pragma unroll
+      for (int n = 0; n < 16; n++)
+        if (n < KT) {
+          const int r0 = (8 * ks + 2 * t) * ldk + 8 * n + g;
+          mma_tf32(dS[n], dOa[ks], QGs[r0], QGs[r0 + ldk]);
+          mma_tf32(dS[n], a, Ws[r0], Ws[r0 + ldk]);
+        }
+    }
   }
   if (dinitial_state)
-    for (int e = tid; e < K * VS; e += NT) dinitial_state[((size_t)bh * K + e / VS) * V + col0 + e % VS] = dS[e];
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        if (j < KT) dinitial_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dS[j][r];
 }
-
 // ---------------------------------------------------------------------------------------------------------
 // WY / UT backward, one block per chunk: the non-pairwise parts of dq, dk, dg into PDQ, PDK, PDG; dL and dAqk
 // (masked) into DL, DA; dv and dbeta final.
@@ -747,9 +868,15 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward) {
 static size_t intra_smem(int K) {
   return (TILE_FLOATS + 3 * (size_t)CH * (K + 1) + 2 * CH * (CH + 1) + 2 * CH) * sizeof(float);
 }
-static size_t state_smem(int K) {
-  return ((size_t)CH * K + CH * CH + (K + (K > CH ? K : CH)) * VS + 3 * CH * VS + K) * sizeof(float);
-}
+// The state kernels' shared memory: W, QG (K + 8), KL (K + 4), Aqk (72), el forward; KL (K + 8), QG, W
+// (K + 4), Aqk (68), el backward.
+static size_t state_smem(int K) { return ((size_t)CH * (3 * K + 20 + CH + 8) + K) * sizeof(float); }
+static size_t state_backward_smem(int K) { return ((size_t)CH * (3 * K + 16 + CH + 4) + K) * sizeof(float); }
+// Warps per state block (16 state columns each): 8 when V is a multiple of 128, so that one block holds all
+// of a (b, h)'s state and its threads share the per-chunk loads of W, QG, KL and Aqk; else 1. (On an H100
+// at K = V = 128: one warp per block, 128 blocks at B * H = 16, took about 17.6 us a chunk in the forward
+// state pass, twice the old SIMT pass; 8 warps, 128 blocks at B * H = 128, about 9 us.)
+static int state_warps(int B, int H, int V) { return V % 128 == 0 ? 8 : 1; }
 static size_t wy_smem(int K, int V) {
   return ((size_t)CH * (K + 1) + 2 * CH * (CH + 1) + CH * (K + V) + 17 * K + (NT / 32) * CH + TILE_FLOATS + 2 * CH) *
          sizeof(float);
@@ -759,6 +886,30 @@ static size_t pair_smem(int K) { return (4 * (size_t)CH * (K + 1) + 2 * CH * (CH
 template <class F>
 static void allow_smem(F *kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+template <int NW>
+static void launch_state(bool backward, bf16 *out, float *state_out, const Scratch &sc, bool save,
+                         const float *state_in, const bf16 *dout, int B, int T, int H, int K, int V, int NC) {
+  const int blocks = B * H * (V / (16 * NW));
+  if (!backward) {
+    const size_t smem = state_smem(K);
+    allow_smem(kda_state_kernel<NW>, smem);
+    kda_state_kernel<NW><<<blocks, 32 * NW, smem, device_stream()>>>((bf16_t *)out, state_out, sc, save, state_in, T,
+                                                                     H, K, V, NC);
+  } else {
+    const size_t smem = state_backward_smem(K);
+    allow_smem(kda_state_backward_kernel<NW>, smem);
+    kda_state_backward_kernel<NW><<<blocks, 32 * NW, smem, device_stream()>>>(state_out, sc, (const bf16_t *)dout,
+                                                                              state_in, T, H, K, V, NC);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+// Forward: (out, final state) from the initial state; backward: dinitial_state from dout, dfinal_state.
+static void state_pass(bool backward, bf16 *out, float *state_out, const Scratch &sc, bool save, const float *state_in,
+                       const bf16 *dout, int B, int T, int H, int K, int V, int NC) {
+  if (state_warps(B, H, V) == 8) launch_state<8>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
+  else launch_state<1>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
 }
 
 static void forward_pieces(const Scratch &sc, const bf16 *q, const bf16 *k, const bf16 *v, const float *g,
@@ -781,11 +932,7 @@ extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16
   const int NC = (T + CH - 1) / CH;
   Scratch sc = scratch_get((size_t)B * H * NC, K, V, false);
   forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
-  const size_t smem = state_smem(K);
-  allow_smem(kda_state_kernel, smem);
-  kda_state_kernel<<<B * H * (V / VS), NT, smem, device_stream()>>>((bf16_t *)out, final_state, sc, false,
-                                                                    initial_state, T, H, K, V, NC);
-  CUDA_CHECK_LAUNCH();
+  state_pass(false, out, final_state, sc, false, initial_state, NULL, B, T, H, K, V, NC);
 }
 
 extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg, float *dbeta, float *dinitial_state,
@@ -795,18 +942,12 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
                                         int V) {
   check_shape(K, V);
   if (B == 0 || T == 0 || H == 0) return;
-  const int NC = (T + CH - 1) / CH, chunks = B * H * NC, slices = B * H * (V / VS);
+  const int NC = (T + CH - 1) / CH, chunks = B * H * NC;
   Scratch sc = scratch_get((size_t)chunks, K, V, true);
   forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
-  size_t smem = state_smem(K);
-  allow_smem(kda_state_kernel, smem);
-  kda_state_kernel<<<slices, NT, smem, device_stream()>>>(NULL, NULL, sc, true, initial_state, T, H, K, V, NC);
-  CUDA_CHECK_LAUNCH();
-  allow_smem(kda_state_backward_kernel, smem);
-  kda_state_backward_kernel<<<slices, NT, smem, device_stream()>>>(dinitial_state, sc, (const bf16_t *)dout,
-                                                                   dfinal_state, T, H, K, V, NC);
-  CUDA_CHECK_LAUNCH();
-  smem = wy_smem(K, V);
+  state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
+  state_pass(true, NULL, dinitial_state, sc, false, dfinal_state, dout, B, T, H, K, V, NC);
+  size_t smem = wy_smem(K, V);
   allow_smem(kda_wy_backward_kernel, smem);
   kda_wy_backward_kernel<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout,
                                                                 (const bf16_t *)k, (const bf16_t *)v, g, beta,

@@ -68,7 +68,7 @@ static const ConfigKey keys[] = {
     NUM(moe, bias_update_rate, KEY_FLOAT, "1e-3", 0, 1, "Aux-loss-free balancing: bias += rate*sign(mean_load-load) after each step; 0 disables."),
     NUM(moe, aux_loss_coef, KEY_FLOAT, "0", 0, 1, "Coefficient of the sequence-wise auxiliary balance loss (0: off)."),
 
-    CHOICE(train, device, "cpu", "cpu|cuda", "Where the model runs: cpu, or cuda (one GPU per rank; one rank in this version)."),
+    CHOICE(train, device, "cpu", "cpu|cuda", "Where the model runs: cpu, or cuda (one GPU per rank; ranks from mpirun, NCCL between them)."),
     NUM(train, seed, KEY_LONG, "1234", 0, 9.2e18, "Seed of initialization and data order."),
     NUM(train, micro_batches, KEY_INT, "1", 1, 1 << 20, "Gradient accumulation: each rank's share of a step is split into this many micro-batches."),
     NUM(train, val_every, KEY_INT, "100", 0, 1 << 30, "Validation loss every this-many steps (and at the end); 0: only at the end."),
