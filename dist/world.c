@@ -3,6 +3,7 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 #include <mpi.h>
 
 #include "common/check.h"
@@ -72,6 +73,36 @@ void world_sum_doubles(const World *world, double *values, size_t count) {
 
 void world_max_reals(const World *world, real *values, size_t count) {
   if (world->size > 1) MPI_Allreduce(MPI_IN_PLACE, values, checked_count(count), MPI_REAL_TYPE, MPI_MAX, MPI_COMM_WORLD);
+}
+
+// The per-rank counts and displacements of a ranged collective, as MPI's ints (caller frees counts).
+static int *range_counts(const World *world, const size_t *cuts, int **displacements) {
+  int *counts = klt_malloc(2 * sizeof(int) * (size_t)world->size);
+  *displacements = counts + world->size;
+  for (int r = 0; r < world->size; r++) {
+    CHECK(cuts[r + 1] >= cuts[r], "ranged collective: cut %d (%zu) before cut %d (%zu)", r + 1, cuts[r + 1], r, cuts[r]);
+    counts[r] = checked_count(cuts[r + 1] - cuts[r]);
+    (*displacements)[r] = checked_count(cuts[r]);
+  }
+  return counts;
+}
+
+void world_reduce_ranges_reals(const World *world, real *values, const size_t *cuts) {
+  if (world->size == 1) return;
+  int *displacements, *counts = range_counts(world, cuts, &displacements);
+  const int mine = counts[world->rank];
+  real *sum = klt_malloc((size_t)(mine > 0 ? mine : 1) * sizeof(real));
+  MPI_Reduce_scatter(values, sum, counts, MPI_REAL_TYPE, MPI_SUM, MPI_COMM_WORLD);
+  memcpy(values + cuts[world->rank], sum, (size_t)mine * sizeof(real));
+  free(sum);
+  free(counts);
+}
+
+void world_all_gather_ranges_reals(const World *world, real *values, const size_t *cuts) {
+  if (world->size == 1) return;
+  int *displacements, *counts = range_counts(world, cuts, &displacements);
+  MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, values, counts, displacements, MPI_REAL_TYPE, MPI_COMM_WORLD);
+  free(counts);
 }
 
 void world_broadcast_bytes(const World *world, void *bytes, size_t count, int root) {

@@ -38,5 +38,12 @@ void world_ep_all_to_all_ints(const World *world, const int *send, int *recv, in
 void world_sum_reals(const World *world, real *values, size_t count);        // in place
 void world_sum_doubles(const World *world, double *values, size_t count);    // in place
 void world_max_reals(const World *world, real *values, size_t count);        // in place
+// Ranged collectives for the sharded optimizer: rank r owns values[cuts[r], cuts[r + 1]) (cuts: world
+// size + 1 non-decreasing offsets from 0 to the array's length, the same on every rank).
+// Reduce: on return this rank's own range holds the sum over the ranks (MPI_Reduce_scatter); the rest
+// of values is left as it was (this rank's own contributions).
+void world_reduce_ranges_reals(const World *world, real *values, const size_t *cuts);
+// All-gather: every rank's own range of values goes to every rank (in place, MPI_Allgatherv).
+void world_all_gather_ranges_reals(const World *world, real *values, const size_t *cuts);
 void world_broadcast_bytes(const World *world, void *bytes, size_t count, int root);
 void world_barrier(const World *world);

@@ -19,11 +19,12 @@ int qk_clip_apply(real *q_proj, real *kv_b_proj, const real *max_logit, real tau
     if (!(max_logit[h] > tau)) continue;
     double gamma = (double)tau / (double)max_logit[h];
     real root = (real)sqrt(gamma);
-    real *q_head = q_proj + (size_t)h * (Dn + Dr) * C;      // (Dn + Dr, C)
-    real *kv_head = kv_b_proj + (size_t)h * (Dn + Dv) * L;  // (Dn + Dv, L)
-    scale_rows(q_head, Dn, C, root);
-    scale_rows(q_head + (size_t)Dn * C, Dr, C, (real)gamma);
-    scale_rows(kv_head, Dn, L, root);
+    if (q_proj) {
+      real *q_head = q_proj + (size_t)h * (Dn + Dr) * C;  // (Dn + Dr, C)
+      scale_rows(q_head, Dn, C, root);
+      scale_rows(q_head + (size_t)Dn * C, Dr, C, (real)gamma);
+    }
+    if (kv_b_proj) scale_rows(kv_b_proj + (size_t)h * (Dn + Dv) * L, Dn, L, root);  // head h's (Dn + Dv, L)
     clipped++;
   }
   return clipped;

@@ -11,7 +11,9 @@
 
 // Returns the number of heads clipped. max_logit is the per-head maximum of
 // (Dn + Dr)^-1/2 (q_nope . k_nope + q_pe . k_pe) over the step, already max-reduced over
-// micro-batches and ranks; heads with max_logit <= tau (including <= 0) are skipped.
+// micro-batches and ranks; heads with max_logit <= tau (including <= 0) are skipped. q_proj or
+// kv_b_proj may be NULL (another rank of the sharded optimizer owns it): only the other is scaled,
+// and the count is the same.
 int qk_clip_apply(real *q_proj,            // (H * (Dn + Dr), C): head h: Dn nope rows, then Dr pe rows
                   real *kv_b_proj,         // (H * (Dn + Dv), L): head h: Dn k_nope rows, then Dv v rows
                   const real *max_logit,   // (H)

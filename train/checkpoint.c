@@ -248,12 +248,29 @@ static hid_t file_open_read(const char *path) {
 // ---------------------------------------------------------------------------------------------
 // Which rank stores what
 
-// Rows [*begin, *end) of tensor p, along its first dimension, that `rank` of `world_size` stores.
-// Data-parallel replicas are identical, so rank 0 stores every tensor whole. A sharded optimizer
-// gives each rank its own rows here; loading already reads any split of rows over any files.
-static void checkpoint_owned_rows(const ParamInfo *p, int rank, int world_size, int64_t *begin, int64_t *end) {
-  *begin = 0;
-  *end = rank == 0 ? p->shape[0] : 0;
+// Rows [*begin, *end) of tensor p, along its first dimension, that this rank stores: its part of the
+// arena range `owned` (the sharded optimizer's plan, which cuts tensors only between rows; a rank
+// stores the weights and the optimizer state of what it updates). owned NULL: one rank holds all, and
+// rank 0 stores every tensor whole. Loading reads any split of rows over any files.
+static void checkpoint_owned_rows(const ParamInfo *p, const ArenaRange *owned, int rank, int64_t *begin,
+                                  int64_t *end) {
+  if (!owned) {
+    *begin = 0;
+    *end = rank == 0 ? p->shape[0] : 0;
+    return;
+  }
+  size_t row = p->numel / (size_t)p->shape[0];
+  size_t lo = p->offset > owned->begin ? p->offset : owned->begin;
+  size_t hi = p->offset + p->numel < owned->end ? p->offset + p->numel : owned->end;
+  if (hi <= lo) {
+    *begin = *end = 0;
+    return;
+  }
+  CHECK((lo - p->offset) % row == 0 && (hi - p->offset) % row == 0,
+        "the owned range [%zu, %zu) cuts %s inside a row; the shard plan must cut between rows", owned->begin,
+        owned->end, p->name);
+  *begin = (int64_t)((lo - p->offset) / row);
+  *end = (int64_t)((hi - p->offset) / row);
 }
 
 static size_t row_elements(const int64_t *shape, int ndim) {
@@ -273,8 +290,10 @@ static void write_check(bool ok, const char *path, const char *what) {
                  "save again", what, path);
 }
 
+// arenas[kind] holds arena elements from state_base[kind] on (the states: the owned range's start).
 static void rank_file_write(const char *path, const ParamRegistry *params, const real *const arenas[KIND_COUNT],
-                            int rank, int world_size, long step, Progress *progress) {
+                            const size_t state_base[KIND_COUNT], const ArenaRange *owned, int rank, int world_size,
+                            long step, Progress *progress) {
   hid_t file_type = sizeof(real) == 4 ? H5T_IEEE_F32LE : H5T_IEEE_F64LE;
   hid_t memory_type = sizeof(real) == 4 ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE;
   h5io_lock();
@@ -306,10 +325,10 @@ static void rank_file_write(const char *path, const ParamRegistry *params, const
     for (int i = 0; i < params->count; i++) {
       const ParamInfo *p = &params->params[i];
       int64_t begin, end;
-      checkpoint_owned_rows(p, rank, world_size, &begin, &end);
+      checkpoint_owned_rows(p, owned, rank, &begin, &end);
       if (end <= begin) continue;
       size_t per_row = row_elements(p->shape, p->ndim);
-      const real *slice = arenas[kind] + p->offset + (size_t)begin * per_row;  // (end - begin, shape[1:])
+      const real *slice = arenas[kind] + (p->offset + (size_t)begin * per_row - state_base[kind]);  // (end - begin, shape[1:])
       size_t count = (size_t)(end - begin) * per_row;
       hsize_t dims[4];
       int64_t offset[4] = {begin, 0, 0, 0};
@@ -496,8 +515,8 @@ static void retention_apply(const char *ckpt_dir, long saved_step, int keep) {
 }
 
 double checkpoint_save(const char *run_dir, const CheckpointMeta *meta, const ParamRegistry *params,
-                       const real *state1, const real *state2, const char *config_text, int keep,
-                       const World *world) {
+                       const real *state1, const real *state2, const ArenaRange *owned, const char *config_text,
+                       int keep, const World *world) {
   double start = klt_now_seconds();
   int rank = world ? world->rank : 0, world_size = world ? world->size : 1;
   CHECK(meta->step >= 0 && params->values != NULL, "checkpoint_save needs a step >= 0 and allocated values");
@@ -526,10 +545,11 @@ double checkpoint_save(const char *run_dir, const CheckpointMeta *meta, const Pa
   if (world) world_barrier(world);
 
   const real *const arenas[KIND_COUNT] = {params->values, state1, state2};
+  const size_t base = owned ? owned->begin : 0, state_base[KIND_COUNT] = {0, base, base};
   double owned_bytes = 0;
   for (int i = 0; i < params->count; i++) {
     int64_t begin, end;
-    checkpoint_owned_rows(&params->params[i], rank, world_size, &begin, &end);
+    checkpoint_owned_rows(&params->params[i], owned, rank, &begin, &end);
     size_t per_row = row_elements(params->params[i].shape, params->params[i].ndim);
     for (int kind = 0; kind < KIND_COUNT; kind++)
       if (arenas[kind]) owned_bytes += (double)((size_t)(end - begin) * per_row * sizeof(real));
@@ -539,7 +559,7 @@ double checkpoint_save(const char *run_dir, const CheckpointMeta *meta, const Pa
   snprintf(rank_name, sizeof rank_name, "rank_%05d.h5", rank);
   path_join(rank_path, partial_dir, rank_name);
   path_suffix(temporary_path, rank_path, ".tmp");
-  rank_file_write(temporary_path, params, arenas, rank, world_size, meta->step, &progress);
+  rank_file_write(temporary_path, params, arenas, state_base, owned, rank, world_size, meta->step, &progress);
   if (rename(temporary_path, rank_path) != 0)
     klt_user_error("could not rename %s to %s (%s)", temporary_path, rank_path, strerror(errno));
   if (world) world_barrier(world);
@@ -1050,14 +1070,19 @@ static void load_fail(Inventory *inventory, Manifest *manifest, const char *prob
 }
 
 void checkpoint_load(const char *path, CheckpointMeta *meta, ParamRegistry *params, real *state1, real *state2,
-                     bool report_progress) {
+                     const ArenaRange *state_range, bool report_progress) {
   CHECK(params->values != NULL, "checkpoint_load needs allocated parameter values");
+  CHECK(!state_range || (state_range->begin <= state_range->end && state_range->end <= params->total),
+        "checkpoint_load: state range [%zu, %zu) outside the arena of %zu", state_range->begin, state_range->end,
+        params->total);
   char problem[PROBLEM_CAP];
   Manifest manifest;
   Inventory inventory = {0};
   if (!manifest_read(path, &manifest, problem, sizeof problem)) klt_user_error("%s", problem);
   real *const arenas[KIND_COUNT] = {params->values, state1, state2};
   const bool wanted[KIND_COUNT] = {true, state1 != NULL, state2 != NULL};
+  // The weights are loaded whole; the states only in the window [window[0], window[1]) of the arena.
+  const size_t window[2] = {state_range ? state_range->begin : 0, state_range ? state_range->end : params->total};
 
   double file_bytes = 0;
   for (int r = 0; r < manifest.world_size; r++) file_bytes += (double)manifest.rank_bytes[r];
@@ -1067,7 +1092,7 @@ void checkpoint_load(const char *path, CheckpointMeta *meta, ParamRegistry *para
       !inventory_match_registry(&inventory, params, wanted, path, problem, sizeof problem))
     load_fail(&inventory, &manifest, problem);
 
-  void *buffer = NULL;  // slices stored in the other precision are converted through it
+  void *buffer = NULL;  // slices stored in the other precision, or only partly wanted, pass through it
   size_t buffer_bytes = 0;
   for (int r = 0; r < manifest.world_size; r++) {
     char file_path[PATH_CAP];
@@ -1080,9 +1105,19 @@ void checkpoint_load(const char *path, CheckpointMeta *meta, ParamRegistry *para
     for (int i = 0; ok && i < inventory.count; i++) {
       const StoredSlice *s = &inventory.slices[i];
       if (s->file != r || !wanted[s->kind]) continue;
+      progress_add(&progress, (double)(s->numel * s->element_size));
       const ParamInfo *p = &params->params[params_find(params, tensor_name(s))];
-      real *destination = arenas[s->kind] + p->offset + (size_t)s->offset[0] * row_elements(p->shape, p->ndim);
-      if (s->element_size == sizeof(real)) {
+      // Arena elements [first, first + numel) stored; [lo, hi) of them wanted, at arenas[kind][lo - base].
+      const size_t first = p->offset + (size_t)s->offset[0] * row_elements(p->shape, p->ndim);
+      size_t lo = first, hi = first + s->numel, base = 0;
+      if (s->kind != KIND_VALUES) {
+        base = window[0];
+        if (lo < window[0]) lo = window[0];
+        if (hi > window[1]) hi = window[1];
+        if (hi <= lo) continue;
+      }
+      real *destination = arenas[s->kind] + (lo - base);
+      if (s->element_size == sizeof(real) && lo == first && hi == first + s->numel) {
         ok = slice_read(file, s, destination, file_path, problem, sizeof problem);
       } else {
         size_t bytes = s->numel * s->element_size;
@@ -1091,10 +1126,10 @@ void checkpoint_load(const char *path, CheckpointMeta *meta, ParamRegistry *para
           buffer_bytes = bytes;
         }
         ok = slice_read(file, s, buffer, file_path, problem, sizeof problem);
-        for (size_t j = 0; ok && j < s->numel; j++)
-          destination[j] = s->element_size == 4 ? (real)((const float *)buffer)[j] : (real)((const double *)buffer)[j];
+        for (size_t j = lo - first; ok && j < hi - first; j++)
+          destination[j - (lo - first)] =
+              s->element_size == 4 ? (real)((const float *)buffer)[j] : (real)((const double *)buffer)[j];
       }
-      progress_add(&progress, (double)(s->numel * s->element_size));
     }
     if (file >= 0) H5Fclose(file);
     h5io_unlock();

@@ -21,6 +21,7 @@
 #include "data/loader.h"
 #include "dist/world.h"
 #include "train/params.h"
+#include "train/shard_plan.h"
 
 typedef struct {
   long step;                // training steps completed
@@ -30,25 +31,31 @@ typedef struct {
   char model_name[128];
 } CheckpointMeta;
 
-// Saves the registry's values and, where not NULL, the optimizer state arenas (each (params->total),
-// parallel to params->values) as checkpoint meta->step of run_dir. Every rank of `world` calls it (NULL:
-// a single process); each writes the slices it owns, rank 0 commits and then deletes older checkpoints
-// so that the newest `keep` remain (0 keeps all). Checkpoints with a higher step, left from before a
-// resume to an earlier one, are kept; saving their step again replaces them. Returns the seconds taken.
+// Saves the registry's values and, where not NULL, the optimizer states as checkpoint meta->step of
+// run_dir. Every rank of `world` calls it (NULL: a single process); each writes the slices it owns:
+// the rows of every tensor inside its range `owned` of the arena (the sharded optimizer's; it must cut
+// tensors between rows only, and the ranks' ranges must cover the arena once), with state1 and state2
+// holding the states of exactly that range (element j of the arena at [j - owned->begin]). owned NULL:
+// rank 0 writes everything, and the states are whole arenas (params->total) parallel to
+// params->values. Rank 0 commits and then deletes older checkpoints so that the newest `keep` remain
+// (0 keeps all). Checkpoints with a higher step, left from before a resume to an earlier one, are kept;
+// saving their step again replaces them. Returns the seconds taken.
 double checkpoint_save(const char *run_dir, const CheckpointMeta *meta, const ParamRegistry *params,
-                       const real *state1, const real *state2, const char *config_text, int keep,
-                       const World *world);
+                       const real *state1, const real *state2, const ArenaRange *owned, const char *config_text,
+                       int keep, const World *world);
 
 // The newest committed checkpoint of run_dir (where ckpt/latest points, or else the highest step with
 // a manifest) into path_out; false when there is none yet. Says so when it skips an interrupted save.
 bool checkpoint_find_latest(const char *run_dir, char *path_out, size_t cap);
 
-// Loads the checkpoint directory `path` into params->values and, where not NULL, the optimizer state
-// arenas; state1 = state2 = NULL loads the weights only ([stage] init_from). Fills meta from the
-// manifest. Any missing, truncated, corrupted or mismatching piece is a user error (exit code 2).
-// report_progress prints a progress line each second for loads that take longer than one.
+// Loads the checkpoint directory `path` into params->values (whole, whatever rank count saved it) and,
+// where not NULL, the optimizer states: of the arena range state_range only (a sharded optimizer's
+// owned range; element j at [j - state_range->begin]), or whole arenas (params->total) when
+// state_range is NULL; state1 = state2 = NULL loads the weights only ([stage] init_from). Fills meta
+// from the manifest. Any missing, truncated, corrupted or mismatching piece is a user error (exit code
+// 2). report_progress prints a progress line each second for loads that take longer than one.
 void checkpoint_load(const char *path, CheckpointMeta *meta, ParamRegistry *params, real *state1,
-                     real *state2, bool report_progress);
+                     real *state2, const ArenaRange *state_range, bool report_progress);
 
 // The config text stored in the checkpoint's manifest (caller frees); user error when unreadable.
 char *checkpoint_read_config(const char *path);

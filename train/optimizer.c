@@ -10,6 +10,7 @@
 #include "common/check.h"
 #include "kernels/device.h"
 #include "optim/adamw.h"
+#include "optim/grad_norm.h"
 #include "optim/muon.h"
 #include "optim/qk_clip.h"
 #include "optim/router_bias.h"
@@ -18,6 +19,29 @@
 
 bool optimizer_uses_muon(const Optimizer *opt, const ParamInfo *p) {
   return p->group == GROUP_MUON && strcmp(opt->config->optim.optimizer, "muonclip") == 0;
+}
+
+bool optimizer_owned_part(const Optimizer *opt, const ParamInfo *p, size_t *begin, size_t *end) {
+  *begin = p->offset > opt->owned.begin ? p->offset : opt->owned.begin;
+  *end = p->offset + p->numel < opt->owned.end ? p->offset + p->numel : opt->owned.end;
+  return *end > *begin;
+}
+
+bool optimizer_owns(const Optimizer *opt, const ParamInfo *p) {
+  return opt->owned.begin <= p->offset && p->offset + p->numel <= opt->owned.end;
+}
+
+// The owned tensor model.layers.<layer>.<suffix> (its values), or NULL when another rank owns it.
+static real *owned_layer_tensor(const Optimizer *opt, int layer, const char *suffix) {
+  const ParamRegistry *r = model_params(opt->model);
+  char name[160];
+  snprintf(name, sizeof name, "model.layers.%d.%s", layer, suffix);
+  int i = params_find(r, name);
+  CHECK(i >= 0, "parameter %s is not registered", name);
+  size_t begin, end;
+  if (!optimizer_owned_part(opt, &r->params[i], &begin, &end)) return NULL;
+  CHECK(optimizer_owns(opt, &r->params[i]), "QK-Clip needs %s whole on one rank, but the shard plan splits it", name);
+  return params_value(r, i);
 }
 
 static bool is_embedding(const ParamInfo *p) {
@@ -50,17 +74,23 @@ static void schedule_from_config(Schedule *s, const Config *c) {
   if (problem) klt_user_error("[stage] schedule: %s", problem);
 }
 
-void optimizer_create(Optimizer *opt, Model *model, const Config *config) {
+void optimizer_create(Optimizer *opt, Model *model, const Config *config, const World *world) {
   memset(opt, 0, sizeof *opt);
   opt->config = config;
   opt->model = model;
+  opt->world = world;
   ParamRegistry *r = model_params(model);
-  opt->state1 = klt_calloc(r->total, sizeof(real));
-  opt->state2 = klt_calloc(r->total, sizeof(real));
+  const int ranks = world ? world->size : 1, rank = world ? world->rank : 0;
+  CHECK(!world || world->cp == 1, "the sharded optimizer covers data parallelism only (cp = %d)", world->cp);
+  shard_plan_make(&opt->plan, r, ranks, strcmp(config->optim.optimizer, "muonclip") == 0, config->optim.muon_ns_steps);
+  opt->owned = shard_plan_range(&opt->plan, rank);
+  const size_t owned = opt->owned.end - opt->owned.begin;
+  opt->state1 = klt_calloc(owned ? owned : 1, sizeof(real));
+  opt->state2 = klt_calloc(owned ? owned : 1, sizeof(real));
   size_t scratch = 1;
   for (int i = 0; i < r->count; i++) {
     const ParamInfo *p = &r->params[i];
-    if (optimizer_uses_muon(opt, p)) {
+    if (optimizer_uses_muon(opt, p) && optimizer_owns(opt, p)) {
       size_t need = muon_scratch_elements((int)p->shape[0], (int)p->shape[1]);
       if (need > scratch) scratch = need;
     }
@@ -70,8 +100,11 @@ void optimizer_create(Optimizer *opt, Model *model, const Config *config) {
   schedule_from_config(&opt->schedule, config);
 #ifdef KLT_HAVE_CUDA
   if (model_on_gpu(model)) {
-    opt->device_state1 = device_alloc(r->total * sizeof(float));
-    opt->device_state2 = device_alloc(r->total * sizeof(float));
+    opt->device_state1 = device_alloc((owned ? owned : 1) * sizeof(float));
+    opt->device_state2 = device_alloc((owned ? owned : 1) * sizeof(float));
+    device_zero(opt->device_state1, (owned ? owned : 1) * sizeof(float));
+    device_zero(opt->device_state2, (owned ? owned : 1) * sizeof(float));
+    opt->device_norm = device_alloc(sizeof(double));
   }
 #endif
 }
@@ -80,8 +113,8 @@ void optimizer_create(Optimizer *opt, Model *model, const Config *config) {
 static void states_transfer(Optimizer *opt, bool to_device) {
 #ifdef KLT_HAVE_CUDA
   if (!opt->device_state1) return;
-  size_t n = model_params(opt->model)->total;
-  float *staging = klt_malloc(n * sizeof(float));
+  size_t n = opt->owned.end - opt->owned.begin;
+  float *staging = klt_malloc((n ? n : 1) * sizeof(float));
   real *host[2] = {opt->state1, opt->state2};
   float *device[2] = {opt->device_state1, opt->device_state2};
   for (int i = 0; i < 2; i++) {
@@ -106,7 +139,9 @@ void optimizer_free(Optimizer *opt) {
   optimizer_free_gpu(opt);
   device_free(opt->device_state1);
   device_free(opt->device_state2);
+  device_free(opt->device_norm);
 #endif
+  shard_plan_free(&opt->plan);
   free(opt->state1);
   free(opt->state2);
   free(opt->scratch);
@@ -118,6 +153,25 @@ double optimizer_position(const Optimizer *opt, long step) {
   const StageSection *st = &opt->config->stage;
   bool tokens = strcmp(st->schedule_unit, "tokens") == 0;
   return (double)(step + 1) * (tokens ? (double)st->global_batch * st->seq_len : 1.0);
+}
+
+void optimizer_reduce_gradients(Optimizer *opt) {
+  if (!opt->world || opt->world->size == 1) return;
+#ifdef KLT_HAVE_CUDA
+  if (model_on_gpu(opt->model)) return optimizer_reduce_gradients_gpu(opt);
+#endif
+  world_reduce_ranges_reals(opt->world, model_params(opt->model)->grads, opt->plan.cuts);
+}
+
+double optimizer_grad_norm_squared(Optimizer *opt) {
+  double sum;
+#ifdef KLT_HAVE_CUDA
+  if (model_on_gpu(opt->model)) sum = optimizer_grad_norm_squared_gpu(opt);
+  else
+#endif
+    sum = grad_norm_squared(model_params(opt->model)->grads + opt->owned.begin, opt->owned.end - opt->owned.begin);
+  if (opt->world) world_sum_doubles(opt->world, &sum, 1);
+  return sum;
 }
 
 OptimizerReport optimizer_step(Optimizer *opt, double position) {
@@ -136,22 +190,27 @@ OptimizerReport optimizer_step(Optimizer *opt, double position) {
     goto balance;
   }
 #endif
+  const ArenaRange own = opt->owned;
   if (opt->grad_scale != 1)
-    for (size_t i = 0; i < r->total; i++) r->grads[i] *= opt->grad_scale;
+    for (size_t i = own.begin; i < own.end; i++) r->grads[i] *= opt->grad_scale;
+  // The owned range: whole Muon matrices (the plan never splits one), any part of the others.
   for (int i = 0; i < r->count; i++) {
     const ParamInfo *p = &r->params[i];
-    if (p->group == GROUP_NONE) continue;
-    real *w = params_value(r, i), *g = params_grad(r, i);
-    real *s1 = opt->state1 + p->offset, *s2 = opt->state2 + p->offset;
+    size_t begin, end;
+    if (p->group == GROUP_NONE || !optimizer_owned_part(opt, p, &begin, &end)) continue;
+    real *w = r->values + begin, *g = r->grads + begin;
+    real *s1 = opt->state1 + (begin - own.begin), *s2 = opt->state2 + (begin - own.begin);
     if (optimizer_uses_muon(opt, p)) {
+      CHECK(optimizer_owns(opt, p), "the shard plan splits the Muon matrix %s", p->name);
       muon.weight_decay = optimizer_decay_of(opt, p);
       muon_step(w, s1, g, (int)p->shape[0], (int)p->shape[1], &muon, lr, opt->scratch);
     } else {
       adamw.weight_decay = optimizer_decay_of(opt, p);
-      adamw_step(w, s1, s2, g, p->numel, &adamw, lr, opt->step);
+      adamw_step(w, s1, s2, g, end - begin, &adamw, lr, opt->step);
     }
   }
-  // QK-Clip on every MLA layer from the step's (already reduced) maximum logits.
+  // QK-Clip on every MLA layer from the step's (already reduced) maximum logits, on the owned ones of
+  // q_proj and kv_b_proj (every rank counts the clipped heads alike).
   report.max_logit = -INFINITY;
   for (int l = 0; l < mc->num_layers; l++) {
     real *max_logit = model_max_logits(opt->model, l);
@@ -159,14 +218,15 @@ OptimizerReport optimizer_step(Optimizer *opt, double position) {
     for (int h = 0; h < mc->mla_heads; h++)
       if (max_logit[h] > report.max_logit) report.max_logit = max_logit[h];
     if (o->qk_clip_tau <= 0 || strcmp(o->optimizer, "muonclip") != 0) continue;
-    real *q_proj, *kv_b_proj, *unused;
-    layer_param(r, l, "self_attn.q_proj.weight", &q_proj, &unused);
-    layer_param(r, l, "self_attn.kv_b_proj.weight", &kv_b_proj, &unused);
+    real *q_proj = owned_layer_tensor(opt, l, "self_attn.q_proj.weight");
+    real *kv_b_proj = owned_layer_tensor(opt, l, "self_attn.kv_b_proj.weight");
     report.clipped_heads += qk_clip_apply(q_proj, kv_b_proj, max_logit, (real)o->qk_clip_tau, mc->mla_heads,
                                           mc->qk_nope_dim, mc->qk_pe_dim, mc->v_dim, mc->hidden_size,
                                           mc->kv_lora_rank);
   }
-  // Aux-loss-free balancing from the step's (already reduced) expert loads.
+  // Every rank's new weights to every rank.
+  if (opt->world) world_all_gather_ranges_reals(opt->world, r->values, opt->plan.cuts);
+  // Aux-loss-free balancing from the step's (already reduced) expert loads, on every rank alike.
 #ifdef KLT_HAVE_CUDA
 balance:
 #endif

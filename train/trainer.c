@@ -53,7 +53,8 @@ static void save(const char *run_dir, long step, const Config *c, Optimizer *opt
                          .loader = loader_state(loader), .optimizer_step = opt->step};
   snprintf(meta.model_name, sizeof meta.model_name, "%.127s", c->model.name);
   optimizer_state_to_host(opt);
-  checkpoint_save(run_dir, &meta, model_params(opt->model), opt->state1, opt->state2, text, c->ckpt.keep, world);
+  checkpoint_save(run_dir, &meta, model_params(opt->model), opt->state1, opt->state2, &opt->owned, text, c->ckpt.keep,
+                  world);
 }
 
 static double resident_megabytes(void) {
@@ -175,7 +176,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
                      .val_fraction = c->data.val_fraction, .vocab_size = (unsigned)mc->vocab_size};
   Model *model = model_create_on(mc, micro_rows, T, (uint64_t)c->train.seed, &world, cuda);
   Optimizer opt;
-  optimizer_create(&opt, model, c);
+  optimizer_create(&opt, model, c, &world);  // sharded over the ranks (ZeRO-1)
   // Where to start: a checkpoint to resume (weights, optimizer, data position, step), the weights of a
   // previous stage ([stage] init_from), or the fresh initialization.
   long first_step = 0;
@@ -190,7 +191,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   }
   if (path[0]) {
     CheckpointMeta meta;
-    checkpoint_load(path, &meta, model_params(model), opt.state1, opt.state2, main_rank);
+    checkpoint_load(path, &meta, model_params(model), opt.state1, opt.state2, &opt.owned, main_rank);
     if (strcmp(meta.model_name, c->model.name) != 0)
       klt_user_error("checkpoint %s is of model '%s', but the config trains '%s'", path, meta.model_name, c->model.name);
     first_step = meta.step;
@@ -200,7 +201,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     if (main_rank) printf("klt-train: resuming from %s at step %ld\n", path, first_step);
   } else if (c->stage.init_from[0]) {
     CheckpointMeta meta;
-    checkpoint_load(c->stage.init_from, &meta, model_params(model), NULL, NULL, main_rank);
+    checkpoint_load(c->stage.init_from, &meta, model_params(model), NULL, NULL, NULL, main_rank);
     if (main_rank) printf("klt-train: weights from %s (step %ld), fresh optimizer and data order\n", c->stage.init_from, meta.step);
   }
   optimizer_state_to_device(&opt);
@@ -223,7 +224,6 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     fflush(stdout);
   }
 
-  ParamRegistry *params = model_params(model);
   Batch batch;
   loader_alloc_batch(loader, &batch);
   double run_start = klt_now_seconds();
@@ -234,7 +234,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   double optimizer_seconds = 0;
   long profiled_steps = 0;
 #ifdef KLT_HAVE_CUDA
-  double comm_seconds[2] = {0, 0};  // NCCL all-reduce, all-to-all of the steps (not of validation)
+  double comm_seconds[3] = {0, 0, 0};  // NCCL gradient reduction, all-to-all, weight all-gather of the steps
 #endif
   for (long step = first_step; step < c->stage.steps; step++) {
     watchdog_arm(watchdog, step);
@@ -250,17 +250,15 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
     double loss = forward_backward(model, &batch, micro_rows, (real)(1.0 / fmax(loss_tokens, 1)), true, NULL);
     world_sum_doubles(&world, &loss, 1);
     loss /= fmax(loss_tokens, 1);
-    // Gradients summed over the ranks: data parallel, and with ep > 1 each expert's gradient comes from
-    // its owners only (zeros elsewhere), so the sum gives every rank every expert's gradient.
-    if (!cuda) world_sum_reals(&world, params->grads, params->total);
-#ifdef KLT_HAVE_CUDA
-    if (cuda) comm_all_reduce_sum(world.comm, COMM_WORLD, gpu_model_params(model_gpu(model))->grads, params->total);
-#endif
+    // Gradients summed over the ranks into each rank's optimizer range (ZeRO-1): data parallel, and with
+    // ep > 1 each expert's gradient comes from its owners only (zeros elsewhere), so the sum gives the
+    // range's owner every expert's gradient in it.
+    optimizer_reduce_gradients(&opt);
     for (int l = 0; l < mc->num_layers; l++) {
       if (model_max_logits(model, l)) world_max_reals(&world, model_max_logits(model, l), (size_t)mc->mla_heads);
       if (model_expert_load(model, l)) world_sum_doubles(&world, model_expert_load(model, l), (size_t)mc->num_experts);
     }
-    double grad_norm = sqrt(model_grad_norm_squared(model));
+    double grad_norm = sqrt(optimizer_grad_norm_squared(&opt));
     opt.grad_scale = c->optim.grad_clip > 0 ? grad_clip_scale(grad_norm, (real)c->optim.grad_clip) : 1;
     // Load imbalance (max load / mean load) per MoE layer, from the reduced loads, before the bias moves.
     double imbalance[MODEL_MAX_LAYERS];
@@ -285,6 +283,7 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
 #ifdef KLT_HAVE_CUDA
     comm_seconds[0] += comm_profile_seconds(COMM_KIND_ALL_REDUCE, NULL);
     comm_seconds[1] += comm_profile_seconds(COMM_KIND_ALL_TO_ALL, NULL);
+    comm_seconds[2] += comm_profile_seconds(COMM_KIND_GATHER, NULL);
 #endif
     double tokens_per_second = (double)G * T / seconds;
 
@@ -352,8 +351,11 @@ int train_run(const Config *c, const ModelConfig *mc, const TrainOptions *option
   if (profile_comm && main_rank && profiled_steps > 0) {
 #ifdef KLT_HAVE_CUDA
     if (world.comm)
-      printf("klt profile: NCCL all-reduce %.2f ms, all-to-all %.2f ms per step (rank 0, synchronized)\n",
-             1e3 * comm_seconds[0] / profiled_steps, 1e3 * comm_seconds[1] / profiled_steps);
+      // "all-reduce": the gradient reduction to the optimizer ranges (launch/gpu-multi.sh reads fields 5, 8).
+      printf("klt profile: NCCL all-reduce %.2f ms, all-to-all %.2f ms per step, weight all-gather %.2f ms (rank 0, "
+             "synchronized)\n",
+             1e3 * comm_seconds[0] / profiled_steps, 1e3 * comm_seconds[1] / profiled_steps,
+             1e3 * comm_seconds[2] / profiled_steps);
 #endif
   }
   if (main_rank) printf("klt-train: done in %.1f s\n", klt_now_seconds() - run_start);

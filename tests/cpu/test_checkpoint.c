@@ -62,7 +62,8 @@ static const char *config_text = "[model]\nname = tiny-test\nhidden_size = 6\n";
 
 static void save(Run *run, long step, int keep) {
   run->meta.step = step;
-  double seconds = checkpoint_save(dir, &run->meta, &run->params, run->state1, run->state2, config_text, keep, NULL);
+  double seconds =
+      checkpoint_save(dir, &run->meta, &run->params, run->state1, run->state2, NULL, config_text, keep, NULL);
   cr_assert(seconds >= 0);
 }
 
@@ -91,7 +92,7 @@ Test(checkpoint, round_trip_is_bitwise) {
   cr_assert_str_eq(path, expected);
   CheckpointMeta meta;
   memset(&meta, 0xAB, sizeof meta);
-  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, false);
+  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, NULL, false);
   size_t bytes = saved.params.total * sizeof(real);
   cr_assert_eq(memcmp(loaded.params.values, saved.params.values, bytes), 0, "weights differ");
   cr_assert_eq(memcmp(loaded.state1, saved.state1, bytes), 0, "state1 differs");
@@ -120,7 +121,7 @@ Test(checkpoint, weights_only_leaves_optimizer_state_alone) {
   char path[512];
   step_path(path, sizeof path, 4);
   CheckpointMeta meta;
-  checkpoint_load(path, &meta, &loaded.params, NULL, NULL, false);
+  checkpoint_load(path, &meta, &loaded.params, NULL, NULL, NULL, false);
   cr_assert_eq(memcmp(loaded.params.values, saved.params.values, saved.params.total * sizeof(real)), 0);
   cr_assert_eq(memcmp(loaded.state1, state1_before, saved.params.total * sizeof(real)), 0);
   free(state1_before);
@@ -148,7 +149,7 @@ Test(checkpoint, retention_keeps_the_newest_k_and_latest_moves) {
   cr_assert(checkpoint_find_latest(dir, path, sizeof path));
   Run loaded = run_make(2);
   CheckpointMeta meta;
-  checkpoint_load(path, &meta, &loaded.params, NULL, NULL, false);
+  checkpoint_load(path, &meta, &loaded.params, NULL, NULL, NULL, false);
   cr_assert_eq(meta.step, 5);
   cr_assert_eq(loaded.params.values[0], 5);
   run_free(&run);
@@ -202,7 +203,7 @@ Test(checkpoint, saving_an_existing_step_replaces_it) {
   cr_assert_str_eq(path, expected);
   Run loaded = run_make(2);
   CheckpointMeta meta;
-  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, false);
+  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, NULL, false);
   cr_assert_eq(loaded.params.values[1], 123);
   step_path(path, sizeof path, 3);
   cr_assert(exists(path));
@@ -342,7 +343,7 @@ Test(checkpoint, slices_over_two_rank_files_load_the_same) {
   char problem[1024];
   cr_assert(checkpoint_check(path, true, NULL, problem, sizeof problem), "%s", problem);
   CheckpointMeta meta;
-  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, false);
+  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, NULL, false);
   size_t bytes = saved.params.total * sizeof(real);
   cr_assert_eq(memcmp(loaded.params.values, saved.params.values, bytes), 0);
   cr_assert_eq(memcmp(loaded.state1, saved.state1, bytes), 0);
@@ -360,7 +361,7 @@ Test(checkpoint, float32_slices_load_converted) {
   step_path(path, sizeof path, 7);
   split_over_two_ranks(path, &saved, true);
   CheckpointMeta meta;
-  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, false);
+  checkpoint_load(path, &meta, &loaded.params, loaded.state1, loaded.state2, NULL, false);
   const real *saved_arenas[3] = {saved.params.values, saved.state1, saved.state2};
   const real *loaded_arenas[3] = {loaded.params.values, loaded.state1, loaded.state2};
   int narrowed = 0;
@@ -397,7 +398,7 @@ static void load_into_fresh(const char *path, bool extra, int64_t hidden) {
   registry_make(&params, hidden, extra, 3);
   real *state1 = test_alloc(params.total), *state2 = test_alloc(params.total);
   CheckpointMeta meta;
-  checkpoint_load(path, &meta, &params, state1, state2, false);
+  checkpoint_load(path, &meta, &params, state1, state2, NULL, false);
 }
 
 Test(checkpoint, missing_manifest, .exit_code = 2) {
@@ -465,7 +466,7 @@ Test(checkpoint, corruption_names_the_dataset) {
   uint64_t seed = 5;
   test_fill_normal(params.values, params.total, 1, &seed);
   CheckpointMeta meta = {.step = 1};
-  checkpoint_save(dir, &meta, &params, NULL, NULL, "", 0, NULL);
+  checkpoint_save(dir, &meta, &params, NULL, NULL, NULL, "", 0, NULL);
   char path[512], rank_file[600], problem[1024];
   step_path(path, sizeof path, 1);
   snprintf(rank_file, sizeof rank_file, "%s/rank_00000.h5", path);
@@ -493,12 +494,12 @@ Test(checkpoint, checkpoint_with_a_tensor_the_model_lacks, .exit_code = 2) {
   ParamRegistry params;
   registry_make(&params, 6, true, 1);
   CheckpointMeta meta = {.step = 3};
-  checkpoint_save(dir, &meta, &params, NULL, NULL, "", 0, NULL);
+  checkpoint_save(dir, &meta, &params, NULL, NULL, NULL, "", 0, NULL);
   char path[512];
   step_path(path, sizeof path, 3);
   ParamRegistry smaller;
   registry_make(&smaller, 6, false, 2);
-  checkpoint_load(path, &meta, &smaller, NULL, NULL, false);
+  checkpoint_load(path, &meta, &smaller, NULL, NULL, NULL, false);
 }
 
 Test(checkpoint, full_load_of_a_weights_only_checkpoint, .exit_code = 2) {
@@ -506,7 +507,7 @@ Test(checkpoint, full_load_of_a_weights_only_checkpoint, .exit_code = 2) {
   ParamRegistry params;
   registry_make(&params, 6, false, 1);
   CheckpointMeta meta = {.step = 3};
-  checkpoint_save(dir, &meta, &params, NULL, NULL, "", 0, NULL);
+  checkpoint_save(dir, &meta, &params, NULL, NULL, NULL, "", 0, NULL);
   char path[512];
   step_path(path, sizeof path, 3);
   load_into_fresh(path, false, 6);
@@ -550,5 +551,37 @@ Test(checkpoint, klt_ckpt_inspect_and_verify) {
   cr_assert_eq(truncate(rank_file, 100), 0);
   cr_assert_eq(klt_ckpt("inspect", path), 2);
   cr_assert_eq(klt_ckpt("bogus", path), 2);
+  run_free(&run);
+}
+
+// A sharded optimizer's rank loads only its range of the states (any window, whatever split saved
+// them); the weights always whole. Saving with an owned range that
+// is the whole arena is the one-rank case of a sharded save.
+Test(checkpoint, states_load_into_an_arena_window, .init = make_dir) {
+  Run run = run_make(21);
+  const size_t total = run.params.total;
+  ArenaRange all = {0, total};
+  run.meta.step = 3;
+  checkpoint_save(dir, &run.meta, &run.params, run.state1, run.state2, &all, config_text, 0, NULL);
+  char path[512];
+  step_path(path, sizeof path, 3);
+  // Windows: empty, inside one tensor, across tensor boundaries, the whole arena.
+  size_t windows[][2] = {{0, 0}, {5, 5}, {3, 9}, {0, total / 2}, {total / 3, total}, {1, total - 1}, {0, total}};
+  for (size_t w = 0; w < sizeof windows / sizeof windows[0]; w++) {
+    ArenaRange range = {windows[w][0], windows[w][1]};
+    size_t n = range.end - range.begin;
+    Run loaded = run_make(99);
+    real *state1 = test_alloc(n + 1), *state2 = test_alloc(n + 1);
+    state1[n] = state2[n] = 12345;  // past the window: must stay untouched
+    CheckpointMeta meta;
+    checkpoint_load(path, &meta, &loaded.params, state1, state2, &range, false);
+    cr_assert(memcmp(loaded.params.values, run.params.values, total * sizeof(real)) == 0, "window %zu: weights", w);
+    cr_assert(memcmp(state1, run.state1 + range.begin, n * sizeof(real)) == 0, "window %zu: state 1", w);
+    cr_assert(memcmp(state2, run.state2 + range.begin, n * sizeof(real)) == 0, "window %zu: state 2", w);
+    cr_assert(state1[n] == 12345 && state2[n] == 12345, "window %zu: written past its end", w);
+    free(state1);
+    free(state2);
+    run_free(&loaded);
+  }
   run_free(&run);
 }

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "train/checkpoint.h"
@@ -78,7 +79,7 @@ static ParamRegistry load_final(const char *run, real **state1, real **state2) {
   snprintf(run_dir, sizeof run_dir, "%s/%s", dir, run);
   cr_assert(checkpoint_find_latest(run_dir, latest, sizeof latest), "no checkpoint in %s", run_dir);
   CheckpointMeta meta;
-  checkpoint_load(latest, &meta, &params, *state1, *state2, false);
+  checkpoint_load(latest, &meta, &params, *state1, *state2, NULL, false);
   cr_assert_eq(meta.step, 20);
   return params;
 }
@@ -135,31 +136,63 @@ Test(resume, init_from_takes_the_weights_only) {
   cr_assert_eq(system(command), 0);
 }
 
-// Resuming on another number of ranks (1 -> 2 -> 4, data parallel with the experts spread over all of
-// them, ep = ranks): the same losses as one rank, to within float reduction order.
-Test(resume, resume_on_two_then_four_ranks) {
-  cr_assert_eq(train("ranks_whole", 20, ""), 0);
-  cr_assert_eq(train("ranks", 10, ""), 0);
-  const char *mpi = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 "
-                    "mpirun --oversubscribe";
-  for (int ranks = 2; ranks <= 4; ranks *= 2) {
-    snprintf(command, sizeof command,
-             "%s -np %d %s/klt-train %s/configs/default.ini --set data.path=%s/data --set train.run_dir=%s/ranks "
-             "--set model.vocab_size=16 --set stage.seq_len=32 --set stage.global_batch=4 --set stage.steps=%d "
-             "--set stage.schedule=constant --set stage.warmup=3 --set log.every=1 --set train.val_every=0 "
-             "--set train.val_batches=1 --set parallel.dp=%d --set parallel.ep=%d --resume >> %s/ranks.out 2>&1",
-             mpi, ranks, getenv("KLT_BUILD_DIR"), getenv("KLT_SOURCE_DIR"), dir, dir, ranks == 2 ? 15 : 20, ranks, ranks,
-             dir);
-    cr_assert_eq(system(command), 0, "mpirun -np %d failed; see %s/ranks.out", ranks, dir);
-  }
+// The same run on `ranks` MPI ranks with experts over groups of ep ranks (the optimizer sharded over
+// the ranks).
+static int train_ranks(const char *run, int ranks, int ep, long steps, const char *extra) {
+  snprintf(command, sizeof command,
+           "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 mpirun --oversubscribe "
+           "-np %d %s/klt-train %s/configs/default.ini --set data.path=%s/data --set train.run_dir=%s/%s "
+           "--set model.vocab_size=16 --set stage.seq_len=32 --set stage.global_batch=4 --set stage.steps=%ld "
+           "--set stage.schedule=constant --set stage.warmup=3 --set log.every=1 --set train.val_every=0 "
+           "--set train.val_batches=1 --set parallel.dp=%d --set parallel.ep=%d %s >> %s/%s.out 2>&1",
+           ranks, getenv("KLT_BUILD_DIR"), getenv("KLT_SOURCE_DIR"), dir, dir, run, steps, ranks, ep, extra, dir, run);
+  int status = system(command);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Resuming on another number of ranks (1 -> 2 -> 4; data parallel only, and with the experts spread
+// over all ranks, ep = ranks): each resume loads the states of its new ranges from the previous rank
+// count's sharded checkpoint. The same losses as one rank, to within float reduction order.
+static void resume_on_two_then_four_ranks(const char *run, bool expert_parallel) {
+  char whole_run[64];
+  snprintf(whole_run, sizeof whole_run, "%s_whole", run);
+  cr_assert_eq(train(whole_run, 20, ""), 0);
+  cr_assert_eq(train(run, 10, ""), 0);
+  for (int ranks = 2; ranks <= 4; ranks *= 2)
+    cr_assert_eq(train_ranks(run, ranks, expert_parallel ? ranks : 1, ranks == 2 ? 15 : 20, "--resume"), 0,
+                 "mpirun -np %d failed; see %s/%s.out", ranks, dir, run);
   char whole[32][64], split[32][64];
-  cr_assert_eq(read_losses("ranks_whole", whole, 32), 20);
-  cr_assert_eq(read_losses("ranks", split, 32), 20);
+  cr_assert_eq(read_losses(whole_run, whole, 32), 20);
+  cr_assert_eq(read_losses(run, split, 32), 20);
   for (int i = 0; i < 20; i++) {
     double a = atof(whole[i]), b = atof(split[i]);
     cr_assert_lt(fabs(a - b), 1e-6 * fabs(a), "step %d: %s on 1 rank, %s after resuming on more", i + 1, whole[i],
                  split[i]);
   }
+}
+
+Test(resume, resume_on_two_then_four_ranks) { resume_on_two_then_four_ranks("ranks", true); }
+Test(resume, resume_on_two_then_four_data_parallel_ranks) { resume_on_two_then_four_ranks("dp_ranks", false); }
+
+// On two ranks (sharded optimizer state, each rank saving its own range): 20 steps in one go and 10 +
+// --resume 10 give the same losses and the same final weights and optimizer state, bit for bit.
+Test(resume, ten_plus_ten_equals_twenty_bit_for_bit_on_two_ranks) {
+  cr_assert_eq(train_ranks("two_whole", 2, 1, 20, ""), 0, "see %s/two_whole.out", dir);
+  cr_assert_eq(train_ranks("two_split", 2, 1, 10, ""), 0, "see %s/two_split.out", dir);
+  cr_assert_eq(train_ranks("two_split", 2, 1, 20, "--resume"), 0, "see %s/two_split.out", dir);
+  char whole[32][64], split[32][64];
+  cr_assert_eq(read_losses("two_whole", whole, 32), 20);
+  cr_assert_eq(read_losses("two_split", split, 32), 20);
+  for (int i = 0; i < 20; i++) cr_assert_str_eq(split[i], whole[i], "loss of step %d differs after resume", i + 1);
+  real *a1, *a2, *b1, *b2;
+  ParamRegistry a = load_final("two_whole", &a1, &a2), b = load_final("two_split", &b1, &b2);
+  cr_assert(memcmp(a.values, b.values, a.total * sizeof(real)) == 0, "weights differ after resume");
+  cr_assert(memcmp(a1, b1, a.total * sizeof(real)) == 0, "optimizer state 1 differs after resume");
+  cr_assert(memcmp(a2, b2, a.total * sizeof(real)) == 0, "optimizer state 2 differs after resume");
+  char path[512];
+  snprintf(path, sizeof path, "%s/two_split/ckpt/latest/rank_00001.h5", dir);
+  struct stat info;
+  cr_assert(stat(path, &info) == 0 && info.st_size > 100000, "rank 1 stored no share of the model (%s)", path);
 }
 
 // Starts a long run in the background (a checkpoint every step) and returns its pid.

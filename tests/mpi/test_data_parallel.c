@@ -1,14 +1,18 @@
 // Data and expert parallelism on the CPU (run under mpirun -np 2 and -np 4, with ep = 1, 2, 4 where it
 // divides the ranks): each rank runs the model on its slice of the global batch, its experts on the
-// tokens routed to them from its ep group, and the gradients are summed over ranks; this must equal one
-// model run on the whole batch, and optimizer steps from those gradients must keep every rank's weights equal to
-// the single-model weights. fp64 build: differences are only reduction order.
+// tokens routed to them from its ep group, and the gradients are summed over ranks into each rank's
+// optimizer range (ZeRO-1); this must equal one model run on the whole batch, the global gradient norm
+// from the owned pieces must equal the whole one, and sharded optimizer steps (each rank updating its
+// range, holding only its range's state, then the all-gather) must keep every rank's weights and its
+// state equal to the single model's. fp64 build: differences are only reduction order.
+#include <malloc.h>
 #include <math.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "dist/world.h"
+#include "optim/grad_norm.h"
 #include "tests/testing.h"
 #include "train/model.h"
 #include "train/optimizer.h"
@@ -23,6 +27,42 @@ static void expect_close(const char *what, const real *a, const real *b, size_t 
   if (!(error <= tolerance)) {
     fprintf(stderr, "rank %d: %s differs: relative error %.3g > %.1g\n", rank, what, error, tolerance);
     failures++;
+  }
+}
+
+// The ranks' ranges are the plan's, the same plan on every rank, covering the arena once; each rank's
+// state arrays hold its range only (their allocation's size), less than the whole arena on several ranks.
+static void check_sharding(const Optimizer *whole, const Optimizer *part, size_t total, const World *world) {
+  if (whole->owned.begin != 0 || whole->owned.end != total) {
+    fprintf(stderr, "rank %d: one rank does not own the whole arena\n", world->rank);
+    failures++;
+  }
+  long long cuts[65];
+  if (world->size > 64) abort();
+  for (int r = 0; r <= world->size; r++) cuts[r] = (long long)part->plan.cuts[r];
+  MPI_Bcast(cuts, world->size + 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+  size_t owned = part->owned.end - part->owned.begin, sum = owned;
+  MPI_Allreduce(MPI_IN_PLACE, &sum, 1, MPI_UNSIGNED_LONG, MPI_SUM, MPI_COMM_WORLD);
+  bool same = part->plan.ranks == world->size && part->owned.begin == part->plan.cuts[world->rank] &&
+              part->owned.end == part->plan.cuts[world->rank + 1];
+  for (int r = 0; r <= world->size; r++) same = same && cuts[r] == (long long)part->plan.cuts[r];
+  if (!same || sum != total || cuts[0] != 0 || cuts[world->size] != (long long)total) {
+    fprintf(stderr, "rank %d: the ranges are not one plan covering the arena (%zu of %zu owned in all)\n",
+            world->rank, sum, total);
+    failures++;
+  }
+  size_t bytes = (owned ? owned : 1) * sizeof(real);
+  size_t usable1 = malloc_usable_size(part->state1), usable2 = malloc_usable_size(part->state2);
+  if (usable1 < bytes || usable1 > bytes + 4096 || usable2 < bytes || usable2 > bytes + 4096 ||
+      (world->size > 1 && owned >= total)) {
+    fprintf(stderr, "rank %d: optimizer state of %zu and %zu bytes for a range of %zu of %zu elements\n", world->rank,
+            usable1, usable2, owned, total);
+    failures++;
+  }
+  if (world->size > 1 && world->rank == 0) {
+    printf("  ranges:");
+    for (int r = 0; r < world->size; r++) printf(" [%lld, %lld)", cuts[r], cuts[r + 1]);
+    printf(" of %zu\n", total);
   }
 }
 
@@ -45,9 +85,10 @@ static void run_layout(const World *world_in, int size) {
   Model *whole = model_create(&mc, G, T, 11, &alone);
   Model *part = model_create(&mc, ROWS_PER_RANK, T, 11, world_in);
   Optimizer whole_opt, part_opt;
-  optimizer_create(&whole_opt, whole, &config);
-  optimizer_create(&part_opt, part, &config);
+  optimizer_create(&whole_opt, whole, &config, &alone);
+  optimizer_create(&part_opt, part, &config, world_in);
   ParamRegistry *wp = model_params(whole), *pp = model_params(part);
+  check_sharding(&whole_opt, &part_opt, wp->total, &world);
 
   int *inputs = malloc(sizeof(int) * G * T), *targets = malloc(sizeof(int) * G * T);
   unsigned char *doc_start = calloc((size_t)G * T, 1);
@@ -73,7 +114,7 @@ static void run_layout(const World *world_in, int size) {
                                      weight);
     model_backward(part);
     world_sum_doubles(&world, &part_loss, 1);
-    world_sum_reals(&world, pp->grads, pp->total);
+    optimizer_reduce_gradients(&part_opt);
     for (int l = 0; l < mc.num_layers; l++) {
       if (model_max_logits(part, l)) world_max_reals(&world, model_max_logits(part, l), (size_t)mc.mla_heads);
       if (model_expert_load(part, l)) world_sum_doubles(&world, model_expert_load(part, l), (size_t)mc.num_experts);
@@ -82,7 +123,15 @@ static void run_layout(const World *world_in, int size) {
       fprintf(stderr, "rank %d step %d: loss %.15g vs %.15g\n", world.rank, step, part_loss, whole_loss);
       failures++;
     }
-    expect_close("gradients", pp->grads, wp->grads, wp->total, 1e-11, world.rank);
+    // The reduced gradients: this rank's range holds the sum (the rest is its own contribution).
+    const ArenaRange own = part_opt.owned;
+    expect_close("owned gradients", pp->grads + own.begin, wp->grads + own.begin, own.end - own.begin, 1e-11,
+                 world.rank);
+    real norm[2] = {(real)sqrt(optimizer_grad_norm_squared(&whole_opt)), (real)sqrt(optimizer_grad_norm_squared(&part_opt))};
+    expect_close("global gradient norm", &norm[1], &norm[0], 1, 1e-12, world.rank);
+    // Clipping active (a tenth of the norm), as the trainer sets it.
+    whole_opt.grad_scale = grad_clip_scale(norm[0], norm[0] / 10);
+    part_opt.grad_scale = grad_clip_scale(norm[1], norm[1] / 10);
     for (int l = 0; l < mc.num_layers; l++)
       if (model_max_logits(part, l))
         expect_close("max logits", model_max_logits(part, l), model_max_logits(whole, l), (size_t)mc.mla_heads, 1e-12,
@@ -91,6 +140,10 @@ static void run_layout(const World *world_in, int size) {
     OptimizerReport b = optimizer_step(&part_opt, optimizer_position(&part_opt, step));
     if (a.clipped_heads != b.clipped_heads) failures++;
     expect_close("weights after the step", pp->values, wp->values, wp->total, 1e-11, world.rank);
+    expect_close("optimizer state 1 of the range", part_opt.state1, whole_opt.state1 + own.begin, own.end - own.begin,
+                 1e-11, world.rank);
+    expect_close("optimizer state 2 of the range", part_opt.state2, whole_opt.state2 + own.begin, own.end - own.begin,
+                 1e-11, world.rank);
   }
   free(inputs); free(targets); free(doc_start);
   optimizer_free(&whole_opt); optimizer_free(&part_opt);
