@@ -138,6 +138,37 @@ void comm_all_gather(const Comm *c, CommGroup g, const void *send, void *recv, s
   profile_end(COMM_KIND_OTHER, start);
 }
 
+void comm_reduce_ranges_sum(const Comm *c, CommGroup g, float *buffer, const size_t *cuts) {
+  ncclComm_t comm = group_comm(c, g);
+  if (!comm) return;
+  double start = profile_begin();
+  NCCL_CHECK(ncclGroupStart());
+  for (int r = 0; r < c->size[g]; r++) {
+    CHECK(cuts[r + 1] >= cuts[r], "ranged reduce: cut %d before cut %d", r + 1, r);
+    if (cuts[r + 1] > cuts[r])
+      NCCL_CHECK(ncclReduce(buffer + cuts[r], buffer + cuts[r], cuts[r + 1] - cuts[r], ncclFloat32, ncclSum, r, comm,
+                            device_stream()));
+  }
+  NCCL_CHECK(ncclGroupEnd());
+  profile_end(COMM_KIND_ALL_REDUCE, start);
+}
+
+void comm_all_gather_ranges(const Comm *c, CommGroup g, void *buffer, const size_t *cuts, size_t element_bytes) {
+  ncclComm_t comm = group_comm(c, g);
+  if (!comm) return;
+  double start = profile_begin();
+  char *bytes = buffer;
+  NCCL_CHECK(ncclGroupStart());
+  for (int r = 0; r < c->size[g]; r++) {
+    CHECK(cuts[r + 1] >= cuts[r], "ranged all-gather: cut %d before cut %d", r + 1, r);
+    if (cuts[r + 1] > cuts[r])
+      NCCL_CHECK(ncclBroadcast(bytes + cuts[r] * element_bytes, bytes + cuts[r] * element_bytes,
+                               (cuts[r + 1] - cuts[r]) * element_bytes, ncclChar, r, comm, device_stream()));
+  }
+  NCCL_CHECK(ncclGroupEnd());
+  profile_end(COMM_KIND_GATHER, start);
+}
+
 void comm_broadcast(const Comm *c, CommGroup g, void *buffer, size_t bytes, int root) {
   ncclComm_t comm = group_comm(c, g);
   if (!comm) return;

@@ -15,7 +15,8 @@
 #include "dist/world.h"
 
 typedef enum { COMM_WORLD, COMM_EP, COMM_EXPERT_DP, COMM_GROUPS } CommGroup;
-typedef enum { COMM_KIND_ALL_REDUCE, COMM_KIND_ALL_TO_ALL, COMM_KIND_OTHER, COMM_KINDS } CommKind;
+// Profile kinds: gradient reductions (all-reduce, ranged reduce), all-to-all, the ranged weight all-gather, the rest.
+typedef enum { COMM_KIND_ALL_REDUCE, COMM_KIND_ALL_TO_ALL, COMM_KIND_GATHER, COMM_KIND_OTHER, COMM_KINDS } CommKind;
 
 typedef struct Comm Comm;
 
@@ -34,6 +35,16 @@ void comm_all_reduce_sum(const Comm *comm, CommGroup group, float *buffer, size_
 void comm_reduce_scatter_sum(const Comm *comm, CommGroup group, const float *send, float *recv, size_t count);
 // recv (group size x bytes) = every rank's send (bytes), in rank order.
 void comm_all_gather(const Comm *comm, CommGroup group, const void *send, void *recv, size_t bytes);
+// Ranged collectives of the sharded optimizer: group rank r owns elements [cuts[r], cuts[r + 1]) of the
+// buffer (cuts: group size + 1 non-decreasing element offsets, the same on every rank). The ranges are
+// uneven (whole Muon matrices, balanced by cost), which ncclReduceScatter / ncclAllGather (equal counts)
+// do not take: one ncclReduce (to the owner) or ncclBroadcast (from the owner) per non-empty range, in
+// one NCCL group, which moves the same bytes as the equal-count collectives without padding copies.
+// Reduce, in place: the owner's range = the sum over the ranks; other ranks' copies of it are untouched.
+void comm_reduce_ranges_sum(const Comm *comm, CommGroup group, float *buffer, const size_t *cuts);
+// All-gather, in place: every owner's range (elements of element_bytes) to every rank.
+void comm_all_gather_ranges(const Comm *comm, CommGroup group, void *buffer, const size_t *cuts,
+                            size_t element_bytes);
 // In place from root (a rank of the group).
 void comm_broadcast(const Comm *comm, CommGroup group, void *buffer, size_t bytes, int root);
 // Variable-count all-to-all: send holds send_bytes[r] bytes for group rank r, one run after another in

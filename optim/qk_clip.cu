@@ -24,16 +24,19 @@ extern "C" int qk_clip_apply_cuda(float *q_proj, float *kv_b_proj, const float *
   for (int h = 0; h < H; h++) {
     if (!(max_logit[h] > tau)) continue;
     double gamma = (double)tau / (double)max_logit[h];
-    float *q_head = q_proj + (size_t)h * (Dn + Dr) * C;      // (Dn + Dr, C)
-    float *kv_head = kv_b_proj + (size_t)h * (Dn + Dv) * L;  // (Dn + Dv, L)
-    size_t q_nope = (size_t)Dn * C, q_total = (size_t)(Dn + Dr) * C, kv_nope = (size_t)Dn * L;
+    clipped++;
+    // A NULL matrix (owned by another rank of the sharded optimizer) is left out.
+    float *q_head = q_proj ? q_proj + (size_t)h * (Dn + Dr) * C : NULL;         // (Dn + Dr, C)
+    float *kv_head = kv_b_proj ? kv_b_proj + (size_t)h * (Dn + Dv) * L : NULL;  // (Dn + Dv, L)
+    size_t q_nope = q_proj ? (size_t)Dn * C : 0, q_total = q_proj ? (size_t)(Dn + Dr) * C : 0;
+    size_t kv_nope = kv_b_proj ? (size_t)Dn * L : 0;
+    if (q_total + kv_nope == 0) continue;
     size_t blocks = (q_total + kv_nope + 255) / 256;
     if (blocks > 1024) blocks = 1024;
     if (blocks == 0) blocks = 1;
     qk_clip_head_kernel<<<(unsigned)blocks, 256, 0, device_stream()>>>(q_head, kv_head, q_nope, q_total, kv_nope,
                                                                         (float)sqrt(gamma), (float)gamma);
     CUDA_CHECK_LAUNCH();
-    clipped++;
   }
   return clipped;
 }

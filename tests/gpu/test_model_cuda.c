@@ -101,7 +101,7 @@ Test(model_cuda, one_step_matches_cpu) {
 
   // Training on the GPU: five steps on this batch lower its loss.
   Optimizer opt;
-  optimizer_create(&opt, gpu, &config);
+  optimizer_create(&opt, gpu, &config, NULL);
   optimizer_state_to_device(&opt);
   double first = gpu_loss, last = 0;
   for (int step = 0; step < 5; step++) {

@@ -78,7 +78,7 @@ static ParamRegistry load_final(const char *run, real **state1, real **state2) {
   snprintf(run_dir, sizeof run_dir, "%s/%s", dir, run);
   cr_assert(checkpoint_find_latest(run_dir, latest, sizeof latest), "no checkpoint in %s", run_dir);
   CheckpointMeta meta;
-  checkpoint_load(latest, &meta, &params, *state1, *state2, false);
+  checkpoint_load(latest, &meta, &params, *state1, *state2, NULL, false);
   cr_assert_eq(meta.step, 20);
   return params;
 }
