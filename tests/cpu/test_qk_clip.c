@@ -119,3 +119,25 @@ Test(qk_clip, heads_at_or_below_tau_or_not_positive_are_untouched) {
   cr_assert_eq(memcmp(q_proj, q_old, sizeof q_old), 0);
   cr_assert_eq(memcmp(kv_b_proj, kv_old, sizeof kv_old), 0);
 }
+
+// The sharded optimizer clips q_proj and kv_b_proj on whichever rank owns each: with one of them NULL
+// the other is scaled exactly as when both are given, and the count is the same.
+Test(qk_clip, one_matrix_alone_is_scaled_as_with_both) {
+  uint64_t rng = 7;
+  real q_proj[H * (DN + DR) * C], kv_b_proj[H * (DN + DV) * L];
+  test_fill_normal(q_proj, H * (DN + DR) * C, 1, &rng);
+  test_fill_normal(kv_b_proj, H * (DN + DV) * L, 1, &rng);
+  real q_both[H * (DN + DR) * C], kv_both[H * (DN + DV) * L], q_alone[H * (DN + DR) * C], kv_alone[H * (DN + DV) * L];
+  memcpy(q_both, q_proj, sizeof q_both);
+  memcpy(kv_both, kv_b_proj, sizeof kv_both);
+  memcpy(q_alone, q_proj, sizeof q_alone);
+  memcpy(kv_alone, kv_b_proj, sizeof kv_alone);
+  const real max_logit[H] = {3, 0.5, 9};
+  int both = qk_clip_apply(q_both, kv_both, max_logit, 1, H, DN, DR, DV, C, L);
+  cr_assert_eq(both, 2);
+  cr_assert_eq(qk_clip_apply(q_alone, NULL, max_logit, 1, H, DN, DR, DV, C, L), both);
+  cr_assert_eq(qk_clip_apply(NULL, kv_alone, max_logit, 1, H, DN, DR, DV, C, L), both);
+  cr_assert_eq(qk_clip_apply(NULL, NULL, max_logit, 1, H, DN, DR, DV, C, L), both);
+  cr_assert_eq(memcmp(q_alone, q_both, sizeof q_both), 0);
+  cr_assert_eq(memcmp(kv_alone, kv_both, sizeof kv_both), 0);
+}
