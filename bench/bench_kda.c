@@ -56,17 +56,18 @@ struct buffers {
   float scale;
   bf16 *q, *k, *v, *dout, *out, *dq, *dk, *dv;
   float *g, *beta, *s0, *sT, *dsT, *dg, *dbeta, *ds0;
+  float *saved;  // the forward's per-chunk results, used by the backward (as in training)
   unsigned char *doc;
 };
 
 static void run_forward(const struct buffers *x) {
   kda_chunk_forward_cuda(x->out, x->sT, x->q, x->k, x->v, x->g, x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H,
-                         x->K, x->V);
+                         x->K, x->V, x->saved);
 }
 static void run_both(const struct buffers *x) {
   run_forward(x);
   kda_chunk_backward_cuda(x->dq, x->dk, x->dv, x->dg, x->dbeta, x->ds0, x->dout, x->dsT, x->q, x->k, x->v, x->g,
-                          x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H, x->K, x->V);
+                          x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H, x->K, x->V, x->saved);
 }
 
 // Median milliseconds of REPS calls, each timed on its own.
@@ -104,6 +105,7 @@ static void bench(int B, int T, int H, int K, int doc_len) {
   x.s0 = random_float(ns, -0.5, 0.5, &state), x.dsT = random_float(ns, -0.5, 0.5, &state);
   x.out = device_alloc(nv * 2), x.dq = device_alloc(nk * 2), x.dk = device_alloc(nk * 2), x.dv = device_alloc(nv * 2);
   x.sT = device_alloc(ns * 4), x.ds0 = device_alloc(ns * 4), x.dg = device_alloc(nk * 4);
+  x.saved = device_alloc(kda_chunk_saved_floats(B, T, H, K, K) * 4);
   x.dbeta = device_alloc(rows * 4);
   x.doc = NULL;
   if (doc_len > 0) {
@@ -130,7 +132,7 @@ static void bench(int B, int T, int H, int K, int doc_len) {
   device_free(x.q), device_free(x.k), device_free(x.v), device_free(x.dout), device_free(x.out);
   device_free(x.dq), device_free(x.dk), device_free(x.dv), device_free(x.g), device_free(x.beta);
   device_free(x.s0), device_free(x.sT), device_free(x.dsT), device_free(x.ds0), device_free(x.dg);
-  device_free(x.dbeta);
+  device_free(x.dbeta), device_free(x.saved);
   if (x.doc) device_free(x.doc);
 }
 

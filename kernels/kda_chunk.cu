@@ -844,24 +844,35 @@ static void check_shape(int K, int V) {
         "KDA on the GPU needs K and V multiples of 16 up to 128 (got K %d, V %d)", K, V);
 }
 
-static Scratch scratch_get(size_t nch, int K, int V, bool backward) {
+// The forward's per-chunk intermediates, floats per chunk: W, QG, KL (64 x K), U (64 x V), Aqk, KK (64 x 64), el (K).
+static size_t intra_per_chunk(int K, int V) { return 3 * (size_t)CH * K + (size_t)CH * V + 2 * CH * CH + K; }
+
+extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
+  return (size_t)B * H * ((T + CH - 1) / CH) * intra_per_chunk(K, V);
+}
+
+// Per-chunk buffers for nch chunks: the intra kernel's outputs in `saved` (the caller's, kept from the forward
+// for the backward) or, when saved is NULL, in device scratch slot 2; the backward's own in slot 2.
+static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved) {
   const size_t cK = CH * (size_t)K, cV = CH * (size_t)V, cC = CH * CH, kv = (size_t)K * V;
-  size_t per = 3 * cK + cV + K + 2 * cC;  // W U QG KL EL AQ KK
-  if (backward) per += 2 * cV + 2 * kv + 6 * cK + 2 * cC;
-  float *p = (float *)device_scratch(2, nch * per * sizeof(float));
+  size_t per = backward ? 2 * cV + 2 * kv + 6 * cK + 2 * cC : 0;
+  if (!saved) per += intra_per_chunk(K, V);
+  float *p = per ? (float *)device_scratch(2, nch * per * sizeof(float)) : NULL;
   Scratch s = {};
-  auto take = [&](size_t n) {
-    float *r = p;
-    p += nch * n;
+  auto take = [&](float *&from, size_t n) {
+    float *r = from;
+    from += nch * n;
     return r;
   };
-  s.W = take(cK), s.U = take(cV), s.QG = take(cK), s.KL = take(cK), s.AQ = take(cC), s.KK = take(cC);
+  float *in = saved ? saved : p;  // every size is a multiple of 16 floats: all stay 64-byte aligned
+  s.W = take(in, cK), s.U = take(in, cV), s.QG = take(in, cK), s.KL = take(in, cK), s.AQ = take(in, cC);
+  s.KK = take(in, cC), s.EL = take(in, K);
+  if (!saved) p = in;
   if (backward) {
-    s.VP = take(cV), s.S0 = take(kv), s.DVP = take(cV), s.DS = take(kv);
-    s.PDQ = take(cK), s.PDK = take(cK), s.PDG = take(cK), s.PDK2 = take(cK), s.PDG2 = take(cK), s.PDG3 = take(cK);
-    s.DL = take(cC), s.DA = take(cC);
+    s.VP = take(p, cV), s.S0 = take(p, kv), s.DVP = take(p, cV), s.DS = take(p, kv);
+    s.PDQ = take(p, cK), s.PDK = take(p, cK), s.PDG = take(p, cK), s.PDK2 = take(p, cK), s.PDG2 = take(p, cK);
+    s.PDG3 = take(p, cK), s.DL = take(p, cC), s.DA = take(p, cC);
   }
-  s.EL = take(K);  // last: its size keeps nothing after it from 16-byte alignment
   return s;
 }
 
@@ -926,11 +937,11 @@ static void forward_pieces(const Scratch &sc, const bf16 *q, const bf16 *k, cons
 extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16 *q, const bf16 *k, const bf16 *v,
                                        const float *g, const float *beta, const float *initial_state,
                                        const unsigned char *doc_start, float scale, int B, int T, int H, int K,
-                                       int V) {
+                                       int V, float *saved) {
   check_shape(K, V);
   if (B == 0 || T == 0 || H == 0) return;
   const int NC = (T + CH - 1) / CH;
-  Scratch sc = scratch_get((size_t)B * H * NC, K, V, false);
+  Scratch sc = scratch_get((size_t)B * H * NC, K, V, false, saved);
   forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
   state_pass(false, out, final_state, sc, false, initial_state, NULL, B, T, H, K, V, NC);
 }
@@ -939,12 +950,12 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
                                         const bf16 *dout, const float *dfinal_state, const bf16 *q, const bf16 *k,
                                         const bf16 *v, const float *g, const float *beta, const float *initial_state,
                                         const unsigned char *doc_start, float scale, int B, int T, int H, int K,
-                                        int V) {
+                                        int V, const float *saved) {
   check_shape(K, V);
   if (B == 0 || T == 0 || H == 0) return;
   const int NC = (T + CH - 1) / CH, chunks = B * H * NC;
-  Scratch sc = scratch_get((size_t)chunks, K, V, true);
-  forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
+  Scratch sc = scratch_get((size_t)chunks, K, V, true, (float *)saved);  // the backward only reads saved
+  if (!saved) forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
   state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
   state_pass(true, NULL, dinitial_state, sc, false, dfinal_state, dout, B, T, H, K, V, NC);
   size_t smem = wy_smem(K, V);

@@ -48,6 +48,8 @@ typedef struct {
   bf16 *g_low, *gate;              // (N, K), (N, H*K)
   float *o_rstd;                   // (N, H)
   bf16 *y;                         // (N, H*K)
+  float *kda_saved;                // the KDA forward's per-chunk results for the backward (kda.h)
+  size_t kda_saved_floats;         // its capacity, grown by the first forward that needs more
 } GpuKda;
 
 typedef struct {

@@ -66,7 +66,7 @@ void gpu_kda_init(GpuKda *L, const ModelConfig *m, const GpuParams *p, int l, in
 
 void gpu_kda_free(GpuKda *L) {
   void *buffers[] = {L->qp, L->kp, L->vp, L->q_act, L->k_act, L->q, L->k, L->v, L->f, L->o, L->gate, L->y, L->g,
-                     L->q_inv_norm, L->k_inv_norm, L->beta, L->o_rstd, L->b_logit, L->f_low, L->g_low};
+                     L->q_inv_norm, L->k_inv_norm, L->beta, L->o_rstd, L->b_logit, L->f_low, L->g_low, L->kda_saved};
   for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) device_free(buffers[i]);
 }
 
@@ -92,7 +92,14 @@ void gpu_kda_forward(GpuKda *L, bf16 *out, const bf16 *x, const unsigned char *d
   matmul_forward_cuda(L->b_logit, x, L->b_proj.w, N, d, H);
   sigmoid_forward_cuda(L->beta, L->b_logit, (size_t)N * H);
   float scale = 1.0f / sqrtf((float)K);
-  kda_chunk_forward_cuda(L->o, NULL, L->q, L->k, L->v, L->g, L->beta, NULL, doc_start, scale, B, T, H, K, K);
+  const size_t saved = kda_chunk_saved_floats(B, T, H, K, K);
+  if (saved > L->kda_saved_floats) {  // once, at the first forward (its size depends on B and T, not only B * T)
+    device_free(L->kda_saved);
+    L->kda_saved = alloc_float(saved);
+    L->kda_saved_floats = saved;
+  }
+  kda_chunk_forward_cuda(L->o, NULL, L->q, L->k, L->v, L->g, L->beta, NULL, doc_start, scale, B, T, H, K, K,
+                         L->kda_saved);
   matmul_forward_cuda(L->g_low, x, L->g_a.w, N, d, K);
   matmul_forward_cuda(L->gate, L->g_low, L->g_b.w, N, K, HK);
   gated_rmsnorm_forward_cuda(L->y, L->o_rstd, L->o, L->gate, L->o_norm.master, L->eps, N, H, K);
@@ -112,7 +119,7 @@ void gpu_kda_backward(GpuKda *L, bf16 *dx, const bf16 *dout, GpuScratch *s) {
 
   float scale = 1.0f / sqrtf((float)K);
   kda_chunk_backward_cuda(dq, dk, dv, dg, dbeta, NULL, do_, NULL, L->q, L->k, L->v, L->g, L->beta, NULL,
-                          L->doc_start, scale, B, T, H, K, K);
+                          L->doc_start, scale, B, T, H, K, K, L->kda_saved);
 
   sigmoid_backward_cuda(s->h_bf16, dbeta, L->beta, (size_t)N * H);
   matmul_backward_cuda(dx, L->b_proj.grad, s->h_bf16, L->x, L->b_proj.w, N, d, H, true);

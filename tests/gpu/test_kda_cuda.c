@@ -2,6 +2,7 @@
 // recurrence): head dims 128, 64, 32 (and V != K), decays near 0 and strong, documents starting inside
 // chunks, at chunk boundaries and at t = 0, T not a multiple of 64, initial state and dfinal_state.
 #include <math.h>
+#include <string.h>
 
 #include "kernels/kda.h"
 #include "kernels/norm.h"
@@ -53,10 +54,24 @@ static void check_shape(int B, int T, int H, int K, int V, double g_lo, double g
   }
   // Gradients are overwritten: fill them with garbage first.
   device_copy(g_dg, g_g, nk * 4), device_copy(g_dq, g_q, nk * 2), device_copy(g_dv, g_v, nv * 2);
+  // The backward from the forward's saved per-chunk results, and again recomputing them: bitwise the same.
+  float *g_saved = device_alloc(kda_chunk_saved_floats(B, T, H, K, V) * 4);
   kda_chunk_forward_cuda(g_out, g_sT, g_q, g_k, g_v, g_g, g_beta, states ? g_s0 : NULL, g_doc, (float)scale, B, T, H,
-                         K, V);
+                         K, V, g_saved);
   kda_chunk_backward_cuda(g_dq, g_dk, g_dv, g_dg, g_dbeta, g_ds0, g_dout, states ? g_dsT : NULL, g_q, g_k, g_v, g_g,
-                          g_beta, states ? g_s0 : NULL, g_doc, (float)scale, B, T, H, K, V);
+                          g_beta, states ? g_s0 : NULL, g_doc, (float)scale, B, T, H, K, V, NULL);
+  real *recomputed_dg = gpu_download_float(g_dg, nk), *recomputed_ds0 = gpu_download_float(g_ds0, ns);
+  real *recomputed_dq = gpu_download_bf16(g_dq, nk);
+  device_copy(g_dg, g_g, nk * 4), device_copy(g_dq, g_q, nk * 2), device_copy(g_dv, g_v, nv * 2);
+  kda_chunk_backward_cuda(g_dq, g_dk, g_dv, g_dg, g_dbeta, g_ds0, g_dout, states ? g_dsT : NULL, g_q, g_k, g_v, g_g,
+                          g_beta, states ? g_s0 : NULL, g_doc, (float)scale, B, T, H, K, V, g_saved);
+  real *saved_dg = gpu_download_float(g_dg, nk), *saved_ds0 = gpu_download_float(g_ds0, ns);
+  real *saved_dq = gpu_download_bf16(g_dq, nk);
+  cr_expect(memcmp(saved_dg, recomputed_dg, nk * sizeof(real)) == 0, "dg from the saved forward differs from the recomputed");
+  cr_expect(memcmp(saved_ds0, recomputed_ds0, ns * sizeof(real)) == 0, "dinitial state from the saved forward differs");
+  cr_expect(memcmp(saved_dq, recomputed_dq, nk * sizeof(real)) == 0, "dq from the saved forward differs");
+  free(recomputed_dg), free(recomputed_ds0), free(recomputed_dq), free(saved_dg), free(saved_ds0), free(saved_dq);
+  device_free(g_saved);
   cr_log_info("KDA B %d T %d H %d K %d V %d g in [%g, %g] states %d documents %d", B, T, H, K, V, g_lo, g_hi, states,
               docs);
   gpu_expect_close("out", gpu_download_bf16(g_out, nv), out, nv, GPU_TOLERANCE);
