@@ -2,7 +2,7 @@
 # On a machine with several GPUs, from the repository root: builds klt with the CUDA backend, runs the
 # NCCL equivalence test (tests/mpi/test_data_parallel_cuda.c: np ranks against one GPU), then the small
 # config for STEPS steps at a per-GPU batch of 4 x 4096 tokens on the layouts asked for (GPUs:ep), and
-# prints a table: tokens/s per GPU, MFU, NCCL all-reduce and all-to-all milliseconds per step
+# prints a table: tokens/s per GPU, MFU, NCCL gradient reduction, all-to-all and weight all-gather ms per step
 # (KLT_PROFILE_COMM: each collective synchronized). Logs go to $KLT_LOG_DIR (default gpu-logs/).
 #   launch/gpu-multi.sh [NP [STEPS [LAYOUT...]]]   defaults: all GPUs, 20 steps, layouts 1:1 NP:1 NP:2
 #                                                  (LAYOUT - : the test only)
@@ -52,13 +52,13 @@ bench() {
     /^step/ { n++; nf = split($0, f, "|"); ms = f[nf]; sub(/ ms.*/, "", ms);
               if (n > 5) { sum += ms; k++ } if (match($0, /MFU [0-9.]+%/)) mfu = substr($0, RSTART + 4, RLENGTH - 5);
               if (n > 5) msum += mfu; loss = f[2] }
-    /NCCL all-reduce/ { ar = $5; a2a = $8 }
-    END { if (k == 0) { printf "| %d | %d | failed (rc %d) | | | | | |\n", ranks, ep, rc; exit }
-          t = sum / k; printf "| %d | %d | %.1f | %.0f | %.1f | %s | %s | %s |\n", ranks, ep, t,
-            4 * 4096 / (t / 1000), msum / k, ar == "" ? "-" : ar, a2a == "" ? "-" : a2a, loss }' "$log"
+    /NCCL all-reduce/ { ar = $5; a2a = $8; ag = $14 }
+    END { if (k == 0) { printf "| %d | %d | failed (rc %d) | | | | | | |\n", ranks, ep, rc; exit }
+          t = sum / k; printf "| %d | %d | %.1f | %.0f | %.1f | %s | %s | %s | %s |\n", ranks, ep, t,
+            4 * 4096 / (t / 1000), msum / k, ar == "" ? "-" : ar, a2a == "" ? "-" : a2a, ag == "" ? "-" : ag, loss }' "$log"
 }
-echo "| GPUs | ep | step ms (mean of steps 6-$steps) | tokens/s per GPU | MFU % | all-reduce ms/step | all-to-all ms/step | last loss |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| GPUs | ep | step ms (mean of steps 6-$steps) | tokens/s per GPU | MFU % | gradient reduce ms/step | all-to-all ms/step | weight all-gather ms/step | last loss |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for layout in "${layouts[@]}"; do
   bench "${layout%%:*}" "${layout##*:}"
 done
