@@ -38,15 +38,17 @@
 //   the cumulative gates and every exponential of them, the substitution (the inverse of I + L amplifies
 //   rounding), and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands;
 //   bf16 only for q, k, v, out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128, run of 2026-11-22): the per-chunk kernels. intra 5.7 ms
-//   (twice: forward and the backward's recompute), WY backward 10.9 ms, pairwise backward 5.0 ms, against
-//   0.6 ms (forward) and 1.4 ms (backward) for the state passes. Each per-chunk kernel takes 166-179 KB
-//   of shared memory, so one block of 8 warps per SM (12.5% occupancy; ncu: intra issues 1.3 instructions
-//   a cycle, latency bound), and their diagonal-block and substitution loops are CUDA-core work on
-//   shared memory. The next steps: smaller shared footprints (bf16 q, k; Aqk straight to global) for two
-//   blocks per SM; 16-byte shared reads in the diagonal loops; the pairwise backward's off-diagonal blocks
-//   as anchored tensor-core products like the forward's; and fewer fp32 scratch bytes (S0 and dS' are
-//   512 MB each at this shape).
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 6.2 ms, fwd+bwd 23.0 ms): the per-chunk kernels. intra
+//   5.7 ms (forward only: its results are kept in `saved` for the backward), WY backward about 10.9 ms,
+//   pairwise backward about 4 ms (from 5.0: four rows per thread and (wl, dA) pairs in one 8-byte read,
+//   with 16-byte k/v loads in the WY kernel, took fwd+bwd from 23.9 to 23.0 ms; one exponential per pair
+//   remains), against 0.6 ms (forward) and 1.4 ms (backward) for the state
+//   passes. Each per-chunk kernel takes 150-180 KB of shared memory, so one block of 8 warps per SM (12.5%
+//   occupancy; ncu: intra issues 1.3 instructions a cycle, latency bound). Prefetching two 32-wide slices
+//   ahead in gemm_nt instead of one made it slower (23.4 ms). The next steps: smaller shared footprints
+//   (bf16 q, k; Aqk straight to global; Ys split into its K and V halves) for two blocks per SM; the
+//   pairwise backward's exponentials factored through anchored tensor-core products like the forward's;
+//   and fewer fp32 scratch bytes (S0 and dS' are 512 MB each at this shape).
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
@@ -687,20 +689,24 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
       if (lane == 0 && a0 + u * (NT / 32) < K) delS[a0 + u * (NT / 32)] = sum;
     }
   }
-  // k and v of the chunk (bf16) for the right-hand sides: the tile is free until dL.
+  // k and v of the chunk (bf16) for the right-hand sides: the tile is free until dL. Eight bf16 (16 bytes) a
+  // load, all of a thread's loads in flight at once (K and V are multiples of 16, so no load straddles k and v).
   bf16_t *kvs = (bf16_t *)tile;  // (64, K + V)
   __syncthreads();
-  for (int e0 = tid; e0 < CH * KV; e0 += 8 * NT) {
-    bf16_t x[8];
+  {
+    const int nvec = CH * KV / 8;  // <= 64 * 256 / 8 = 8 * NT
+    uint4 x[8];
 #pragma unroll
     for (int u = 0; u < 8; u++) {
-      const int e = e0 + u * NT, i = e / KV, a = e % KV;
-      x[u] = __float2bfloat16(0.0f);
-      if (e < CH * KV && t0 + i < T) x[u] = a < K ? __ldg(k + AT(b, t0 + i, h, K) + a) : __ldg(v + AT(b, t0 + i, h, V) + a - K);
+      const int e = tid + u * NT, i = 8 * e / KV, a = 8 * e % KV;
+      x[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (e < nvec && t0 + i < T)
+        x[u] = a < K ? __ldg((const uint4 *)(k + AT(b, t0 + i, h, K) + a))
+                     : __ldg((const uint4 *)(v + AT(b, t0 + i, h, V) + a - K));
     }
 #pragma unroll
     for (int u = 0; u < 8; u++)
-      if (e0 + u * NT < CH * KV) kvs[e0 + u * NT] = x[u];
+      if (tid + u * NT < nvec) *(uint4 *)(kvs + 8 * (tid + u * NT)) = x[u];
   }
   __syncthreads();
   // Back substitution Y = (I + L)^-T dX, one column per thread, and what the column gives directly.
@@ -775,9 +781,13 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Pairwise backward and the gate's reverse cumulative sum, one block per chunk, thread per (row, channel):
+// Pairwise backward and the gate's reverse cumulative sum, one block per chunk:
 //   P_i = sum_j<i  wl_ij k_j E_ij,  Q_i = sum_j<=i dA_ij k_j E_ij,  R_i = sum_m>=i (wl_mi k_m + dA_mi q_m) E_mi
 // with wl_ij = beta_i dL_ij and E_ij = exp(gc_i - gc_j); dk += P + R, dqs += Q, dgc += k P + q Q - k R.
+// A thread takes one channel a and four rows grp + 16 r (r = 0..3, so every item has the same number of
+// pairs): each k_j, q_j, gc_j read from shared memory serves up to four rows, and (wl, dA) sit side by side
+// so one 8-byte broadcast read gives both. What is left is one exponential per pair (the MUFU unit's 16 a
+// cycle bound it); sums run in ascending j and m as before.
 static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
                                                                           Scratch sc, const bf16_t *q,
                                                                           const bf16_t *k, const float *g,
@@ -786,8 +796,9 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
                                                                           int T, int H, int K, int NC) {
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1;
-  float *qs = smem, *ks = qs + CH * ld, *gc = ks + CH * ld, *dgc = gc + CH * ld, *wl = dgc + CH * ld;
-  float *dA = wl + CH * (CH + 1), *beta = dA + CH * (CH + 1);
+  float *qs = smem, *ks = qs + CH * ld, *gc = ks + CH * ld, *dgc = gc + CH * ld;
+  float2 *wa = (float2 *)(dgc + CH * ld);  // (wl, dA), 64 x 64; 4 * 64 * (K + 1) floats before it: 8-byte aligned
+  float *beta = (float *)(wa + CH * CH);
   int *seg = (int *)(beta + CH);
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cC = (size_t)ch * CH * CH;
@@ -796,36 +807,59 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
 #pragma unroll 4
-  for (int e = tid; e < CH * CH; e += NT) {
-    const int i = e >> 6, j = e & 63;
-    wl[i * (CH + 1) + j] = beta[i] * __ldg(sc.DL + cC + e);
-    dA[i * (CH + 1) + j] = __ldg(sc.DA + cC + e);
-  }
+  for (int e = tid; e < CH * CH; e += NT) wa[e] = make_float2(beta[e >> 6] * __ldg(sc.DL + cC + e), __ldg(sc.DA + cC + e));
   __syncthreads();
-  for (int e = tid; e < CH * K; e += NT) {
-    const int i = e / K, a = e % K;
-    const float pk = __ldg(sc.PDK + cK + e) + __ldg(sc.PDK2 + cK + e), pq = __ldg(sc.PDQ + cK + e);
-    const float pg = __ldg(sc.PDG + cK + e) + __ldg(sc.PDG2 + cK + e) + __ldg(sc.PDG3 + cK + e);
-    const float gi = gc[i * ld + a];
-    float P = 0.0f, Q = 0.0f, R = 0.0f;
-#pragma unroll 4
-    for (int j = 0; j <= i; j++) {
-      const float x = ks[j * ld + a] * __expf(gi - gc[j * ld + a]);
-      P = fmaf(wl[i * (CH + 1) + j], x, P);
-      Q = fmaf(dA[i * (CH + 1) + j], x, Q);
+  for (int e = tid; e < 16 * K; e += NT) {
+    const int a = e % K, grp = e / K;
+    float pk[4], pq[4], pg[4], gi[4], P[4], Q[4], R[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const size_t o = cK + (size_t)(grp + 16 * r) * K + a;
+      pk[r] = __ldg(sc.PDK + o) + __ldg(sc.PDK2 + o);
+      pq[r] = __ldg(sc.PDQ + o);
+      pg[r] = __ldg(sc.PDG + o) + __ldg(sc.PDG2 + o) + __ldg(sc.PDG3 + o);
+      gi[r] = gc[(grp + 16 * r) * ld + a];
+      P[r] = Q[r] = R[r] = 0.0f;
     }
-#pragma unroll 4
-    for (int m = i; m < CH; m++) {
-      const float x = fmaf(wl[m * (CH + 1) + i], ks[m * ld + a], dA[m * (CH + 1) + i] * qs[m * ld + a]);
-      R = fmaf(x, __expf(gc[m * ld + a] - gi), R);
+    // P, Q: row r takes j <= grp + 16 r; segment s (j in (grp + 16 (s - 1), grp + 16 s]) serves rows s..3.
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+      const int j1 = grp + 16 * s;
+      for (int j = s == 0 ? 0 : j1 - 15; j <= j1; j++) {
+        const float kj = ks[j * ld + a], gj = gc[j * ld + a];
+#pragma unroll
+        for (int r = s; r < 4; r++) {
+          const float x = kj * __expf(gi[r] - gj);
+          const float2 w = wa[(grp + 16 * r) * CH + j];
+          P[r] = fmaf(w.x, x, P[r]);
+          Q[r] = fmaf(w.y, x, Q[r]);
+        }
+      }
     }
-    const float ki = ks[i * ld + a], qi = qs[i * ld + a];
-    const float dkv = pk + P + R, dqv = pq + Q;
-    dgc[i * ld + a] = pg + ki * (P - R) + qi * Q;
-    const int t = t0 + i;
-    if (t < T) {
-      dk[AT(b, t, h, K) + a] = __float2bfloat16(dkv);
-      dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * dqv);
+    // R: row r takes m >= grp + 16 r; segment s (m in [grp + 16 s, grp + 16 (s + 1)), the last to 63) serves
+    // rows 0..s.
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+      const int m1 = s == 3 ? CH : grp + 16 * (s + 1);
+      for (int m = grp + 16 * s; m < m1; m++) {
+        const float km = ks[m * ld + a], qm = qs[m * ld + a], gm = gc[m * ld + a];
+#pragma unroll
+        for (int r = 0; r <= s; r++) {
+          const float2 w = wa[m * CH + grp + 16 * r];
+          const float x = fmaf(w.x, km, w.y * qm);
+          R[r] = fmaf(x, __expf(gm - gi[r]), R[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int i = grp + 16 * r, t = t0 + i;
+      const float ki = ks[i * ld + a], qi = qs[i * ld + a];
+      dgc[i * ld + a] = pg[r] + ki * (P[r] - R[r]) + qi * Q[r];
+      if (t < T) {
+        dk[AT(b, t, h, K) + a] = __float2bfloat16(pk[r] + P[r] + R[r]);
+        dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * (pq[r] + Q[r]));
+      }
     }
   }
   __syncthreads();
@@ -892,7 +926,7 @@ static size_t wy_smem(int K, int V) {
   return ((size_t)CH * (K + 1) + 2 * CH * (CH + 1) + CH * (K + V) + 17 * K + (NT / 32) * CH + TILE_FLOATS + 2 * CH) *
          sizeof(float);
 }
-static size_t pair_smem(int K) { return (4 * (size_t)CH * (K + 1) + 2 * CH * (CH + 1) + 2 * CH) * sizeof(float); }
+static size_t pair_smem(int K) { return (4 * (size_t)CH * (K + 1) + 2 * CH * CH + 2 * CH) * sizeof(float); }
 
 template <class F>
 static void allow_smem(F *kernel, size_t bytes) {
@@ -954,6 +988,7 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   check_shape(K, V);
   if (B == 0 || T == 0 || H == 0) return;
   const int NC = (T + CH - 1) / CH, chunks = B * H * NC;
+  CHECK(((uintptr_t)k | (uintptr_t)v) % 16 == 0, "KDA backward on the GPU needs k and v 16-byte aligned");
   Scratch sc = scratch_get((size_t)chunks, K, V, true, (float *)saved);  // the backward only reads saved
   if (!saved) forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
   state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
