@@ -38,12 +38,12 @@
 //   the cumulative gates and every exponential of them, the substitution (the inverse of I + L amplifies
 //   rounding), and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands;
 //   bf16 only for q, k, v, out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 6.2 ms, fwd+bwd 23.0 ms): the per-chunk kernels. intra
-//   5.7 ms (forward only: its results are kept in `saved` for the backward), WY backward about 10.9 ms,
-//   pairwise backward about 4 ms (from 5.0: four rows per thread and (wl, dA) pairs in one 8-byte read,
-//   with 16-byte k/v loads in the WY kernel, took fwd+bwd from 23.9 to 23.0 ms; one exponential per pair
-//   remains), against 0.6 ms (forward) and 1.4 ms (backward) for the state
-//   passes. Each per-chunk kernel takes 150-180 KB of shared memory, so one block of 8 warps per SM (12.5%
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 6.2 ms, fwd+bwd 23.0 ms): the per-chunk kernels. By
+//   ncu before the last two changes: intra 5.7 ms (now forward only: its results are kept in `saved` for
+//   the backward), WY backward 10.9 ms, pairwise backward 5.0 ms, against 0.6 ms (forward) and 1.4 ms
+//   (backward) for the state passes. Since then the pairwise backward takes four rows per thread and the WY
+//   backward loads k/v 16 bytes at a time: fwd+bwd 23.9 -> 23.0 ms (per-kernel times not re-measured).
+//   Each per-chunk kernel takes 150-180 KB of shared memory, so one block of 8 warps per SM (12.5%
 //   occupancy; ncu: intra issues 1.3 instructions a cycle, latency bound). Prefetching two 32-wide slices
 //   ahead in gemm_nt instead of one made it slower (23.4 ms). The next steps: smaller shared footprints
 //   (bf16 q, k; Aqk straight to global; Ys split into its K and V halves) for two blocks per SM; the
@@ -786,8 +786,8 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
 // with wl_ij = beta_i dL_ij and E_ij = exp(gc_i - gc_j); dk += P + R, dqs += Q, dgc += k P + q Q - k R.
 // A thread takes one channel a and four rows grp + 16 r (r = 0..3, so every item has the same number of
 // pairs): each k_j, q_j, gc_j read from shared memory serves up to four rows, and (wl, dA) sit side by side
-// so one 8-byte broadcast read gives both. What is left is one exponential per pair (the MUFU unit's 16 a
-// cycle bound it); sums run in ascending j and m as before.
+// so one 8-byte broadcast read gives both. What is left is one exponential per pair (at 16 a cycle per SM
+// on the MUFU unit, the kernel's bound by count); sums run in ascending j and m as before.
 static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
                                                                           Scratch sc, const bf16_t *q,
                                                                           const bf16_t *k, const float *g,
