@@ -18,7 +18,14 @@ SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (1, 65536, 16, 128)]
 REPS, WARMUP = 20, 5
 
 
+WARM_ONLY = False
+
+
 def median_ms(fn):
+    if WARM_ONLY:
+        fn()
+        torch.cuda.synchronize()
+        return 0.0
     for _ in range(WARMUP):
         fn()
     torch.cuda.synchronize()
@@ -80,7 +87,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours", help="bench_kda output to compare against")
     ap.add_argument("--first", action="store_true", help="only the first shape with the softplus gate")
+    ap.add_argument("--warm", action="store_true", help="only compile and autotune (one call of each), no timing")
     args = ap.parse_args()
+    global WARM_ONLY
+    WARM_ONLY = args.warm
     print(f"fla {torch.cuda.get_device_name()} torch {torch.__version__}; median of {REPS} after {WARMUP} warm-ups")
     fla = {}
     for shape in SHAPES[:1] if args.first else SHAPES:
