@@ -38,17 +38,16 @@
 //   the cumulative gates and every exponential of them, the substitution (the inverse of I + L amplifies
 //   rounding), and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands;
 //   bf16 only for q, k, v, out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 6.2 ms, fwd+bwd 23.0 ms): the per-chunk kernels. By
-//   ncu before the last two changes: intra 5.7 ms (now forward only: its results are kept in `saved` for
-//   the backward), WY backward 10.9 ms, pairwise backward 5.0 ms, against 0.6 ms (forward) and 1.4 ms
-//   (backward) for the state passes. Since then the pairwise backward takes four rows per thread and the WY
-//   backward loads k/v 16 bytes at a time: fwd+bwd 23.9 -> 23.0 ms (per-kernel times not re-measured).
-//   Each per-chunk kernel takes 150-180 KB of shared memory, so one block of 8 warps per SM (12.5%
-//   occupancy; ncu: intra issues 1.3 instructions a cycle, latency bound). Prefetching two 32-wide slices
-//   ahead in gemm_nt instead of one made it slower (23.4 ms). The next steps: smaller shared footprints
-//   (bf16 q, k; Aqk straight to global; Ys split into its K and V halves) for two blocks per SM; the
-//   pairwise backward's exponentials factored through anchored tensor-core products like the forward's;
-//   and fewer fp32 scratch bytes (S0 and dS' are 512 MB each at this shape).
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 6.3 ms, fwd+bwd 22.8 ms; fla's Triton chunk_kda beside it
+//   on the same GPU 2.5 / 12.9 ms): the per-chunk kernels. By ncu (2026-12-06, at 2 x 4096, times 4): intra
+//   5.7 ms (forward only: its results are kept in `saved` for the backward), WY backward 10.6 ms (225
+//   registers, 0.64 instructions a cycle), pairwise backward 4.4 ms (1.97 a cycle), against 0.6 ms (forward)
+//   and 1.3 ms (backward) for the state passes. Each per-chunk kernel takes 150-180 KB of shared memory, so one
+//   block of 8 warps per SM (12.5% occupancy), and waits on its own latencies. Prefetching two 32-wide slices
+//   ahead in gemm_nt instead of one made it slower (23.4 ms). The next steps: smaller shared footprints (bf16 q,
+//   k, v; Aqk straight to global) for two blocks per SM; one pass over S0 and dS' for the WY backward's three
+//   state products; the pairwise backward's cross-sub-chunk pairs as anchored tensor-core products like the
+//   forward's; and fewer fp32 scratch bytes (S0 and dS' are 512 MB each at this shape).
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
