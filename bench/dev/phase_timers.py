@@ -1,0 +1,51 @@
+# Writes a copy of kernels/kda_chunk.cu with clock64 phase timers in the per-chunk kernels (thread 0 of each
+# block, after a __syncthreads) and a one-time print of the mean cycles per phase (6th backward call).
+# Usage: python3 bench/dev/phase_timers.py kernels/kda_chunk.cu OUT.cu   (anchors: comments in the kernels)
+# Makes a phase-timed copy of kernels/kda_chunk.cu (clock64 at phase boundaries, thread 0 of each block; printed once).
+import sys
+s = open(sys.argv[1]).read()
+def region(start, s):
+    a = s.index(start); b = s.index("\n// ------", a)
+    return a, b
+def patch(s, start, marks, kid, end_id):
+    a, b = region(start, s)
+    r = s[a:b]
+    for anchor, n in marks:
+        i = r.index(anchor)
+        r = r[:i] + f"PH({kid},{n});\n  " + r[i:]
+    j = r.rindex("}")
+    r = r[:j] + f"PH({kid},{end_id});\n" + r[j:]
+    return s[:a] + r + s[b:]
+s = patch(s, "kda_intra_kernel(Scratch", [("copy_rows_bf16(qh, pl, q", 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
+          ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("bf16_t *vh = (bf16_t *)tile;", 5), ("// UT transform by forward", 6)], 0, 7)
+s = patch(s, "kda_wy_backward_kernel(bf16_t", [("load_gates(", 0), ("const int last = seg[CH - 1];", 1), ("const int lane = tid & 31, warp = tid >> 5;", 2),
+          ("// k and v of the chunk", 3), ("// Back substitution Y", 4), ("// dL = -Y X^T", 5), ("// dAqk = dO Vp^T", 6), ("// dbeta_i = Y_i", 7)], 1, 8)
+s = patch(s, "kda_pairwise_backward_kernel(bf16_t", [("copy_rows_bf16(qh, pl, q", 0), ("#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]", 1),
+          ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums.", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
+head = '''
+__device__ long long kda_prof[3][4096][12];
+#define PH(K, n) do { __syncthreads(); if (threadIdx.x == 0 && blockIdx.x < 4096) kda_prof[K][blockIdx.x][n] = clock64(); } while (0)
+#include <stdio.h>
+static void prof_dump(int nblk) {
+  static long long h[3][4096][12];
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CUDA_CHECK(cudaMemcpyFromSymbol(h, kda_prof, sizeof(h)));
+  const char *names[3] = {"intra", "wy_backward", "pairwise"};
+  const int last[3] = {7, 8, 6};
+  if (nblk > 4096) nblk = 4096;
+  for (int k = 0; k < 3; k++) {
+    double tot = 0, d[12] = {0};
+    for (int b = 0; b < nblk; b++) for (int n = 1; n <= last[k]; n++) d[n] += (double)(h[k][b][n] - h[k][b][n - 1]) / nblk;
+    for (int n = 1; n <= last[k]; n++) tot += d[n];
+    fprintf(stderr, "PHASES %s: %.0f cycles a block:", names[k], tot);
+    for (int n = 1; n <= last[k]; n++) fprintf(stderr, " p%d %.0f (%.0f%%)", n, d[n], 100 * d[n] / tot);
+    fprintf(stderr, "\\n");
+  }
+}
+'''
+i = s.index("#define CH 64")  # after the includes
+s = s[:i] + head + s[i:]
+i = s.index("  smem = pair_smem(K);")
+j = s.index("CUDA_CHECK_LAUNCH();\n}", i) + len("CUDA_CHECK_LAUNCH();")
+s = s[:j] + "\n  static int calls = 0;\n  if (++calls == 6) prof_dump(chunks);" + s[j:]
+open(sys.argv[2], "w").write(s)
