@@ -66,40 +66,6 @@ struct Scratch {
   float *PDQ, *PDK, *PDG, *PDK2, *PDG2, *PDG3, *DL, *DA;  // (64,K) x6, (64,64) x2: partial gradients
 };
 
-// C (M, N) = A (M, KC) B (KC, N) over the block's 256 threads: thread (tx, ty) = (tid % 16, tid / 16) owns
-// rows m0 + ty + 16 r and columns n0 + tx + 16 s of each 64 x 64 output tile, so two products of the same
-// shape give every element to the same thread (epilogues may read-modify-write what they own).
-// M and N are multiples of 16.
-template <class FA, class FB, class FE>
-static __device__ __forceinline__ void block_gemm(int M, int N, int KC, FA a, FB b, FE epi) {
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  for (int m0 = 0; m0 < M; m0 += 64)
-    for (int n0 = 0; n0 < N; n0 += 64) {
-      const int rows = min(4, (M - m0) >> 4), cols = min(4, (N - n0) >> 4);
-      float acc[4][4];
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-#pragma unroll
-        for (int s = 0; s < 4; s++) acc[r][s] = 0.0f;
-      for (int kk = 0; kk < KC; kk++) {
-        float av[4], bv[4];
-#pragma unroll
-        for (int r = 0; r < 4; r++) av[r] = r < rows ? a(m0 + ty + 16 * r, kk) : 0.0f;
-#pragma unroll
-        for (int s = 0; s < 4; s++) bv[s] = s < cols ? b(kk, n0 + tx + 16 * s) : 0.0f;
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-#pragma unroll
-          for (int s = 0; s < 4; s++) acc[r][s] = fmaf(av[r], bv[s], acc[r][s]);
-      }
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-#pragma unroll
-        for (int s = 0; s < 4; s++)
-          if (r < rows && s < cols) epi(m0 + ty + 16 * r, n0 + tx + 16 * s, acc[r][s]);
-    }
-}
-
 static __device__ __forceinline__ float4 tf32x4(float4 x) {
   using namespace nvcuda;
   return make_float4(wmma::__float_to_tf32(x.x), wmma::__float_to_tf32(x.y), wmma::__float_to_tf32(x.z),
@@ -116,9 +82,11 @@ static __device__ __forceinline__ float4 ldg4(const bf16_t *p) {
 
 // C (M, N) = A (M, KC) B (N, KC)^T for the per-chunk kernels on the tensor cores (tf32 inputs, fp32
 // accumulation), staged through shared memory `tile` (TILE_FLOATS, 128-byte aligned) 32 steps of KC at a
-// time; la(m, k) and lb(n, k) return the four values at k..k+3 (k a multiple of 4; KC a multiple of 16). Each 64 x 64 output tile goes through shared memory to epi(m, n, value), thread (tx, ty) =
-// (tid % 16, tid / 16) getting rows ty + 16 r and columns tx + 16 s (as block_gemm). Synchronizes the
-// block: every thread must call it.
+// time; la(m, k) and lb(n, k) return the four values at k..k+3 (k a multiple of 4; KC a multiple of 16). Each
+// 64 x 64 output tile goes through shared memory to epi(m, n, value), thread (tx, ty) = (tid % 16, tid / 16)
+// getting rows ty + 16 r and columns tx + 16 s, so two products of the same shape give every element to the
+// same thread (epilogues may read-modify-write what they own). Synchronizes the block: every thread must
+// call it.
 #define TLD 36
 #define CLD 68
 #define TILE_FLOATS (2 * 64 * TLD + 64 * CLD)
