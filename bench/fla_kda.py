@@ -18,14 +18,7 @@ SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (1, 65536, 16, 128)]
 REPS, WARMUP = 20, 5
 
 
-WARM_ONLY = False
-
-
 def median_ms(fn):
-    if WARM_ONLY:
-        fn()
-        torch.cuda.synchronize()
-        return 0.0
     for _ in range(WARMUP):
         fn()
     torch.cuda.synchronize()
@@ -40,7 +33,7 @@ def median_ms(fn):
     return statistics.median(times)
 
 
-def bench_fla(B, T, H, K, gate):
+def bench_fla(B, T, H, K, gate, warm_only=False):
     from fla.ops.kda import chunk_kda
 
     dev = torch.device("cuda")
@@ -70,6 +63,11 @@ def bench_fla(B, T, H, K, gate):
         o, ht = chunk_kda(q, k, v, g, beta, **kw)
         torch.autograd.backward((o, ht), (do, dht))
 
+    if warm_only:  # compile and autotune both paths, time nothing
+        fwd()
+        both()
+        torch.cuda.synchronize()
+        return None
     return median_ms(fwd), median_ms(both)
 
 
@@ -89,19 +87,24 @@ def main():
     ap.add_argument("--first", action="store_true", help="only the first shape with the softplus gate")
     ap.add_argument("--warm", action="store_true", help="only compile and autotune (one call of each), no timing")
     args = ap.parse_args()
-    global WARM_ONLY
-    WARM_ONLY = args.warm
     print(f"fla {torch.cuda.get_device_name()} torch {torch.__version__}; median of {REPS} after {WARMUP} warm-ups")
     fla = {}
     for shape in SHAPES[:1] if args.first else SHAPES:
         for gate in ("softplus",) if args.first else ("softplus", "bounded"):
             try:
+                if args.warm:
+                    bench_fla(*shape, gate, warm_only=True)
+                    print(f"fla {shape} {gate}: compiled", file=sys.stderr, flush=True)
+                    continue
                 fla[shape + (gate,)] = bench_fla(*shape, gate)
                 print(f"fla {shape} {gate}: fwd {fla[shape + (gate,)][0]:.3f} ms, fwd+bwd {fla[shape + (gate,)][1]:.3f} ms",
                       file=sys.stderr, flush=True)
             except Exception as e:  # noqa: BLE001 (an unsupported case or out of memory: say so, go on)
                 print(f"fla {shape} {gate}: failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-            torch.cuda.empty_cache()
+            finally:
+                torch.cuda.empty_cache()
+    if args.warm:
+        return
     ours = read_ours(args.ours) if args.ours else {}
     print("| B | T | H | K | gate | fla fwd ms | fla fwd+bwd ms | ours fwd ms | ours fwd+bwd ms | ours/fla fwd | "
           "ours/fla fwd+bwd |")
