@@ -44,7 +44,7 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
 /* CUDA: bf16 q, k, v, out; fp32 g, beta and states. The chunkwise algorithm above with fixed 64-token
  * chunks; a document start inside a chunk is handled by masking (no pairwise term crosses it, the state
  * entering it is zero), so T need not be a multiple of 64 and chunks need not align with documents. Forward:
- * a parallel kernel per chunk (pairwise decays, UT transform by forward substitution, W, U and the decayed q
+ * a parallel kernel per chunk (pairwise decays, the UT transform's (I + A)^-1 explicitly, W, U and the decayed q
  * and k), then one sequential pass per (row, head) (per 16 state columns when V is not a multiple of 128)
  * that carries the fp32 state in registers and writes the output. Backward: the state pass again (saving the
  * state entering each chunk), a reverse state pass, then two parallel kernels per chunk (the WY/UT backward;
@@ -53,11 +53,11 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * K and V multiples of 16 up to 128; k and v 16-byte aligned (as cudaMalloc gives). All gradients are
  * overwritten; dinitial_state, dfinal_state and the state pointers may be NULL.
  *
- * `saved` (kda_chunk_saved_floats floats, fp32; 160 KB per 64-token chunk and head at K = V = 128, i.e.
- * 20 bytes per token and channel) keeps the per-chunk kernel's results from the forward for the backward of
+ * `saved` (kda_chunk_saved_floats floats, fp32; 176 KB per 64-token chunk and head at K = V = 128, i.e.
+ * 22 bytes per token and channel) keeps the per-chunk kernel's results from the forward for the backward of
  * the same inputs, which then skips recomputing them (a quarter of the fwd+bwd time at 4 x 4096 x 8 x 128).
  * With saved = NULL the forward keeps nothing and the backward recomputes; the results are bitwise the same.
- * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.4 MB per chunk
+ * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.33 MB per chunk
  * and head at K = V = 128). */
 #include <stddef.h>
 

@@ -10,44 +10,42 @@
 // exact gradients. Every exponential taken is of a difference gc_i - gc_j with j <= i (or of gc itself),
 // so all are <= 1 and nothing overflows, whatever the decay.
 //
-// Forward:  intra kernel (per chunk, parallel): KK, Aqk, the UT transform by forward substitution
-//           (W | U) = (I + L)^-1 diag(beta) (eg K | V), qg = eg qs, kl = ekl k, el -> scratch.
+// Forward:  intra kernel (per chunk, parallel): KK, Aqk, M = (I + L)^-1 (L = diag(beta) KK) explicitly,
+//           (W | U) = M diag(beta) (eg K | V), qg = eg qs, kl = ekl k, el, M^T -> scratch.
 //           state kernel (per batch row and head, sequential over chunks, tensor cores):
 //           Vp = U - W S; O = qg S + Aqk Vp; S <- diag(el) S + kl^T Vp.
 // Backward: the same two (the state kernel saving S entering each chunk and Vp), a reverse state kernel
 //           (dVp = Aqk^T dO + kl dS'; dS <- qg^T dO + diag(el) dS' - W^T dVp, saving dS' and dVp), then
-//           two parallel per-chunk kernels: the WY / UT backward (dqg, dkl, dX, back substitution, dL, dAqk,
+//           two parallel per-chunk kernels: the WY / UT backward (dqg, dkl, dX, Y = M^T dX, dL, dAqk,
 //           dv, dbeta) and the pairwise backward with the reverse cumulative sum of the gate gradient.
 //
 // Design note (what is fused, where things live, where fp32 is needed, what limits it):
 // - Five kernels, per chunk or per (b, h); nothing between them but device_scratch slot 2 (fp32, per chunk:
-//   W U QG KL (64 x 128), Aqk KK (64 x 64), el; the backward adds S0 and dS' (128 x 128), Vp and dVp,
-//   six partial gradients and dL, dAqk). The forward's output is fused into its state pass.
+//   W U QG KL (64 x 128), Aqk KK M^T (64 x 64), el; the backward adds S0 and dS' (128 x 128), Vp and dVp,
+//   three partial gradients (dq, dk and its UT part), the last row's gate term, dL, dAqk). The forward's output
+//   is fused into its state pass.
 // - State passes: one block of 8 warps per (b, h) at V = 128 (1 warp per 16 columns otherwise); each warp
 //   holds S^T (or dS^T) for its 16 state columns in fp32 registers (64 per thread) for the whole sequence,
 //   and every product is mma.sync m16n8k8 tf32 with fp32 accumulation, the accumulator tiles feeding the
 //   next product as A fragments without a trip through shared memory. W, QG, KL, Aqk (stored tf32-rounded
 //   by the intra kernel) stream through shared memory by cp.async, one operand pair loading while the
 //   other is used. dO goes from global memory straight into A fragments.
-// - Per-chunk kernels: q, k, gc (fp32, padded rows) and the 64 x 64 KK / Aqk in shared memory; the
-//   off-diagonal 16-row blocks of KK, Aqk and the backward's chunk products on tensor cores (wmma tf32,
-//   through gemm_nt); diagonal 16 x 16 blocks pair by pair in fp32 on CUDA cores (their exp(gc_i - gc_j)
-//   cannot be factored without overflow when decays are strong); the UT forward / back substitution one
-//   column per thread in registers.
+// - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in
+//   shared memory; the off-diagonal 16-row blocks of KK, Aqk, the pairwise backward's cross-sub-chunk pairs and
+//   every chunk product on tensor cores (wmma tf32, through gemm_nt), each exponential split at an anchor row so
+//   that both factors are <= 1; the pairs inside a 16-row sub-chunk in fp32 on CUDA cores (their
+//   exp(gc_i - gc_j) cannot be factored without overflow when decays are strong). M = (I + L)^-1 is built from
+//   its four 16 x 16 diagonal blocks (forward substitution) block row by block row on CUDA cores, then W | U and
+//   the backward's Y = M^T dX are tensor-core products. The WY backward reads S0 and dS' once for its three
+//   state products (state_products). The intra kernel fits two blocks per SM (about 100 KB), the two backward
+//   kernels one (about 200 KB).
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
-//   the cumulative gates and every exponential of them, the substitution (the inverse of I + L amplifies
-//   rounding), and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands;
-//   bf16 only for q, k, v, out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 6.3 ms, fwd+bwd 22.8 ms; fla's Triton chunk_kda beside it
-//   on the same GPU 2.5 / 12.9 ms): the per-chunk kernels. By ncu (2026-12-06, at 2 x 4096, times 4): intra
-//   5.7 ms (forward only: its results are kept in `saved` for the backward), WY backward 10.6 ms (225
-//   registers, 0.64 instructions a cycle), pairwise backward 4.4 ms (1.97 a cycle), against 0.6 ms (forward)
-//   and 1.3 ms (backward) for the state passes. Each per-chunk kernel takes 150-180 KB of shared memory, so one
-//   block of 8 warps per SM (12.5% occupancy), and waits on its own latencies. Prefetching two 32-wide slices
-//   ahead in gemm_nt instead of one made it slower (23.4 ms). The next steps: smaller shared footprints (bf16 q,
-//   k, v; Aqk straight to global) for two blocks per SM; one pass over S0 and dS' for the WY backward's three
-//   state products; the pairwise backward's cross-sub-chunk pairs as anchored tensor-core products like the
-//   forward's; and fewer fp32 scratch bytes (S0 and dS' are 512 MB each at this shape).
+//   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
+//   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
+//   out, dout and the bf16 gradients, as the contract says.
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 3.5 ms, fwd+bwd 17.4 ms; fla's Triton chunk_kda beside it
+//   on the same GPU 2.5 / 12.9 ms): the per-chunk kernels, whose phases (bench/dev/phase_timers.py, clock64 per
+//   phase) take 10-75 thousand cycles each, far above their arithmetic; see bench/README for the table.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
@@ -61,9 +59,9 @@
 
 // Per-chunk scratch, chunk index ch = (b * H + h) * NC + c.
 struct Scratch {
-  float *W, *U, *QG, *KL, *EL, *AQ, *KK;  // (64,K) (64,V) (64,K) (64,K) (K) (64,64) (64,64)
+  float *W, *U, *QG, *KL, *EL, *AQ, *KK, *MT;  // (64,K) (64,V) (64,K) (64,K) (K) (64,64) x3
   float *VP, *S0, *DVP, *DS;              // (64,V) (K,V) (64,V) (K,V)
-  float *PDQ, *PDK, *PDG, *PDK2, *PDG2, *PDG3, *DL, *DA;  // (64,K) x6, (64,64) x2: partial gradients
+  float *PDQ, *PDK, *PDK2, *DGL, *DL, *DA;  // (64,K) x3, (K), (64,64) x2: partial gradients
 };
 
 static __device__ __forceinline__ float4 tf32x4(float4 x) {
@@ -89,11 +87,11 @@ static __device__ __forceinline__ float4 ldg4(const bf16_t *p) {
 // call it.
 #define TLD 36
 #define CLD 68
-#define TILE_FLOATS (2 * 64 * TLD + 64 * CLD)
+#define TILE_FLOATS (2 * 64 * TLD)  // >= 64 * CLD: the output tile Cs overlays As and Bs
 template <class LA, class LB, class FE>
 static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile, LA la, LB lb, FE epi) {
   using namespace nvcuda;
-  float *As = tile, *Bs = tile + 64 * TLD, *Cs = Bs + 64 * TLD;
+  float *As = tile, *Bs = tile + 64 * TLD, *Cs = tile;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
   for (int m0 = 0; m0 < M; m0 += 64)
     for (int n0 = 0; n0 < N; n0 += 64) {
@@ -137,6 +135,7 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
           }
         }
       }
+      __syncthreads();  // every warp is done with As and Bs
       wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, c0, CLD, wmma::mem_row_major);
       wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, c1, CLD, wmma::mem_row_major);
       __syncthreads();
@@ -147,6 +146,105 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
           if (ty + 16 * r < rows && tx + 16 * q < cols)
             epi(m0 + ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
     }
+}
+
+// The WY backward's three products with the chunk's states in one pass over the V columns, 64 state rows a at a
+// time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
+// are read once (three gemm_nt calls read S0 twice and every A operand once per product). Also
+// del_a = sum_d dS'_ad S0_ad from the fp32 values in registers (the eight threads of a row summed in a fixed
+// order), and dVp itself (fp32, unrounded) into dvp_out (64, ld_out) on the first pass. epi(p, i, a, value)
+// gets thread (tx, ty) the rows ty + 16 r and columns tx + 16 q of each tile, as gemm_nt. Synchronizes the block.
+#define SP_FLOATS (5 * 64 * TLD)
+template <class FE>
+static __device__ __forceinline__ void state_products(const bf16_t *dout, const float *VP, const float *DVP,
+                                                      const float *S0, const float *DS, float *tile, float *delS,
+                                                      float *dvp_out, int ld_out, int b, int h, int t0, int T, int H,
+                                                      int K, int V, FE epi) {
+  using namespace nvcuda;
+  float *As = tile, *Bs = tile + 3 * 64 * TLD, *Cs = tile;  // A: dO, Vp, dVp; B: S0, dS' (64 x TLD each)
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int n0 = 0; n0 < K; n0 += 64) {
+    const int cols = min(64, K - n0);
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[3][2];
+#pragma unroll
+    for (int p = 0; p < 3; p++) wmma::fill_fragment(acc[p][0], 0.0f), wmma::fill_fragment(acc[p][1], 0.0f);
+    float4 av[3][2], bv[2][2];  // thread's elements: rows r = (tid >> 3) + 32 u, columns k0 + 4 (tid & 7) .. + 3
+    float dl[2] = {0.0f, 0.0f};
+    auto fetch = [&](int k0) {
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        const int r = (tid >> 3) + 32 * u, kk = k0 + 4 * (tid & 7);
+        const bool in = kk < V;
+        av[0][u] = in && t0 + r < T ? ldg4(dout + AT(b, t0 + r, h, V) + kk) : zero;
+        av[1][u] = in ? ldg4(VP + r * V + kk) : zero;
+        av[2][u] = in ? ldg4(DVP + r * V + kk) : zero;
+        bv[0][u] = in && r < cols ? ldg4(S0 + (size_t)(n0 + r) * V + kk) : zero;
+        bv[1][u] = in && r < cols ? ldg4(DS + (size_t)(n0 + r) * V + kk) : zero;
+      }
+    };
+    fetch(0);
+    for (int k0 = 0; k0 < V; k0 += 32) {
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        const int r = (tid >> 3) + 32 * u, c = 4 * (tid & 7);
+#pragma unroll
+        for (int p = 0; p < 3; p++) *(float4 *)(As + (p * 64 + r) * TLD + c) = tf32x4(av[p][u]);
+#pragma unroll
+        for (int p = 0; p < 2; p++) *(float4 *)(Bs + (p * 64 + r) * TLD + c) = tf32x4(bv[p][u]);
+        const float4 x = bv[0][u], y = bv[1][u];
+        dl[u] = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl[u]))));
+        if (n0 == 0 && k0 + c < V) *(float4 *)(dvp_out + r * ld_out + k0 + c) = av[2][u];
+      }
+      __syncthreads();
+      if (k0 + 32 < V) fetch(k0 + 32);
+      if (32 * wn < cols) {
+#pragma unroll
+        for (int ks = 0; ks < 32; ks += 8) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fs0, fs1, fd0, fd1;
+          wmma::load_matrix_sync(fs0, Bs + 32 * wn * TLD + ks, TLD);
+          wmma::load_matrix_sync(fs1, Bs + (32 * wn + 16) * TLD + ks, TLD);
+          wmma::load_matrix_sync(fd0, Bs + (64 + 32 * wn) * TLD + ks, TLD);
+          wmma::load_matrix_sync(fd1, Bs + (64 + 32 * wn + 16) * TLD + ks, TLD);
+          wmma::load_matrix_sync(fa, As + 16 * wm * TLD + ks, TLD);
+          wmma::mma_sync(acc[0][0], fa, fs0, acc[0][0]);
+          wmma::mma_sync(acc[0][1], fa, fs1, acc[0][1]);
+          wmma::load_matrix_sync(fa, As + (64 + 16 * wm) * TLD + ks, TLD);
+          wmma::mma_sync(acc[1][0], fa, fd0, acc[1][0]);
+          wmma::mma_sync(acc[1][1], fa, fd1, acc[1][1]);
+          wmma::load_matrix_sync(fa, As + (128 + 16 * wm) * TLD + ks, TLD);
+          wmma::mma_sync(acc[2][0], fa, fs0, acc[2][0]);
+          wmma::mma_sync(acc[2][1], fa, fs1, acc[2][1]);
+        }
+      }
+    }
+    // del: the eight threads of a row are neighbouring lanes.
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+      float x = dl[u];
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      x += __shfl_xor_sync(0xffffffffu, x, 4);
+      const int r = (tid >> 3) + 32 * u;
+      if ((tid & 7) == 0 && r < cols) delS[n0 + r] = x;
+    }
+#pragma unroll
+    for (int p = 0; p < 3; p++) {
+      __syncthreads();  // every warp is past its reads of As (which Cs overlays) or of the last tile
+      if (32 * wn < cols) {
+        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, acc[p][0], CLD, wmma::mem_row_major);
+        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, acc[p][1], CLD, wmma::mem_row_major);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+          if (tx + 16 * q < cols) epi(p, ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
+    }
+  }
 }
 
 // Tensor-core helpers for the sequential state kernels: mma.sync m16n8k8 with tf32 inputs and fp32
@@ -221,64 +319,96 @@ static __device__ void load_gates(float *gc, int ldg, float *beta, int *seg, con
   }
 }
 
-// Rows of a (64, K) bf16 tile into fp32 shared memory (leading dimension ld), times mul, zero past T:
-// 16-byte loads, all of a thread's (at most 4, K <= 128) in flight together.
-static __device__ void load_rows(float *dst, int ld, const bf16_t *src, float mul, int b, int h, int t0, int T, int H,
-                                 int K) {
+// q and k rows kept in shared memory as they are, bf16 (exact for k; q is scaled when read), with a row pitch of
+// K + 2 so that the rows of one channel spread over the banks.
+#define QK_PITCH(K) ((K) + 2)
+// Rows of a (64, K) bf16 tile into shared memory unchanged (row pitch `pitch`, even), zero past T: 16-byte
+// loads, all of a thread's (at most 4, K <= 128) in flight together, 4-byte stores.
+static __device__ void copy_rows_bf16(bf16_t *dst, int pitch, const bf16_t *src, int b, int h, int t0, int T, int H,
+                                      int K) {
   const int per_row = K / 8, n = CH * per_row;
   uint4 x[4];
 #pragma unroll
   for (int u = 0; u < 4; u++) {
     const int e = threadIdx.x + u * NT, i = e / per_row;
-    x[u] = make_uint4(0, 0, 0, 0);
+    x[u] = make_uint4(0u, 0u, 0u, 0u);
     if (e < n && t0 + i < T) x[u] = __ldg((const uint4 *)(src + AT(b, t0 + i, h, K) + (e % per_row) * 8));
   }
 #pragma unroll
   for (int u = 0; u < 4; u++) {
-    const int e = threadIdx.x + u * NT, i = e / per_row;
+    const int e = threadIdx.x + u * NT;
     if (e >= n) break;
-    float *d = dst + i * ld + (e % per_row) * 8;
-    const unsigned w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-    for (int p = 0; p < 4; p++) {
-      d[2 * p] = mul * __uint_as_float(w[p] << 16);
-      d[2 * p + 1] = mul * __uint_as_float(w[p] & 0xffff0000u);
-    }
+    unsigned *d = (unsigned *)(dst + (e / per_row) * pitch + (e % per_row) * 8);
+    d[0] = x[u].x, d[1] = x[u].y, d[2] = x[u].z, d[3] = x[u].w;
   }
+}
+static __device__ __forceinline__ float bf(const bf16_t *p) { return __bfloat162float(*p); }
+// Four bf16 at p (4-byte aligned) as floats, times mul.
+static __device__ __forceinline__ float4 bf4(const bf16_t *p, float mul) {
+  const unsigned u0 = *(const unsigned *)p, u1 = *(const unsigned *)(p + 2);
+  return make_float4(mul * __uint_as_float(u0 << 16), mul * __uint_as_float(u0 & 0xffff0000u),
+                     mul * __uint_as_float(u1 << 16), mul * __uint_as_float(u1 & 0xffff0000u));
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The intra kernel's tile: gemm_nt's, later v (64, V) in bf16.
+static __host__ __device__ int intra_tile(int V) { return TILE_FLOATS; }
+// q's region, later M (64 x 65 floats), in bf16 elements.
+static __host__ __device__ int q_region(int K) { return CH * QK_PITCH(K) > 2 * CH * (CH + 1) ? CH * QK_PITCH(K) : 2 * CH * (CH + 1); }
 // Intra-chunk forward: one block per chunk.
-static __global__ void __launch_bounds__(NT) kda_intra_kernel(Scratch sc, const bf16_t *q, const bf16_t *k,
-                                                              const bf16_t *v, const float *g, const float *beta_in,
-                                                              const unsigned char *doc_start, float scale, int T,
-                                                              int H, int K, int V, int NC) {
+static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, const bf16_t *q, const bf16_t *k,
+                                                                 const bf16_t *v, const float *g, const float *beta_in,
+                                                                 const unsigned char *doc_start, float scale, int T,
+                                                                 int H, int K, int V, int NC) {
+  // About 100 KB of shared memory at K = V = 128 (q, k, v in bf16; Aqk straight to global memory), so two
+  // blocks share an SM.
   extern __shared__ __align__(128) float smem[];
-  const int ld = K + 1;
-  float *tile = smem, *qs = tile + TILE_FLOATS, *ks = qs + CH * ld, *gc = ks + CH * ld, *kks = gc + CH * ld;
-  float *aqs = kks + CH * (CH + 1), *beta = aqs + CH * (CH + 1);
+  const int ld = K + 1, pl = QK_PITCH(K);
+  float *tile = smem, *gc = tile + intra_tile(V), *kks = gc + CH * ld, *beta = kks + CH * (CH + 1);
   int *seg = (int *)(beta + CH);
+  bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + q_region(K);
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
-  load_rows(qs, ld, q, scale, b, h, t0, T, H, K);
-  load_rows(ks, ld, k, 1.0f, b, h, t0, T, H, K);
+  float *AQ = sc.AQ + (size_t)ch * CH * CH;
+  copy_rows_bf16(qh, pl, q, b, h, t0, T, H, K);
+  copy_rows_bf16(kh, pl, k, b, h, t0, T, H, K);
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
-  // Pairwise products inside the 16-row sub-chunks, pair by pair: thread per (i, j), 16 consecutive j per
-  // half-warp (conflict-free with the padded rows). Everything else is zeroed here.
+  // Pairwise products inside the 16-row sub-chunks, pair by pair (136 pairs j <= i in each of the four): four
+  // neighbouring lanes share a pair, lane c taking the channels a0 + 8 c + r (a0 a multiple of 32, r < 8), so
+  // that the eight pairs of a warp, neighbours in j, read gc_j from 32 different banks; the four partial sums
+  // meet by shuffles. Entries above the sub-chunk diagonal are zeroed here; the products below write those
+  // left of it.
   for (int e = tid; e < CH * CH; e += NT) {
     const int i = e >> 6, j = e & 63;
+    if ((j >> 4) > (i >> 4) || ((j >> 4) == (i >> 4) && j > i)) AQ[e] = kks[e] = 0.0f;
+  }
+  for (int w = tid; w < 4 * 4 * 136; w += NT) {  // 2176 = 68 whole warps: the shuffles see full warps
+    const int c = w & 3, p = (w >> 2) % 136, blk = (w >> 2) / 136;
+    int il = (int)((sqrtf(8.0f * p + 1.0f) - 1.0f) * 0.5f);  // p = il (il + 1) / 2 + jl, 0 <= jl <= il
+    if ((il + 1) * (il + 2) / 2 <= p) il++;
+    if (il * (il + 1) / 2 > p) il--;
+    const int i = 16 * blk + il, j = 16 * blk + p - il * (il + 1) / 2;
     float kk = 0.0f, qk = 0.0f;
-    if ((i >> 4) == (j >> 4) && j <= i && seg[i] == seg[j]) {
-      const float *ki = ks + i * ld, *kj = ks + j * ld, *qi = qs + i * ld, *gi = gc + i * ld, *gj = gc + j * ld;
-#pragma unroll 8
-      for (int a = 0; a < K; a++) {
-        const float x = kj[a] * __expf(gi[a] - gj[a]);
-        kk = fmaf(ki[a], x, kk);
-        qk = fmaf(qi[a], x, qk);
-      }
+    if (seg[i] == seg[j]) {
+      const bf16_t *ki = kh + i * pl, *kj = kh + j * pl, *qi = qh + i * pl;
+      const float *gi = gc + i * ld, *gj = gc + j * ld;
+      for (int a0 = 8 * c; a0 < K; a0 += 32)
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+          const int a = a0 + r;
+          const float x = bf(kj + a) * __expf(gi[a] - gj[a]);
+          kk = fmaf(bf(ki + a), x, kk);
+          qk = fmaf(bf(qi + a), x, qk);
+        }
     }
-    aqs[e] = qk;
-    kks[e] = j < i ? kk : 0.0f;
+    kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+    qk += __shfl_xor_sync(0xffffffffu, qk, 1);
+    kk += __shfl_xor_sync(0xffffffffu, kk, 2);
+    qk += __shfl_xor_sync(0xffffffffu, qk, 2);
+    if (c == 0) {
+      AQ[i * CH + j] = round_tf32(scale * qk);
+      kks[i * CH + j] = j < i ? kk : 0.0f;
+    }
   }
   // Sub-chunk I against all earlier rows j < I0, anchored at a = gc(I0): one product of the rescaled rows
   // [k_i exp(gc_i - a); qs_i exp(gc_i - a)] (32, K) and k_j exp(a - gc_j) (I0, K), every factor <= 1.
@@ -288,63 +418,98 @@ static __global__ void __launch_bounds__(NT) kda_intra_kernel(Scratch sc, const 
         32, I0, K, tile,
         [&](int r, int a) {
           const int i = I0 + (r & 15);
-          const float *x = (r < 16 ? ks : qs) + i * ld + a, *gi = gc + i * ld + a;
-          return make_float4(x[0] * __expf(gi[0] - an[a]), x[1] * __expf(gi[1] - an[a + 1]),
-                             x[2] * __expf(gi[2] - an[a + 2]), x[3] * __expf(gi[3] - an[a + 3]));
+          const float4 x = bf4((r < 16 ? kh : qh) + i * pl + a, r < 16 ? 1.0f : scale);
+          const float *gi = gc + i * ld + a;
+          return make_float4(x.x * __expf(gi[0] - an[a]), x.y * __expf(gi[1] - an[a + 1]),
+                             x.z * __expf(gi[2] - an[a + 2]), x.w * __expf(gi[3] - an[a + 3]));
         },
         [&](int j, int a) {
-          const float *x = ks + j * ld + a, *gj = gc + j * ld + a;
-          return make_float4(x[0] * __expf(an[a] - gj[0]), x[1] * __expf(an[a + 1] - gj[1]),
-                             x[2] * __expf(an[a + 2] - gj[2]), x[3] * __expf(an[a + 3] - gj[3]));
+          const float4 x = bf4(kh + j * pl + a, 1.0f);
+          const float *gj = gc + j * ld + a;
+          return make_float4(x.x * __expf(an[a] - gj[0]), x.y * __expf(an[a + 1] - gj[1]),
+                             x.z * __expf(an[a + 2] - gj[2]), x.w * __expf(an[a + 3] - gj[3]));
         },
         [&](int r, int j, float x) {
           const int i = I0 + (r & 15);
           const float v = seg[i] == seg[j] ? x : 0.0f;
-          (r < 16 ? kks : aqs)[i * CH + j] = v;
+          if (r < 16) kks[i * CH + j] = v;
+          else AQ[i * CH + j] = round_tf32(v);
         });
   }
   __syncthreads();
-  float *AQ = sc.AQ + (size_t)ch * CH * CH, *KKg = sc.KK + (size_t)ch * CH * CH;
-  for (int e = tid; e < CH * CH; e += NT) {
-    AQ[e] = round_tf32(aqs[e]);
-    KKg[e] = kks[e];
-  }
+  float *KKg = sc.KK + (size_t)ch * CH * CH;
+  for (int e = tid; e < CH * CH; e += NT) KKg[e] = kks[e];
   // qg, kl, el.
   float *QG = sc.QG + (size_t)ch * CH * K, *KL = sc.KL + (size_t)ch * CH * K;
   const int last = seg[CH - 1];
   for (int e = tid; e < CH * K; e += NT) {
     const int i = e / K, a = e % K;
     const float gi = gc[i * ld + a], gl = gc[(CH - 1) * ld + a];
-    QG[e] = round_tf32(seg[i] == 0 ? __expf(gi) * qs[i * ld + a] : 0.0f);
-    KL[e] = round_tf32(seg[i] == last ? __expf(gl - gi) * ks[i * ld + a] : 0.0f);
+    QG[e] = round_tf32(seg[i] == 0 ? __expf(gi) * (scale * bf(qh + i * pl + a)) : 0.0f);
+    KL[e] = round_tf32(seg[i] == last ? __expf(gl - gi) * bf(kh + i * pl + a) : 0.0f);
   }
   if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? __expf(gc[(CH - 1) * ld + tid]) : 0.0f;
-  float *vs = tile;  // (64, V): free since the last product
-  load_rows(vs, V, v, 1.0f, b, h, t0, T, H, V);
-  __syncthreads();
-  // UT transform by forward substitution, one column of [eg K | V] per thread, in registers.
-  if (tid < K + V) {
-    float x[CH];
+  // M = (I + diag(beta) KK)^-1 (unit lower triangular) in 16-row blocks, into Ms over q (free from here on):
+  // the diagonal blocks by forward substitution, one column per thread; then block row I = 1..3 from the
+  // earlier ones, M_IJ = -M_II sum_{J <= P < I} diag(beta_I) KK_IP M_PJ (the sum staged in the tile).
+  __syncthreads();  // every thread is past its reads of q
+  float *Ms = (float *)qh;  // (64, 65): 64 * 65 floats = 64 * QK_PITCH(128) bf16 at K = 128, less otherwise
+  const int lm = CH + 1;
+  if (tid < CH) {
+    const int j = tid, j0 = j & ~15;
+    for (int i = 0; i < j0; i++) Ms[i * lm + j] = 0.0f;
+    float x[16];
 #pragma unroll
-    for (int i = 0; i < CH; i++) {
-      float rhs;
-      if (tid < K) rhs = seg[i] == 0 ? __expf(gc[i * ld + tid]) * ks[i * ld + tid] : 0.0f;
-      else rhs = vs[i * V + tid - K];
-      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < 16; r++) {
+      const int i = j0 + r;
+      float s = i == j ? 1.0f : 0.0f;
+      if (i > j) {
 #pragma unroll
-      for (int j = 0; j < i; j++) s[j & 3] = fmaf(kks[i * CH + j], x[j], s[j & 3]);
-      x[i] = beta[i] * (rhs - ((s[0] + s[1]) + (s[2] + s[3])));
-    }
-    if (tid < K) {
-      float *W = sc.W + (size_t)ch * CH * K + tid;
-#pragma unroll
-      for (int i = 0; i < CH; i++) W[i * K] = round_tf32(x[i]);
-    } else {
-      float *U = sc.U + (size_t)ch * CH * V + tid - K;
-#pragma unroll
-      for (int i = 0; i < CH; i++) U[i * V] = x[i];
+        for (int m = 0; m < r; m++)
+          if (j0 + m >= j) s = fmaf(-beta[i] * kks[i * CH + j0 + m], x[m], s);
+      }
+      x[r] = i >= j ? s : 0.0f;
+      Ms[i * lm + j] = x[r];
     }
   }
+  __syncthreads();
+  for (int I = 1; I < 4; I++) {
+    const int I0 = 16 * I;
+    for (int e = tid; e < 16 * I0; e += NT) {  // tmp (16, I0): rows I0.., columns < I0
+      const int r = e / I0, j = e % I0, i = I0 + r;
+      float s = 0.0f;
+      for (int m = j & ~15; m < I0; m++) s = fmaf(kks[i * CH + m], Ms[m * lm + j], s);
+      tile[r * CH + j] = beta[i] * s;
+    }
+    __syncthreads();
+    for (int e = tid; e < 16 * I0; e += NT) {
+      const int r = e / I0, j = e % I0, i = I0 + r;
+      float s = 0.0f;
+      for (int m = 0; m <= r; m++) s = fmaf(Ms[i * lm + I0 + m], tile[m * CH + j], s);
+      Ms[i * lm + j] = -s;
+    }
+    __syncthreads();
+  }
+  // M^T for the backward's Y = M^T dX.
+  float *MT = sc.MT + (size_t)ch * CH * CH;
+  for (int e = tid; e < CH * CH; e += NT) MT[e] = Ms[(e & 63) * lm + (e >> 6)];
+  // (W | U) = M diag(beta) (eg K | V) on the tensor cores; v straight from global memory (bf16).
+  gemm_nt(
+      CH, K + V, CH, tile, [&](int i, int j) { return lds4(Ms + i * lm + j); },
+      [&](int n, int j) {
+        float x[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          const int r = j + u;
+          if (n < K) x[u] = seg[r] == 0 ? beta[r] * __expf(gc[r * ld + n]) * bf(kh + r * pl + n) : 0.0f;
+          else x[u] = t0 + r < T ? beta[r] * __bfloat162float(v[AT(b, t0 + r, h, V) + n - K]) : 0.0f;
+        }
+        return make_float4(x[0], x[1], x[2], x[3]);
+      },
+      [&](int i, int n, float x) {
+        if (n < K) sc.W[(size_t)ch * CH * K + i * K + n] = round_tf32(x);
+        else sc.U[(size_t)ch * CH * V + i * V + n - K] = x;
+      });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -585,8 +750,10 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
         if (j < KT) dinitial_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dS[j][r];
 }
 // ---------------------------------------------------------------------------------------------------------
-// WY / UT backward, one block per chunk: the non-pairwise parts of dq, dk, dg into PDQ, PDK, PDG; dL and dAqk
-// (masked) into DL, DA; dv and dbeta final.
+#define WY_TILE (SP_FLOATS > TILE_FLOATS ? SP_FLOATS : TILE_FLOATS)  // the tile, 128-byte aligned
+// WY / UT backward, one block per chunk: the non-pairwise parts of dq and dk into PDQ (through qg), PDK (through
+// kl) and PDK2 (through the UT transform's eg k), the gate gradient that reaches gc_last through el into DGL (the
+// pairwise kernel derives the rest of dg from these and q, k); dL and dAqk (masked) into DL, DA; dv, dbeta final.
 static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, float *dbeta, Scratch sc,
                                                                     const bf16_t *dout, const bf16_t *k,
                                                                     const bf16_t *v, const float *g,
@@ -595,8 +762,8 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
                                                                     int K, int V, int NC) {
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
-  float *tile = smem, *gc = tile + TILE_FLOATS, *kks = gc + CH * ld, *Ys = kks + CH * (CH + 1), *dLs = Ys + CH * KV;
-  float *colpart = dLs + CH * (CH + 1), *delS = colpart + 16 * K, *rowpart = delS + K, *beta = rowpart + (NT / 32) * CH;
+  float *tile = smem, *gc = tile + WY_TILE, *kks = gc + CH * ld, *Ys = kks + CH * (CH + 1), *dLs = Ys + CH * KV;
+  float *delS = dLs + CH * (CH + 1), *rowpart = delS + K, *beta = rowpart + (NT / 32) * CH;
   int *seg = (int *)(beta + CH);
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
@@ -606,56 +773,28 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
     const int e = tid + u * NT;
     kks[e] = __ldg(sc.KK + cC + e);
   }
-  for (int e = tid; e < 16 * K; e += NT) colpart[e] = 0.0f;
   for (int e = tid; e < (NT / 32) * CH; e += NT) rowpart[e] = 0.0f;
   __syncthreads();
-  const int last = seg[CH - 1], ty = tid >> 4;
+  const int last = seg[CH - 1];
   const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
-  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDG = sc.PDG + cK, *PDK2 = sc.PDK2 + cK, *PDG2 = sc.PDG2 + cK;
-  float *PDG3 = sc.PDG3 + cK;
+  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK;
   auto dO = [&](int i, int a) {
     return t0 + i < T ? ldg4(dout + AT(b, t0 + i, h, V) + a) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   };
-  // dqg = dO S0^T
-  gemm_nt(
-      CH, K, V, tile, dO, [&](int n, int a) { return ldg4(S0 + n * V + a); },
-      [&](int i, int n, float x) {
-        const float eg = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
-        PDQ[i * K + n] = eg * x;
-        PDG[i * K + n] = x * __ldg(sc.QG + cK + i * K + n);
-      });
-  // dkl = Vp dS'^T
-  gemm_nt(
-      CH, K, V, tile, [&](int i, int a) { return ldg4(VP + i * V + a); }, [&](int n, int a) { return ldg4(DS + n * V + a); },
-      [&](int i, int n, float x) {
-        const float ekl = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) : 0.0f;
-        PDK[i * K + n] = ekl * x;
-        const float t = x * __ldg(sc.KL + cK + i * K + n);
-        PDG2[i * K + n] = -t;
-        colpart[ty * K + n] += t;
-      });
-  // dX = [-dVp S0^T | dVp]
-  gemm_nt(
-      CH, K, V, tile, [&](int i, int a) { return ldg4(DVP + i * V + a); }, [&](int n, int a) { return ldg4(S0 + n * V + a); },
-      [&](int i, int n, float x) { Ys[i * KV + n] = -x; });
-  for (int e = tid; e < CH * V; e += NT) Ys[(e / V) * KV + K + e % V] = __ldg(DVP + e);
-  // del = rowsum(dS' * S0), a warp per row, four rows at a time.
+  // dqg = dO S0^T, dkl = Vp dS'^T, dX = [-dVp S0^T | dVp], del = rowsum(dS' * S0)
+  state_products(dout, VP, DVP, S0, DS, tile, delS, Ys + K, KV, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
+    if (p == 0) PDQ[i * K + n] = seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f;
+    else if (p == 1) PDK[i * K + n] = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f;
+    else Ys[i * KV + n] = -x;
+  });
   const int lane = tid & 31, warp = tid >> 5;
-  for (int a0 = warp; a0 < K; a0 += 4 * (NT / 32)) {
-    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      const int a = a0 + u * (NT / 32);
-#pragma unroll 4
-      for (int d = lane; d < V; d += 32)
-        if (a < K) x[u] = fmaf(__ldg(DS + a * V + d), __ldg(S0 + a * V + d), x[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      const float sum = warp_sum(x[u]);
-      if (lane == 0 && a0 + u * (NT / 32) < K) delS[a0 + u * (NT / 32)] = sum;
-    }
-  }
+  // Y = M^T dX on the tensor cores, in place: the output tile of columns n0.. depends only on those columns.
+  __syncthreads();  // Ys is complete
+  const float *MT = sc.MT + cC;
+  gemm_nt(
+      CH, KV, CH, tile, [&](int i, int j) { return ldg4(MT + i * CH + j); },
+      [&](int n, int j) { return make_float4(Ys[j * KV + n], Ys[(j + 1) * KV + n], Ys[(j + 2) * KV + n], Ys[(j + 3) * KV + n]); },
+      [&](int i, int n, float x) { Ys[i * KV + n] = x; });
   // k and v of the chunk (bf16) for the right-hand sides: the tile is free until dL. Eight bf16 (16 bytes) a
   // load, all of a thread's loads in flight at once (K and V are multiples of 16, so no load straddles k and v).
   bf16_t *kvs = (bf16_t *)tile;  // (64, K + V)
@@ -676,46 +815,27 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
       if (tid + u * NT < nvec) *(uint4 *)(kvs + 8 * (tid + u * NT)) = x[u];
   }
   __syncthreads();
-  // Back substitution Y = (I + L)^-T dX, one column per thread, and what the column gives directly.
+  // What each column of Y gives directly, one column per thread.
   if (tid < KV) {
-    // Right-looking: once y_j is final, its term leaves every earlier row (row j of KK, 16-byte reads).
-    float y[CH];
-#pragma unroll
-    for (int i = 0; i < CH; i++) y[i] = Ys[i * KV + tid];
-#pragma unroll
-    for (int j = CH - 1; j > 0; j--) {
-      const float by = beta[j] * y[j];
-#pragma unroll
-      for (int i = 0; i < j; i++) y[i] = fmaf(-kks[j * CH + i], by, y[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < CH; i++) Ys[i * KV + tid] = y[i];
+    auto y = [&](int i) { return Ys[i * KV + tid]; };
     // dbeta's Y . rhs part: per row, summed over this warp's 32 columns (K + V is a multiple of 32).
 #pragma unroll
     for (int i = 0; i < CH; i++) {
       float rhs = __bfloat162float(kvs[i * KV + tid]);
       if (tid < K) rhs = seg[i] == 0 ? __expf(gc[i * ld + tid]) * rhs : 0.0f;
-      const float p = warp_sum(y[i] * rhs);
+      const float p = warp_sum(y(i) * rhs);
       if (lane == 0) rowpart[warp * CH + i] = p;
     }
     if (tid < K) {
       const int a = tid;
-      float dgl = 0.0f;
-      for (int w = 0; w < 16; w++) dgl += colpart[w * K + a];
-      dgl = fmaf(delS[a], __ldg(sc.EL + (size_t)ch * K + a), dgl);
+      sc.DGL[(size_t)ch * K + a] = delS[a] * __ldg(sc.EL + (size_t)ch * K + a);
 #pragma unroll
-      for (int i = 0; i < CH; i++) {
-        const float eg = seg[i] == 0 ? __expf(gc[i * ld + a]) : 0.0f;
-        const float kv = __bfloat162float(kvs[i * KV + a]);
-        const float by = beta[i] * y[i];
-        PDK2[i * K + a] = eg * by;
-        PDG3[i * K + a] = by * eg * kv + (i == CH - 1 ? dgl : 0.0f);
-      }
+      for (int i = 0; i < CH; i++) PDK2[i * K + a] = seg[i] == 0 ? __expf(gc[i * ld + a]) * beta[i] * y(i) : 0.0f;
     } else {
       const int d = tid - K;
 #pragma unroll
       for (int i = 0; i < CH; i++)
-        if (t0 + i < T) dv[AT(b, t0 + i, h, V) + d] = __float2bfloat16(beta[i] * y[i]);
+        if (t0 + i < T) dv[AT(b, t0 + i, h, V) + d] = __float2bfloat16(beta[i] * y(i));
     }
   }
   __syncthreads();
@@ -751,10 +871,15 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
 // Pairwise backward and the gate's reverse cumulative sum, one block per chunk:
 //   P_i = sum_j<i  wl_ij k_j E_ij,  Q_i = sum_j<=i dA_ij k_j E_ij,  R_i = sum_m>=i (wl_mi k_m + dA_mi q_m) E_mi
 // with wl_ij = beta_i dL_ij and E_ij = exp(gc_i - gc_j); dk += P + R, dqs += Q, dgc += k P + q Q - k R.
-// A thread takes one channel a and four rows grp + 16 r (r = 0..3, so every item has the same number of
-// pairs): each k_j, q_j, gc_j read from shared memory serves up to four rows, and (wl, dA) sit side by side
-// so one 8-byte broadcast read gives both. What is left is one exponential per pair (at 16 a cycle per SM
-// on the MUFU unit, the kernel's bound by count); sums run in ascending j and m as before.
+// The pairs across 16-row sub-chunks go to the tensor cores (gemm_nt, tf32 in, fp32 accumulated), each
+// exponential split at an anchor between the two rows so that both factors are <= 1, as in the forward:
+//   sub-chunk I (rows I0 .. I0 + 15) against the rows j < I0, anchor gc_I0: one (32 x I0) (I0 x K) product
+//     [wl; dA](I, j < I0) (k_j exp(gc_I0 - gc_j)), then times exp(gc_i - gc_I0): P and Q;
+//   sub-chunk I against the rows m > I1 = I0 + 15, anchor gc_I1: one (16 x 2L) (2L x K) product
+//     [wl^T | dA^T](I, m > I1) [k_m; q_m] exp(gc_m - gc_I1), then times exp(gc_I1 - gc_i): R.
+// The pairs inside a sub-chunk are taken one by one on the CUDA cores: a thread takes channel a and the rows
+// il + 16 r (r = 0..3), 68 pairs whatever il. q and k stay in bf16 in shared memory; the off-sub-chunk P, Q, R
+// wait in shared memory for the thread that owns (i, a).
 static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
                                                                           Scratch sc, const bf16_t *q,
                                                                           const bf16_t *k, const float *g,
@@ -762,78 +887,109 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
                                                                           const unsigned char *doc_start, float scale,
                                                                           int T, int H, int K, int NC) {
   extern __shared__ __align__(128) float smem[];
-  const int ld = K + 1;
-  float *qs = smem, *ks = qs + CH * ld, *gc = ks + CH * ld, *dgc = gc + CH * ld;
-  float2 *wa = (float2 *)(dgc + CH * ld);  // (wl, dA), 64 x 64; 4 * 64 * (K + 1) floats before it: 8-byte aligned
-  float *beta = (float *)(wa + CH * CH);
+  const int ld = K + 1, pl = QK_PITCH(K);
+  float *tile = smem, *gc = tile + TILE_FLOATS, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
+  float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64; 8-byte aligned (every size before is even)
+  float *colpart = (float *)(wa + CH * CH), *beta = colpart + 16 * K;
   int *seg = (int *)(beta + CH);
+  bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + CH * pl;
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cC = (size_t)ch * CH * CH;
-  load_rows(qs, ld, q, scale, b, h, t0, T, H, K);
-  load_rows(ks, ld, k, 1.0f, b, h, t0, T, H, K);
+  copy_rows_bf16(qh, pl, q, b, h, t0, T, H, K);
+  copy_rows_bf16(kh, pl, k, b, h, t0, T, H, K);
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
+  for (int e = tid; e < 3 * CH * ld; e += NT) Ps[e] = 0.0f;  // Ps, Qs, Rs
   __syncthreads();
 #pragma unroll 4
   for (int e = tid; e < CH * CH; e += NT) wa[e] = make_float2(beta[e >> 6] * __ldg(sc.DL + cC + e), __ldg(sc.DA + cC + e));
   __syncthreads();
+  auto kf = [&](int i, int a) { return bf(kh + i * pl + a); };
+  auto qf = [&](int i, int a) { return scale * bf(qh + i * pl + a); };
+  // P, Q against earlier sub-chunks.
+  for (int I0 = 16; I0 < CH; I0 += 16) {
+    const float *an = gc + I0 * ld;
+    gemm_nt(
+        32, K, I0, tile,
+        [&](int r, int j) {
+          const float2 *w = wa + (I0 + (r & 15)) * CH + j;
+          return r < 16 ? make_float4(w[0].x, w[1].x, w[2].x, w[3].x) : make_float4(w[0].y, w[1].y, w[2].y, w[3].y);
+        },
+        [&](int a, int j) {
+          return make_float4(kf(j, a) * __expf(an[a] - gc[j * ld + a]), kf(j + 1, a) * __expf(an[a] - gc[(j + 1) * ld + a]),
+                             kf(j + 2, a) * __expf(an[a] - gc[(j + 2) * ld + a]),
+                             kf(j + 3, a) * __expf(an[a] - gc[(j + 3) * ld + a]));
+        },
+        [&](int r, int a, float x) {
+          const int i = I0 + (r & 15);
+          (r < 16 ? Ps : Qs)[i * ld + a] = x * __expf(gc[i * ld + a] - an[a]);
+        });
+  }
+  // R against later sub-chunks.
+  for (int I0 = 0; I0 + 16 < CH; I0 += 16) {
+    const int I1 = I0 + 15, L = CH - 1 - I1;
+    const float *an = gc + I1 * ld;
+    gemm_nt(
+        16, K, 2 * L, tile,
+        [&](int r, int kk) {
+          const int i = I0 + r, m = I1 + 1 + (kk < L ? kk : kk - L);
+          const float2 *w = wa + m * CH + i;
+          return kk < L ? make_float4(w[0].x, w[CH].x, w[2 * CH].x, w[3 * CH].x)
+                        : make_float4(w[0].y, w[CH].y, w[2 * CH].y, w[3 * CH].y);
+        },
+        [&](int a, int kk) {
+          const int m = I1 + 1 + (kk < L ? kk : kk - L);
+          float4 e = make_float4(__expf(gc[m * ld + a] - an[a]), __expf(gc[(m + 1) * ld + a] - an[a]),
+                                 __expf(gc[(m + 2) * ld + a] - an[a]), __expf(gc[(m + 3) * ld + a] - an[a]));
+          if (kk < L) e.x *= kf(m, a), e.y *= kf(m + 1, a), e.z *= kf(m + 2, a), e.w *= kf(m + 3, a);
+          else e.x *= qf(m, a), e.y *= qf(m + 1, a), e.z *= qf(m + 2, a), e.w *= qf(m + 3, a);
+          return e;
+        },
+        [&](int r, int a, float x) {
+          const int i = I0 + r;
+          Rs[i * ld + a] = x * __expf(an[a] - gc[i * ld + a]);
+        });
+  }
+  __syncthreads();
+  // Inside the sub-chunks, and the sums.
   for (int e = tid; e < 16 * K; e += NT) {
-    const int a = e % K, grp = e / K;
-    float pk[4], pq[4], pg[4], gi[4], P[4], Q[4], R[4];
+    const int a = e % K, il = e / K;
+    float tk = 0.0f;
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-      const size_t o = cK + (size_t)(grp + 16 * r) * K + a;
-      pk[r] = __ldg(sc.PDK + o) + __ldg(sc.PDK2 + o);
-      pq[r] = __ldg(sc.PDQ + o);
-      pg[r] = __ldg(sc.PDG + o) + __ldg(sc.PDG2 + o) + __ldg(sc.PDG3 + o);
-      gi[r] = gc[(grp + 16 * r) * ld + a];
-      P[r] = Q[r] = R[r] = 0.0f;
-    }
-    // P, Q: row r takes j <= grp + 16 r; segment s (j in (grp + 16 (s - 1), grp + 16 s]) serves rows s..3.
-#pragma unroll
-    for (int s = 0; s < 4; s++) {
-      const int j1 = grp + 16 * s;
-      for (int j = s == 0 ? 0 : j1 - 15; j <= j1; j++) {
-        const float kj = ks[j * ld + a], gj = gc[j * ld + a];
-#pragma unroll
-        for (int r = s; r < 4; r++) {
-          const float x = kj * __expf(gi[r] - gj);
-          const float2 w = wa[(grp + 16 * r) * CH + j];
-          P[r] = fmaf(w.x, x, P[r]);
-          Q[r] = fmaf(w.y, x, Q[r]);
-        }
+      const int I0 = 16 * r, i = I0 + il;
+      const float gi = gc[i * ld + a];
+      float P = Ps[i * ld + a], Q = Qs[i * ld + a], R = Rs[i * ld + a];
+      for (int j = I0; j <= i; j++) {
+        const float x = kf(j, a) * __expf(gi - gc[j * ld + a]);
+        const float2 w = wa[i * CH + j];
+        P = fmaf(w.x, x, P);
+        Q = fmaf(w.y, x, Q);
       }
-    }
-    // R: row r takes m >= grp + 16 r; segment s (m in [grp + 16 s, grp + 16 (s + 1)), the last to 63) serves
-    // rows 0..s.
-#pragma unroll
-    for (int s = 0; s < 4; s++) {
-      const int m1 = s == 3 ? CH : grp + 16 * (s + 1);
-      for (int m = grp + 16 * s; m < m1; m++) {
-        const float km = ks[m * ld + a], qm = qs[m * ld + a], gm = gc[m * ld + a];
-#pragma unroll
-        for (int r = 0; r <= s; r++) {
-          const float2 w = wa[m * CH + grp + 16 * r];
-          const float x = fmaf(w.x, km, w.y * qm);
-          R[r] = fmaf(x, __expf(gm - gi[r]), R[r]);
-        }
+      for (int m = i; m < I0 + 16; m++) {
+        const float2 w = wa[m * CH + i];
+        R = fmaf(fmaf(w.x, kf(m, a), w.y * qf(m, a)), __expf(gc[m * ld + a] - gi), R);
       }
-    }
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int i = grp + 16 * r, t = t0 + i;
-      const float ki = ks[i * ld + a], qi = qs[i * ld + a];
-      dgc[i * ld + a] = pg[r] + ki * (P[r] - R[r]) + qi * Q[r];
+      // The WY backward's parts: dk = PDK + PDK2 (+ P + R), dqs = PDQ (+ Q), and the gate's
+      // dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...), with sum_i PDK_i k_i going to the chunk's last row.
+      const size_t o = cK + (size_t)i * K + a;
+      const float k1 = __ldg(sc.PDK + o), k2 = __ldg(sc.PDK2 + o), pq = __ldg(sc.PDQ + o);
+      const float ki = kf(i, a), qi = qf(i, a);
+      const int t = t0 + i;
+      tk = fmaf(k1, ki, tk);
+      Ps[i * ld + a] = fmaf(pq, qi, (k2 - k1) * ki) + ki * (P - R) + qi * Q;  // dgc, in P's place
       if (t < T) {
-        dk[AT(b, t, h, K) + a] = __float2bfloat16(pk[r] + P[r] + R[r]);
-        dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * (pq[r] + Q[r]));
+        dk[AT(b, t, h, K) + a] = __float2bfloat16(k1 + k2 + P + R);
+        dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * (pq + Q));
       }
     }
+    colpart[il * K + a] = tk;
   }
   __syncthreads();
   if (tid < K) {
-    float acc = 0.0f;
+    float acc = __ldg(sc.DGL + (size_t)ch * K + tid);  // the last row's extra term: the gate gradient at gc_last
+    for (int il = 0; il < 16; il++) acc += colpart[il * K + tid];
     for (int i = CH - 1; i >= 0; i--) {
-      acc += dgc[i * ld + tid];
+      acc += Ps[i * ld + tid];
       if (t0 + i < T) dg[AT(b, t0 + i, h, K) + tid] = acc;
     }
   }
@@ -845,8 +1001,9 @@ static void check_shape(int K, int V) {
         "KDA on the GPU needs K and V multiples of 16 up to 128 (got K %d, V %d)", K, V);
 }
 
-// The forward's per-chunk intermediates, floats per chunk: W, QG, KL (64 x K), U (64 x V), Aqk, KK (64 x 64), el (K).
-static size_t intra_per_chunk(int K, int V) { return 3 * (size_t)CH * K + (size_t)CH * V + 2 * CH * CH + K; }
+// The forward's per-chunk intermediates, floats per chunk: W, QG, KL (64 x K), U (64 x V), Aqk, KK, M^T (64 x 64),
+// el (K).
+static size_t intra_per_chunk(int K, int V) { return 3 * (size_t)CH * K + (size_t)CH * V + 3 * CH * CH + K; }
 
 extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
   return (size_t)B * H * ((T + CH - 1) / CH) * intra_per_chunk(K, V);
@@ -856,7 +1013,7 @@ extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
 // for the backward) or, when saved is NULL, in device scratch slot 2; the backward's own in slot 2.
 static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved) {
   const size_t cK = CH * (size_t)K, cV = CH * (size_t)V, cC = CH * CH, kv = (size_t)K * V;
-  size_t per = backward ? 2 * cV + 2 * kv + 6 * cK + 2 * cC : 0;
+  size_t per = backward ? 2 * cV + 2 * kv + 3 * cK + K + 2 * cC : 0;
   if (!saved) per += intra_per_chunk(K, V);
   float *p = per ? (float *)device_scratch(2, nch * per * sizeof(float)) : NULL;
   Scratch s = {};
@@ -867,18 +1024,19 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved
   };
   float *in = saved ? saved : p;  // every size is a multiple of 16 floats: all stay 64-byte aligned
   s.W = take(in, cK), s.U = take(in, cV), s.QG = take(in, cK), s.KL = take(in, cK), s.AQ = take(in, cC);
-  s.KK = take(in, cC), s.EL = take(in, K);
+  s.KK = take(in, cC), s.MT = take(in, cC), s.EL = take(in, K);
   if (!saved) p = in;
   if (backward) {
     s.VP = take(p, cV), s.S0 = take(p, kv), s.DVP = take(p, cV), s.DS = take(p, kv);
-    s.PDQ = take(p, cK), s.PDK = take(p, cK), s.PDG = take(p, cK), s.PDK2 = take(p, cK), s.PDG2 = take(p, cK);
-    s.PDG3 = take(p, cK), s.DL = take(p, cC), s.DA = take(p, cC);
+    s.PDQ = take(p, cK), s.PDK = take(p, cK), s.PDK2 = take(p, cK), s.DGL = take(p, K), s.DL = take(p, cC);
+    s.DA = take(p, cC);
   }
   return s;
 }
 
-static size_t intra_smem(int K) {
-  return (TILE_FLOATS + 3 * (size_t)CH * (K + 1) + 2 * CH * (CH + 1) + 2 * CH) * sizeof(float);
+static size_t intra_smem(int K, int V) {
+  return (intra_tile(V) + (size_t)CH * (K + 1) + CH * (CH + 1) + 2 * CH) * sizeof(float) +
+         ((size_t)q_region(K) + CH * QK_PITCH(K)) * sizeof(bf16_t);
 }
 // The state kernels' shared memory: W, QG (K + 8), KL (K + 4), Aqk (72), el forward; KL (K + 8), QG, W
 // (K + 4), Aqk (68), el backward.
@@ -890,10 +1048,13 @@ static size_t state_backward_smem(int K) { return ((size_t)CH * (3 * K + 16 + CH
 // state pass, twice the old SIMT pass; 8 warps, 128 blocks at B * H = 128, about 9 us.)
 static int state_warps(int B, int H, int V) { return V % 128 == 0 ? 8 : 1; }
 static size_t wy_smem(int K, int V) {
-  return ((size_t)CH * (K + 1) + 2 * CH * (CH + 1) + CH * (K + V) + 17 * K + (NT / 32) * CH + TILE_FLOATS + 2 * CH) *
+  return ((size_t)CH * (K + 1) + 2 * CH * (CH + 1) + CH * (K + V) + K + (NT / 32) * CH + WY_TILE + 2 * CH) *
          sizeof(float);
 }
-static size_t pair_smem(int K) { return (4 * (size_t)CH * (K + 1) + 2 * CH * CH + 2 * CH) * sizeof(float); }
+static size_t pair_smem(int K) {
+  return (TILE_FLOATS + 4 * (size_t)CH * (K + 1) + 2 * CH * CH + 16 * K + 2 * CH) * sizeof(float) +
+         2 * CH * QK_PITCH(K) * sizeof(bf16_t);
+}
 
 template <class F>
 static void allow_smem(F *kernel, size_t bytes) {
@@ -927,7 +1088,7 @@ static void state_pass(bool backward, bf16 *out, float *state_out, const Scratch
 static void forward_pieces(const Scratch &sc, const bf16 *q, const bf16 *k, const bf16 *v, const float *g,
                            const float *beta, const unsigned char *doc_start, float scale, int B, int T, int H, int K,
                            int V, int NC) {
-  const size_t smem = intra_smem(K);
+  const size_t smem = intra_smem(K, V);
   allow_smem(kda_intra_kernel, smem);
   kda_intra_kernel<<<B * H * NC, NT, smem, device_stream()>>>(sc, (const bf16_t *)q, (const bf16_t *)k,
                                                               (const bf16_t *)v, g, beta, doc_start, scale, T, H, K,
