@@ -452,6 +452,15 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // M = (I + diag(beta) KK)^-1 (unit lower triangular) in 16-row blocks, into Ms over q (free from here on):
   // the diagonal blocks by forward substitution, one column per thread; then block row I = 1..3 from the
   // earlier ones, M_IJ = -M_II sum_{J <= P < I} diag(beta_I) KK_IP M_PJ (the sum staged in the tile).
+  // v's rows (bf16, 16 bytes a load) are loaded now and stored over KK once M is built.
+  uint4 vx[4];
+  const int vrow = V / 8;
+#pragma unroll
+  for (int u = 0; u < 4; u++) {
+    const int e = tid + u * NT, i = e / vrow;
+    vx[u] = make_uint4(0u, 0u, 0u, 0u);
+    if (e < CH * vrow && t0 + i < T) vx[u] = __ldg((const uint4 *)(v + AT(b, t0 + i, h, V) + (e % vrow) * 8));
+  }
   __syncthreads();  // every thread is past its reads of q
   float *Ms = (float *)qh;  // (64, 65): 64 * 65 floats = 64 * QK_PITCH(128) bf16 at K = 128, less otherwise
   const int lm = CH + 1;
@@ -490,10 +499,21 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
     }
     __syncthreads();
   }
+  bf16_t *vh = (bf16_t *)kks;  // (64, V + 2): at most 64 * 130 bf16 = 64 * 65 floats
+  const int pv = V + 2;
+#pragma unroll
+  for (int u = 0; u < 4; u++) {
+    const int e = tid + u * NT;
+    if (e < CH * vrow) {
+      unsigned *d = (unsigned *)(vh + (e / vrow) * pv + (e % vrow) * 8);
+      d[0] = vx[u].x, d[1] = vx[u].y, d[2] = vx[u].z, d[3] = vx[u].w;
+    }
+  }
+  __syncthreads();
   // M^T for the backward's Y = M^T dX.
   float *MT = sc.MT + (size_t)ch * CH * CH;
   for (int e = tid; e < CH * CH; e += NT) MT[e] = Ms[(e & 63) * lm + (e >> 6)];
-  // (W | U) = M diag(beta) (eg K | V) on the tensor cores; v straight from global memory (bf16).
+  // (W | U) = M diag(beta) (eg K | V) on the tensor cores.
   gemm_nt(
       CH, K + V, CH, tile, [&](int i, int j) { return lds4(Ms + i * lm + j); },
       [&](int n, int j) {
@@ -502,7 +522,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
         for (int u = 0; u < 4; u++) {
           const int r = j + u;
           if (n < K) x[u] = seg[r] == 0 ? beta[r] * __expf(gc[r * ld + n]) * bf(kh + r * pl + n) : 0.0f;
-          else x[u] = t0 + r < T ? beta[r] * __bfloat162float(v[AT(b, t0 + r, h, V) + n - K]) : 0.0f;
+          else x[u] = beta[r] * bf(vh + r * pv + n - K);
         }
         return make_float4(x[0], x[1], x[2], x[3]);
       },
@@ -762,18 +782,23 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
                                                                     int K, int V, int NC) {
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
-  float *tile = smem, *gc = tile + WY_TILE, *kks = gc + CH * ld, *Ys = kks + CH * (CH + 1), *dLs = Ys + CH * KV;
-  float *delS = dLs + CH * (CH + 1), *rowpart = delS + K, *beta = rowpart + (NT / 32) * CH;
+  float *tile = smem, *kks = tile + WY_TILE, *gc = kks + CH * CH, *Ys = gc + CH * ld, *delS = Ys + CH * KV;
+  float *rowpart = delS + K, *beta = rowpart + 16 * CH;
   int *seg = (int *)(beta + CH);
+  bf16_t *kvs = (bf16_t *)(seg + CH);  // (64, K + V): k | v of the chunk
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
-  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
-#pragma unroll
-  for (int u = 0; u < CH * CH / NT; u++) {
-    const int e = tid + u * NT;
-    kks[e] = __ldg(sc.KK + cC + e);
+  // KK and k | v, needed only after the state products, come in by cp.async meanwhile (16 bytes a copy; K and V
+  // are multiples of 16, so no copy straddles k and v; rows past T are zeroed).
+  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
+  for (int e = tid; e < CH * KV / 8; e += NT) {
+    const int i = 8 * e / KV, a = 8 * e % KV;
+    if (t0 + i >= T) *(uint4 *)(kvs + 8 * e) = make_uint4(0u, 0u, 0u, 0u);
+    else cp_async16(kvs + 8 * e, a < K ? (const void *)(k + AT(b, t0 + i, h, K) + a) : (const void *)(v + AT(b, t0 + i, h, V) + a - K));
   }
-  for (int e = tid; e < (NT / 32) * CH; e += NT) rowpart[e] = 0.0f;
+  cp_async_commit();
+  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
+  for (int e = tid; e < 16 * CH; e += NT) rowpart[e] = 0.0f;
   __syncthreads();
   const int last = seg[CH - 1];
   const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
@@ -787,83 +812,51 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
     else if (p == 1) PDK[i * K + n] = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f;
     else Ys[i * KV + n] = -x;
   });
-  const int lane = tid & 31, warp = tid >> 5;
-  // Y = M^T dX on the tensor cores, in place: the output tile of columns n0.. depends only on those columns.
-  __syncthreads();  // Ys is complete
+  // Y = M^T dX on the tensor cores, in place (the output tile of columns n0.. depends only on those columns),
+  // and what each element of Y gives directly: dk's UT part PDK2 = eg beta y, dv = beta y, and dbeta's
+  // y . rhs part (rhs = eg k | v), summed per row into rowpart[tx][i]: gemm_nt gives element (i, n) to thread
+  // tx = n % 16 of row i, the same (tx, i) for every tile and for the dL product below.
+  cp_async_wait_all();
+  __syncthreads();  // Ys, KK and k | v are complete
   const float *MT = sc.MT + cC;
+  const int tx = tid & 15;
   gemm_nt(
       CH, KV, CH, tile, [&](int i, int j) { return ldg4(MT + i * CH + j); },
       [&](int n, int j) { return make_float4(Ys[j * KV + n], Ys[(j + 1) * KV + n], Ys[(j + 2) * KV + n], Ys[(j + 3) * KV + n]); },
-      [&](int i, int n, float x) { Ys[i * KV + n] = x; });
-  // k and v of the chunk (bf16) for the right-hand sides: the tile is free until dL. Eight bf16 (16 bytes) a
-  // load, all of a thread's loads in flight at once (K and V are multiples of 16, so no load straddles k and v).
-  bf16_t *kvs = (bf16_t *)tile;  // (64, K + V)
-  __syncthreads();
-  {
-    const int nvec = CH * KV / 8;  // <= 64 * 256 / 8 = 8 * NT
-    uint4 x[8];
-#pragma unroll
-    for (int u = 0; u < 8; u++) {
-      const int e = tid + u * NT, i = 8 * e / KV, a = 8 * e % KV;
-      x[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (e < nvec && t0 + i < T)
-        x[u] = a < K ? __ldg((const uint4 *)(k + AT(b, t0 + i, h, K) + a))
-                     : __ldg((const uint4 *)(v + AT(b, t0 + i, h, V) + a - K));
-    }
-#pragma unroll
-    for (int u = 0; u < 8; u++)
-      if (tid + u * NT < nvec) *(uint4 *)(kvs + 8 * (tid + u * NT)) = x[u];
-  }
-  __syncthreads();
-  // What each column of Y gives directly, one column per thread.
-  if (tid < KV) {
-    auto y = [&](int i) { return Ys[i * KV + tid]; };
-    // dbeta's Y . rhs part: per row, summed over this warp's 32 columns (K + V is a multiple of 32).
-#pragma unroll
-    for (int i = 0; i < CH; i++) {
-      float rhs = __bfloat162float(kvs[i * KV + tid]);
-      if (tid < K) rhs = seg[i] == 0 ? __expf(gc[i * ld + tid]) * rhs : 0.0f;
-      const float p = warp_sum(y(i) * rhs);
-      if (lane == 0) rowpart[warp * CH + i] = p;
-    }
-    if (tid < K) {
-      const int a = tid;
-      sc.DGL[(size_t)ch * K + a] = delS[a] * __ldg(sc.EL + (size_t)ch * K + a);
-#pragma unroll
-      for (int i = 0; i < CH; i++) PDK2[i * K + a] = seg[i] == 0 ? __expf(gc[i * ld + a]) * beta[i] * y(i) : 0.0f;
-    } else {
-      const int d = tid - K;
-#pragma unroll
-      for (int i = 0; i < CH; i++)
-        if (t0 + i < T) dv[AT(b, t0 + i, h, V) + d] = __float2bfloat16(beta[i] * y(i));
-    }
-  }
-  __syncthreads();
-  // dL = -Y X^T (strictly lower, same document)
+      [&](int i, int n, float y) {
+        Ys[i * KV + n] = y;
+        float rhs = __bfloat162float(kvs[i * KV + n]);
+        if (n < K) {
+          const float e = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
+          rhs *= e;
+          PDK2[i * K + n] = e * beta[i] * y;
+        } else if (t0 + i < T) {
+          dv[AT(b, t0 + i, h, V) + n - K] = __float2bfloat16(beta[i] * y);
+        }
+        rowpart[tx * CH + i] += y * rhs;
+      });
+  if (tid < K) sc.DGL[(size_t)ch * K + tid] = delS[tid] * __ldg(sc.EL + (size_t)ch * K + tid);
+  // dL = -Y X^T (strictly lower, same document), and dbeta's dL . KK part into rowpart.
   const float *W = sc.W + cK, *U = sc.U + cV;
   gemm_nt(
       CH, CH, KV, tile, [&](int i, int a) { return lds4(Ys + i * KV + a); },
       [&](int j, int a) { return a < K ? ldg4(W + j * K + a) : ldg4(U + j * V + a - K); },
       [&](int i, int j, float x) {
         const float d = j < i && seg[i] == seg[j] ? -x : 0.0f;
-        dLs[i * (CH + 1) + j] = d;
         sc.DL[cC + i * CH + j] = d;
+        rowpart[tx * CH + i] = fmaf(d, kks[i * CH + j], rowpart[tx * CH + i]);
       });
   // dAqk = dO Vp^T (lower, same document)
   gemm_nt(
       CH, CH, V, tile, dO, [&](int j, int a) { return ldg4(VP + j * V + a); },
       [&](int i, int j, float x) { sc.DA[cC + i * CH + j] = j <= i && seg[i] == seg[j] ? x : 0.0f; });
   __syncthreads();
-  // dbeta_i = Y_i . rhs_i + sum_j dL_ij KK_ij, one warp per row.
-  for (int i = warp; i < CH; i += NT / 32) {
-    const int t = t0 + i;
-    float s = 0.0f;
-    for (int j = lane; j < CH; j += 32) s = fmaf(dLs[i * (CH + 1) + j], kks[i * CH + j], s);
-    s = warp_sum(s);
-    if (lane == 0 && t < T) {
-      for (int w = 0; w < NT / 32; w++) s += rowpart[w * CH + i];
-      dbeta[((size_t)b * T + t) * H + h] = s;
-    }
+  // dbeta_i = Y_i . rhs_i + sum_j dL_ij KK_ij: the 16 partial sums of row i in order.
+  if (tid < CH && t0 + tid < T) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int x = 0; x < 16; x++) sum += rowpart[x * CH + tid];
+    dbeta[((size_t)b * T + t0 + tid) * H + h] = sum;
   }
 }
 
@@ -953,7 +946,12 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   // Inside the sub-chunks, and the sums.
   for (int e = tid; e < 16 * K; e += NT) {
     const int a = e % K, il = e / K;
-    float tk = 0.0f;
+    float tk = 0.0f, pk1[4], pk2[4], pdq[4];  // the WY backward's partial gradients, loaded together
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const size_t o = cK + (size_t)(16 * r + il) * K + a;
+      pk1[r] = __ldg(sc.PDK + o), pk2[r] = __ldg(sc.PDK2 + o), pdq[r] = __ldg(sc.PDQ + o);
+    }
 #pragma unroll
     for (int r = 0; r < 4; r++) {
       const int I0 = 16 * r, i = I0 + il;
@@ -971,8 +969,7 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
       }
       // The WY backward's parts: dk = PDK + PDK2 (+ P + R), dqs = PDQ (+ Q), and the gate's
       // dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...), with sum_i PDK_i k_i going to the chunk's last row.
-      const size_t o = cK + (size_t)i * K + a;
-      const float k1 = __ldg(sc.PDK + o), k2 = __ldg(sc.PDK2 + o), pq = __ldg(sc.PDQ + o);
+      const float k1 = pk1[r], k2 = pk2[r], pq = pdq[r];
       const float ki = kf(i, a), qi = qf(i, a);
       const int t = t0 + i;
       tk = fmaf(k1, ki, tk);
@@ -1048,8 +1045,8 @@ static size_t state_backward_smem(int K) { return ((size_t)CH * (3 * K + 16 + CH
 // state pass, twice the old SIMT pass; 8 warps, 128 blocks at B * H = 128, about 9 us.)
 static int state_warps(int B, int H, int V) { return V % 128 == 0 ? 8 : 1; }
 static size_t wy_smem(int K, int V) {
-  return ((size_t)CH * (K + 1) + 2 * CH * (CH + 1) + CH * (K + V) + K + (NT / 32) * CH + WY_TILE + 2 * CH) *
-         sizeof(float);
+  return (WY_TILE + (size_t)CH * CH + CH * (K + 1) + CH * (K + V) + K + 16 * CH + 2 * CH) * sizeof(float) +
+         (size_t)CH * (K + V) * sizeof(bf16_t);
 }
 static size_t pair_smem(int K) {
   return (TILE_FLOATS + 4 * (size_t)CH * (K + 1) + 2 * CH * CH + 16 * K + 2 * CH) * sizeof(float) +

@@ -16,15 +16,11 @@ def patch(s, start, marks, kid, end_id):
     j = r.rindex("}")
     r = r[:j] + f"PH({kid},{end_id});\n" + r[j:]
     return s[:a] + r + s[b:]
-explicit = "// M = (I + diag(beta) KK)^-1" in s  # the variant with the explicit inverse
 s = patch(s, "kda_intra_kernel(Scratch", [("copy_rows_bf16(qh, pl, q", 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
-          ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4)] +
-          ([("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)] if explicit else
-           [("bf16_t *vh = (bf16_t *)tile;", 5), ("// UT transform by forward", 6)]), 0, 7)
-s = patch(s, "kda_wy_backward_kernel(bf16_t", [("load_gates(", 0), ("const int last = seg[CH - 1];", 1), ("const int lane = tid & 31, warp = tid >> 5;", 2)] +
-          ([("// k and v of the chunk", 3), ("// What each column of Y", 4)] if explicit else
-           [("// k and v of the chunk", 3), ("// Back substitution Y", 4)]) +
-          [("// dL = -Y X^T", 5), ("// dAqk = dO Vp^T", 6), ("// dbeta_i = Y_i", 7)], 1, 8)
+          ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
+wy = [("load_gates(", 0), ("const int last = seg[CH - 1];", 1), ("// Y = M^T dX on the tensor cores", 2), ("// dL = -Y X^T", 3),
+      ("// dAqk = dO Vp^T", 4), ("// dbeta_i = Y_i", 5)]
+s = patch(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
 s = patch(s, "kda_pairwise_backward_kernel(bf16_t", [("copy_rows_bf16(qh, pl, q", 0), ("#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]", 1),
           ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums.", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
 head = '''
@@ -36,7 +32,7 @@ static void prof_dump(int nblk) {
   CUDA_CHECK(cudaDeviceSynchronize());
   CUDA_CHECK(cudaMemcpyFromSymbol(h, kda_prof, sizeof(h)));
   const char *names[3] = {"intra", "wy_backward", "pairwise"};
-  const int last[3] = {7, 8, 6};
+  const int last[3] = {7, %d, 6};
   if (nblk > 4096) nblk = 4096;
   for (int k = 0; k < 3; k++) {
     double tot = 0, d[12] = {0};
@@ -53,4 +49,5 @@ s = s[:i] + head + s[i:]
 i = s.index("  smem = pair_smem(K);")
 j = s.index("CUDA_CHECK_LAUNCH();\n}", i) + len("CUDA_CHECK_LAUNCH();")
 s = s[:j] + "\n  static int calls = 0;\n  if (++calls == 6) prof_dump(chunks);" + s[j:]
+s = s.replace("const int last[3] = {7, %d, 6};", "const int last[3] = {7, %d, 6};" % len(wy))
 open(sys.argv[2], "w").write(s)
