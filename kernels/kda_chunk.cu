@@ -150,7 +150,8 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
 
 // The WY backward's three products with the chunk's states in one pass over the V columns, 64 state rows a at a
 // time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
-// are read once (three gemm_nt calls read S0 twice and every A operand once per product). Also
+// are read once (three gemm_nt calls read S0 twice and every A operand once per product), and on the first pass
+// P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles. Also
 // del_a = sum_d dS'_ad S0_ad from the fp32 values in registers (the eight threads of a row summed in a fixed
 // order), and dVp itself (fp32, unrounded) into dvp_out (64, ld_out) on the first pass. epi(p, i, a, value)
 // gets thread (tx, ty) the rows ty + 16 r and columns tx + 16 q of each tile, as gemm_nt. Synchronizes the block.
@@ -166,9 +167,9 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
   const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int n0 = 0; n0 < K; n0 += 64) {
     const int cols = min(64, K - n0);
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[3][2];
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4][2];
 #pragma unroll
-    for (int p = 0; p < 3; p++) wmma::fill_fragment(acc[p][0], 0.0f), wmma::fill_fragment(acc[p][1], 0.0f);
+    for (int p = 0; p < 4; p++) wmma::fill_fragment(acc[p][0], 0.0f), wmma::fill_fragment(acc[p][1], 0.0f);
     float4 av[3][2], bv[2][2];  // thread's elements: rows r = (tid >> 3) + 32 u, columns k0 + 4 (tid & 7) .. + 3
     float dl[2] = {0.0f, 0.0f};
     auto fetch = [&](int k0) {
@@ -219,6 +220,18 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
           wmma::mma_sync(acc[2][1], fa, fs1, acc[2][1]);
         }
       }
+      if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
+#pragma unroll
+        for (int ks = 0; ks < 32; ks += 8) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fv0, fv1;
+          wmma::load_matrix_sync(fv0, As + (64 + 32 * wn) * TLD + ks, TLD);
+          wmma::load_matrix_sync(fv1, As + (64 + 32 * wn + 16) * TLD + ks, TLD);
+          wmma::load_matrix_sync(fa, As + 16 * wm * TLD + ks, TLD);
+          wmma::mma_sync(acc[3][0], fa, fv0, acc[3][0]);
+          wmma::mma_sync(acc[3][1], fa, fv1, acc[3][1]);
+        }
+      }
     }
     // del: the eight threads of a row are neighbouring lanes.
 #pragma unroll
@@ -231,9 +244,10 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
       if ((tid & 7) == 0 && r < cols) delS[n0 + r] = x;
     }
 #pragma unroll
-    for (int p = 0; p < 3; p++) {
+    for (int p = 0; p < 4; p++) {
+      if (p == 3 && n0 != 0) break;
       __syncthreads();  // every warp is past its reads of As (which Cs overlays) or of the last tile
-      if (32 * wn < cols) {
+      if (p == 3 || 32 * wn < cols) {
         wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, acc[p][0], CLD, wmma::mem_row_major);
         wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, acc[p][1], CLD, wmma::mem_row_major);
       }
@@ -242,7 +256,7 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
       for (int r = 0; r < 4; r++)
 #pragma unroll
         for (int q = 0; q < 4; q++)
-          if (tx + 16 * q < cols) epi(p, ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
+          if (p == 3 || tx + 16 * q < cols) epi(p, ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
     }
   }
 }
@@ -782,15 +796,17 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
                                                                     int K, int V, int NC) {
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
-  float *tile = smem, *kks = tile + WY_TILE, *gc = kks + CH * CH, *Ys = gc + CH * ld, *delS = Ys + CH * KV;
+  float *tile = smem, *kks = tile + WY_TILE, *mts = kks + CH * CH, *gc = mts + CH * CH, *Ys = gc + CH * ld;
+  float *delS = Ys + CH * KV;
   float *rowpart = delS + K, *beta = rowpart + 16 * CH;
   int *seg = (int *)(beta + CH);
   bf16_t *kvs = (bf16_t *)(seg + CH);  // (64, K + V): k | v of the chunk
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
-  // KK and k | v, needed only after the state products, come in by cp.async meanwhile (16 bytes a copy; K and V
-  // are multiples of 16, so no copy straddles k and v; rows past T are zeroed).
+  // KK, M^T and k | v, needed only after the state products, come in by cp.async meanwhile (16 bytes a copy; K
+  // and V are multiples of 16, so no copy straddles k and v; rows past T are zeroed).
   for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
+  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + 4 * e, sc.MT + cC + 4 * e);
   for (int e = tid; e < CH * KV / 8; e += NT) {
     const int i = 8 * e / KV, a = 8 * e % KV;
     if (t0 + i >= T) *(uint4 *)(kvs + 8 * e) = make_uint4(0u, 0u, 0u, 0u);
@@ -803,14 +819,12 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   const int last = seg[CH - 1];
   const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
   float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK;
-  auto dO = [&](int i, int a) {
-    return t0 + i < T ? ldg4(dout + AT(b, t0 + i, h, V) + a) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  };
-  // dqg = dO S0^T, dkl = Vp dS'^T, dX = [-dVp S0^T | dVp], del = rowsum(dS' * S0)
+  // dqg = dO S0^T, dkl = Vp dS'^T, dX = [-dVp S0^T | dVp], del = rowsum(dS' * S0), dAqk = dO Vp^T
   state_products(dout, VP, DVP, S0, DS, tile, delS, Ys + K, KV, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
     if (p == 0) PDQ[i * K + n] = seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f;
     else if (p == 1) PDK[i * K + n] = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f;
-    else Ys[i * KV + n] = -x;
+    else if (p == 2) Ys[i * KV + n] = -x;
+    else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
   });
   // Y = M^T dX on the tensor cores, in place (the output tile of columns n0.. depends only on those columns),
   // and what each element of Y gives directly: dk's UT part PDK2 = eg beta y, dv = beta y, and dbeta's
@@ -818,10 +832,9 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   // tx = n % 16 of row i, the same (tx, i) for every tile and for the dL product below.
   cp_async_wait_all();
   __syncthreads();  // Ys, KK and k | v are complete
-  const float *MT = sc.MT + cC;
   const int tx = tid & 15;
   gemm_nt(
-      CH, KV, CH, tile, [&](int i, int j) { return ldg4(MT + i * CH + j); },
+      CH, KV, CH, tile, [&](int i, int j) { return *(const float4 *)(mts + i * CH + j); },
       [&](int n, int j) { return make_float4(Ys[j * KV + n], Ys[(j + 1) * KV + n], Ys[(j + 2) * KV + n], Ys[(j + 3) * KV + n]); },
       [&](int i, int n, float y) {
         Ys[i * KV + n] = y;
@@ -846,10 +859,6 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
         sc.DL[cC + i * CH + j] = d;
         rowpart[tx * CH + i] = fmaf(d, kks[i * CH + j], rowpart[tx * CH + i]);
       });
-  // dAqk = dO Vp^T (lower, same document)
-  gemm_nt(
-      CH, CH, V, tile, dO, [&](int j, int a) { return ldg4(VP + j * V + a); },
-      [&](int i, int j, float x) { sc.DA[cC + i * CH + j] = j <= i && seg[i] == seg[j] ? x : 0.0f; });
   __syncthreads();
   // dbeta_i = Y_i . rhs_i + sum_j dL_ij KK_ij: the 16 partial sums of row i in order.
   if (tid < CH && t0 + tid < T) {
@@ -944,14 +953,22 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   }
   __syncthreads();
   // Inside the sub-chunks, and the sums.
-  for (int e = tid; e < 16 * K; e += NT) {
-    const int a = e % K, il = e / K;
-    float tk = 0.0f, pk1[4], pk2[4], pdq[4];  // the WY backward's partial gradients, loaded together
+  // The WY backward's partial gradients of a thread's four rows, loaded one iteration ahead.
+  float nk1[4], nk2[4], npq[4];
+  auto load_partials = [&](int e) {
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-      const size_t o = cK + (size_t)(16 * r + il) * K + a;
-      pk1[r] = __ldg(sc.PDK + o), pk2[r] = __ldg(sc.PDK2 + o), pdq[r] = __ldg(sc.PDQ + o);
+      const size_t o = cK + (size_t)(16 * r + e / K) * K + e % K;
+      nk1[r] = __ldg(sc.PDK + o), nk2[r] = __ldg(sc.PDK2 + o), npq[r] = __ldg(sc.PDQ + o);
     }
+  };
+  if (tid < 16 * K) load_partials(tid);
+  for (int e = tid; e < 16 * K; e += NT) {
+    const int a = e % K, il = e / K;
+    float tk = 0.0f, pk1[4], pk2[4], pdq[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) pk1[r] = nk1[r], pk2[r] = nk2[r], pdq[r] = npq[r];
+    if (e + NT < 16 * K) load_partials(e + NT);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
       const int I0 = 16 * r, i = I0 + il;
@@ -1045,7 +1062,7 @@ static size_t state_backward_smem(int K) { return ((size_t)CH * (3 * K + 16 + CH
 // state pass, twice the old SIMT pass; 8 warps, 128 blocks at B * H = 128, about 9 us.)
 static int state_warps(int B, int H, int V) { return V % 128 == 0 ? 8 : 1; }
 static size_t wy_smem(int K, int V) {
-  return (WY_TILE + (size_t)CH * CH + CH * (K + 1) + CH * (K + V) + K + 16 * CH + 2 * CH) * sizeof(float) +
+  return (WY_TILE + 2 * (size_t)CH * CH + CH * (K + 1) + CH * (K + V) + K + 16 * CH + 2 * CH) * sizeof(float) +
          (size_t)CH * (K + V) * sizeof(bf16_t);
 }
 static size_t pair_smem(int K) {

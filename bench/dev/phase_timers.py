@@ -19,7 +19,7 @@ def patch(s, start, marks, kid, end_id):
 s = patch(s, "kda_intra_kernel(Scratch", [("copy_rows_bf16(qh, pl, q", 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
 wy = [("load_gates(", 0), ("const int last = seg[CH - 1];", 1), ("// Y = M^T dX on the tensor cores", 2), ("// dL = -Y X^T", 3),
-      ("// dAqk = dO Vp^T", 4), ("// dbeta_i = Y_i", 5)]
+      ("// dbeta_i = Y_i", 4)]
 s = patch(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
 s = patch(s, "kda_pairwise_backward_kernel(bf16_t", [("copy_rows_bf16(qh, pl, q", 0), ("#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]", 1),
           ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums.", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
