@@ -36,16 +36,22 @@
 //   that both factors are <= 1; the pairs inside a 16-row sub-chunk in fp32 on CUDA cores (their
 //   exp(gc_i - gc_j) cannot be factored without overflow when decays are strong). M = (I + L)^-1 is built from
 //   its four 16 x 16 diagonal blocks (forward substitution) block row by block row on CUDA cores, then W | U and
-//   the backward's Y = M^T dX are tensor-core products. The WY backward reads S0 and dS' once for its three
-//   state products (state_products). The intra kernel fits two blocks per SM (about 100 KB), the two backward
-//   kernels one (about 200 KB).
+//   the backward's Y = M^T dX are tensor-core products. The WY backward reads S0 and dS' once for its four
+//   chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), brings KK, M^T
+//   and k | v into shared memory by cp.async while those run, and does Y's per-element work (dk's UT part, dv,
+//   dbeta) in the Y and dL products' epilogues. The intra kernel fits two blocks per SM (about 100 KB), the
+//   two backward kernels one (about 215 and 225 KB).
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 3.5 ms, fwd+bwd 17.4 ms; fla's Triton chunk_kda beside it
-//   on the same GPU 2.5 / 12.9 ms): the per-chunk kernels, whose phases (bench/dev/phase_timers.py, clock64 per
-//   phase) take 10-75 thousand cycles each, far above their arithmetic; see bench/README for the table.
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 3.16 ms, fwd+bwd 13.9 ms; fla's Triton chunk_kda on the
+//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.7 (intra), 5.1 (WY) and 4.2 ms (pairwise)
+//   against 2.4 ms for the three state passes. By ncu: the WY backward issues one instruction a cycle (8 warps,
+//   255 registers) and waits on the global loads of each 32-wide slice in state_products (55% of its samples)
+//   and on shared memory in the Y epilogue (31%); the pairwise backward spends 56% of its instructions on the
+//   in-sub-chunk pairs (one exponential per pair and channel); the intra kernel issues 2.2 a cycle, half of
+//   its slots, spread over all phases. bench/README has the per-phase table.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
