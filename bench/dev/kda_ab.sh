@@ -1,31 +1,44 @@
 #!/bin/bash
-# Device-tool script, run from the repo root with .deps carried. A: this tree; C: a baseline kernel file
-# (.deps/kda_chunk_C.cu, e.g. git show main:kernels/kda_chunk.cu); D: a candidate (.deps/kda_chunk_D.cu);
-# I, ID: A and D with phase timers (bench/dev/phase_timers.py). Tests A and D, benches all, prints phases,
-# then racecheck and memcheck.
+# Device-tool script, run from the repo root with .deps carried: tests and times candidate KDA kernel files
+# beside this tree's, in one call. Candidates: .deps/kda_chunk_D*.cu (make them here with
+# bench/dev/make_candidates.sh). A: this tree. For each candidate X: test_kda_cuda linked with it (14 cases
+# against the fp64 reference), bench_kda at every shape, per-phase cycle counts (bench/dev/phase_timers.py)
+# when its anchors are found; then racecheck and memcheck of the first candidate that passed.
 set --
 source .deps/setup.sh
-python3 bench/dev/phase_timers.py kernels/kda_chunk.cu .deps/kda_chunk_I.cu
-python3 bench/dev/phase_timers.py .deps/kda_chunk_D.cu .deps/kda_chunk_ID.cu
 NV="nvcc -O3 -DNDEBUG -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -DKLT_HAVE_CUDA=1 -I."
-for X in C I D ID; do ($NV -c .deps/kda_chunk_$X.cu -o /tmp/$X.o > /tmp/nvcc_$X.log 2>&1 || { echo "nvcc $X failed"; head -20 /tmp/nvcc_$X.log; }) & done
+CANDS=$(cd .deps && ls kda_chunk_D*.cu 2>/dev/null | sed 's/kda_chunk_\(.*\)\.cu/\1/')
+echo "candidates: $CANDS"
+for X in $CANDS; do
+  ($NV -c .deps/kda_chunk_$X.cu -o /tmp/$X.o > /tmp/nvcc_$X.log 2>&1 || { echo "nvcc $X failed"; head -20 /tmp/nvcc_$X.log; }) &
+  (python3 bench/dev/phase_timers.py .deps/kda_chunk_$X.cu /tmp/kda_chunk_P$X.cu 2> /dev/null &&
+   $NV -c /tmp/kda_chunk_P$X.cu -o /tmp/P$X.o > /dev/null 2>&1) &
+done
 rm -rf /tmp/A
 cmake -S . -B /tmp/A -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmakeA.log 2>&1 || { tail -20 /tmp/cmakeA.log; exit 1; }
-cmake --build /tmp/A -j 16 --target bench_kda test_kda_cuda > $OUT/buildA.log 2>&1 || { grep -E "error" -A3 $OUT/buildA.log | head -40; exit 1; }
+cmake --build /tmp/A -j 16 --target bench_kda test_kda_cuda > /tmp/buildA.log 2>&1 || { grep -E "error" -A3 /tmp/buildA.log | head -40; exit 1; }
 wait; echo built $SECONDS s; nvidia-smi --query-gpu=name --format=csv,noheader
 cd /tmp/A
-for X in C I D ID; do sh -c "$(sed "s# -o bench_kda # /tmp/$X.o -o /tmp/bench_$X #" CMakeFiles/bench_kda.dir/link.txt)" > /dev/null 2>&1 || echo "link bench $X failed"; done
-sh -c "$(sed "s# -o test_kda_cuda # /tmp/D.o -o /tmp/test_D #" CMakeFiles/test_kda_cuda.dir/link.txt)" > /tmp/linkD.log 2>&1 || { echo "link test D failed"; head /tmp/linkD.log; }
-summ() { tail -1 $1; grep -E "relative error" $1 | awk '{for(i=1;i<=NF;i++) if($i=="error") print $(i+1), $0}' | sort -g | tail -3 | cut -c1-160; grep -E "FAIL|expected|differs" $1 | head -6; }
-echo "== test A ($SECONDS s)"; timeout 100 ./test_kda_cuda --jobs 8 --verbose > $OUT/testA.txt 2>&1; summ $OUT/testA.txt
-echo "== test D ($SECONDS s)"; timeout 100 /tmp/test_D --jobs 8 --verbose > $OUT/testD.txt 2>&1; summ $OUT/testD.txt
+for X in $CANDS; do
+  for O in $X P$X; do
+    [[ -f /tmp/$O.o ]] && sh -c "$(sed "s# -o bench_kda # /tmp/$O.o -o /tmp/bench_$O #" CMakeFiles/bench_kda.dir/link.txt)" > /dev/null 2>&1
+  done
+  [[ -f /tmp/$X.o ]] && sh -c "$(sed "s# -o test_kda_cuda # /tmp/$X.o -o /tmp/test_$X #" CMakeFiles/test_kda_cuda.dir/link.txt)" > /dev/null 2>&1
+done
 cd - > /dev/null
-echo "== C ($SECONDS s)"; /tmp/bench_C 8 4096 16 2>&1 | grep -E "^\| [0-9]"
-echo "== A"; /tmp/A/bench_kda 2>&1 | grep -E "^\| [0-9]"
-echo "== D"; /tmp/bench_D 2>&1 | grep -E "^\| [0-9]"
-echo "== phases A, D"; /tmp/bench_I 2 4096 16 2>&1 | grep -E "PHASES"; /tmp/bench_ID 2 4096 16 2>&1 | grep -E "PHASES"
-echo "== sanitizers ($SECONDS s)"
-timeout 110 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/A/test_kda_cuda --jobs 1 --filter 'kda_cuda/k48*' > $OUT/race.log 2>&1; echo "racecheck A rc $?"; tail -2 $OUT/race.log
-timeout 110 compute-sanitizer --error-exitcode 9 /tmp/A/test_kda_cuda --jobs 1 --filter 'kda_cuda/k128_strong*' > $OUT/mem.log 2>&1; echo "memcheck A rc $?"; tail -2 $OUT/mem.log
-timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_D --jobs 1 --filter 'kda_cuda/k48*' > $OUT/raceD.log 2>&1; echo "racecheck D rc $?"; tail -2 $OUT/raceD.log
+summ() { tail -1 $1; grep -E "relative error" $1 | awk '{for(i=1;i<=NF;i++) if($i=="error") print $(i+1), $0}' | sort -g | tail -2 | cut -c1-160; grep -E "FAIL|expected|differs" $1 | head -6; }
+echo "== A (this tree)"; /tmp/A/bench_kda 8 4096 16 2>&1 | grep -E "^\| [0-9]"
+PASSED=
+for X in $CANDS; do
+  [[ -x /tmp/test_$X ]] || { echo "== $X: not built"; continue; }
+  echo "== $X ($SECONDS s)"; timeout 100 /tmp/test_$X --jobs 8 --verbose > $OUT/test_$X.txt 2>&1 && PASSED="$PASSED $X"; summ $OUT/test_$X.txt
+  /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
+  [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X 2 4096 16 2>&1 | grep -E "PHASES"
+done
+set -- $PASSED
+if [[ -n "$1" ]]; then
+  echo "== sanitizers on $1 ($SECONDS s)"
+  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$1 --jobs 1 --filter 'kda_cuda/k48*' > $OUT/race.log 2>&1; echo "racecheck rc $?"; tail -1 $OUT/race.log
+  timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$1 --jobs 1 --filter 'kda_cuda/k128_strong*' > $OUT/mem.log 2>&1; echo "memcheck rc $?"; tail -1 $OUT/mem.log
+fi
 echo "done $SECONDS s"

@@ -22,7 +22,7 @@ wy = [("load_gates(", 0), ("const int last = seg[CH - 1];", 1), ("// Y = M^T dX 
       ("// dbeta_i = Y_i", 4)]
 s = patch(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
 s = patch(s, "kda_pairwise_backward_kernel(bf16_t", [("copy_rows_bf16(qh, pl, q", 0), ("#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]", 1),
-          ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums.", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
+          ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
 head = '''
 __device__ long long kda_prof[3][4096][12];
 #define PH(K, n) do { __syncthreads(); if (threadIdx.x == 0 && blockIdx.x < 4096) kda_prof[K][blockIdx.x][n] = clock64(); } while (0)
