@@ -1,18 +1,17 @@
 #!/bin/bash
-# Makes the candidate kernel files bench/dev/kda_ab.sh tests, from this tree's kernels/kda_chunk.cu and the
-# patches given (each alone, then all together): .deps/kda_chunk_D1.cu, D2, ..., D<n+1>.
-# Usage (repo root, clean kernels/kda_chunk.cu): bench/dev/make_candidates.sh bench/dev/*.patch
+# Makes the candidate kernel files bench/dev/kda_ab.sh tests: one per argument, each argument a patch or
+# several joined by commas (applied in order) on this tree's kernels/kda_chunk.cu -> .deps/kda_chunk_D1.cu, D2, ...
+# Usage (repo root, kernels/kda_chunk.cu unmodified):
+#   bench/dev/make_candidates.sh bench/dev/a.patch bench/dev/b.patch bench/dev/a.patch,bench/dev/b.patch
 set -euo pipefail
+git diff --quiet -- kernels/kda_chunk.cu || { echo "make_candidates: kernels/kda_chunk.cu has changes" >&2; exit 1; }
 rm -f .deps/kda_chunk_D*.cu
 n=0
-make_one() {  # patches... -> next candidate
+for group in "$@"; do
   n=$((n + 1))
-  cp kernels/kda_chunk.cu /tmp/kda_chunk_base.cu
-  for p in "$@"; do git apply "$p"; done
+  IFS=, read -ra patches <<< "$group"
+  for p in "${patches[@]}"; do git apply "$p" || { git checkout -- kernels/kda_chunk.cu; exit 1; }; done
   cp kernels/kda_chunk.cu .deps/kda_chunk_D$n.cu
-  cp /tmp/kda_chunk_base.cu kernels/kda_chunk.cu
-  echo "D$n: $*"
-}
-for p in "$@"; do make_one "$p"; done
-[[ $# -gt 1 ]] && make_one "$@"
-true
+  git checkout -q -- kernels/kda_chunk.cu
+  echo "D$n: ${patches[*]}"
+done
