@@ -371,8 +371,6 @@ static __device__ __forceinline__ float4 bf4(const bf16_t *p, float mul) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The intra kernel's tile: gemm_nt's, later v (64, V) in bf16.
-static __host__ __device__ int intra_tile(int V) { return TILE_FLOATS; }
 // q's region, later M (64 x 65 floats), in bf16 elements.
 static __host__ __device__ int q_region(int K) { return CH * QK_PITCH(K) > 2 * CH * (CH + 1) ? CH * QK_PITCH(K) : 2 * CH * (CH + 1); }
 // Intra-chunk forward: one block per chunk.
@@ -384,7 +382,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // blocks share an SM.
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
-  float *tile = smem, *gc = tile + intra_tile(V), *kks = gc + CH * ld, *beta = kks + CH * (CH + 1);
+  float *tile = smem, *gc = tile + TILE_FLOATS, *kks = gc + CH * ld, *beta = kks + CH * (CH + 1);
   int *seg = (int *)(beta + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + q_region(K);
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
@@ -837,7 +835,7 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   // y . rhs part (rhs = eg k | v), summed per row into rowpart[tx][i]: gemm_nt gives element (i, n) to thread
   // tx = n % 16 of row i, the same (tx, i) for every tile and for the dL product below.
   cp_async_wait_all();
-  __syncthreads();  // Ys, KK and k | v are complete
+  __syncthreads();  // Ys, KK, M^T and k | v are complete
   const int tx = tid & 15;
   gemm_nt(
       CH, KV, CH, tile, [&](int i, int j) { return *(const float4 *)(mts + i * CH + j); },
@@ -1055,7 +1053,7 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved
 }
 
 static size_t intra_smem(int K, int V) {
-  return (intra_tile(V) + (size_t)CH * (K + 1) + CH * (CH + 1) + 2 * CH) * sizeof(float) +
+  return (TILE_FLOATS + (size_t)CH * (K + 1) + CH * (CH + 1) + 2 * CH) * sizeof(float) +
          ((size_t)q_region(K) + CH * QK_PITCH(K)) * sizeof(bf16_t);
 }
 // The state kernels' shared memory: W, QG (K + 8), KL (K + 4), Aqk (72), el forward; KL (K + 8), QG, W
