@@ -34,29 +34,33 @@
 //   shared memory; the off-diagonal 16-row blocks of KK, Aqk, the pairwise backward's cross-sub-chunk pairs and
 //   every chunk product on tensor cores (wmma tf32, through gemm_nt), each exponential split at an anchor row so
 //   that both factors are <= 1; the pairs inside a 16-row sub-chunk in fp32 on CUDA cores (their
-//   exp(gc_i - gc_j) cannot be factored without overflow when decays are strong). M = (I + L)^-1 is built from
-//   its four 16 x 16 diagonal blocks (forward substitution) block row by block row on CUDA cores, then W | U and
-//   the backward's Y = M^T dX are tensor-core products. The WY backward reads S0 and dS' once for its four
-//   chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), brings KK, M^T
-//   and k | v into shared memory by cp.async while those run, and does Y's per-element work (dk's UT part, dv,
-//   dbeta) in the Y and dL products' epilogues. The intra kernel fits two blocks per SM (about 100 KB), the
-//   two backward kernels one (about 215 and 225 KB).
+//   exp(gc_i - gc_j) cannot be factored without overflow when decays are strong): in the forward one
+//   exponential per pair and channel, in the pairwise backward a running product along the sub-chunk (one
+//   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
+//   substitution) block row by block row on CUDA cores, then W | U and the backward's Y = M^T dX are
+//   tensor-core products. The WY backward reads S0 and dS' once for its four chunk products (state_products:
+//   dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by cp.async through four 16-column stages;
+//   KK, M^T and k | v then come into those stages, and Y's per-element work (dk's UT part, dv, dbeta, its row
+//   sums in registers) is done in the Y and dL products' epilogues. The intra kernel fits two blocks per SM
+//   (about 100 KB), the two backward kernels one (about 210 and 225 KB). Each per-chunk kernel is also
+//   instantiated with K = V = 128 fixed at compile time (the default models' shape), which folds its index
+//   arithmetic (a sixth fewer instructions).
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 3.16 ms, fwd+bwd 13.9 ms; fla's Triton chunk_kda on the
-//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.7 (intra), 5.1 (WY) and 4.2 ms (pairwise)
-//   against 2.4 ms for the three state passes. By ncu: the WY backward issues one instruction a cycle (8 warps,
-//   255 registers) and waits on the global loads of each 32-wide slice in state_products (55% of its samples)
-//   and on shared memory in the Y epilogue (31%); the pairwise backward spends 56% of its instructions on the
-//   in-sub-chunk pairs (one exponential per pair and channel); the intra kernel issues 2.2 a cycle, half of
-//   its slots, spread over all phases. bench/README has the per-phase table.
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.94 ms, fwd+bwd 11.3 ms; fla's Triton chunk_kda on the
+//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.4 (intra), 4.0 (WY) and 3.0 ms (pairwise)
+//   against 2.4 ms for the three state passes, all far above their bytes and their arithmetic. The intra
+//   kernel issues 2.2 instructions a cycle at two blocks per SM (54% of its issue slots), spread over all its
+//   phases: instruction bound. The WY backward's state products (half its time) did not speed up when three
+//   slices were in flight instead of one. bench/README has the per-phase tables.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
 
 #include <mma.h>
+#include <type_traits>
 
 #define CH 64          // chunk length
 #define NT 256         // threads per block
@@ -89,8 +93,9 @@ static __device__ __forceinline__ float4 ldg4(const bf16_t *p) {
 // time; la(m, k) and lb(n, k) return the four values at k..k+3 (k a multiple of 4; KC a multiple of 16). Each
 // 64 x 64 output tile goes through shared memory to epi(m, n, value), thread (tx, ty) = (tid % 16, tid / 16)
 // getting rows ty + 16 r and columns tx + 16 s, so two products of the same shape give every element to the
-// same thread (epilogues may read-modify-write what they own). Synchronizes the block: every thread must
-// call it.
+// same thread (epilogues may read-modify-write what they own); an epilogue taking (r, m, n, value) also gets
+// r (0..3, a constant once unrolled: it may index a register array). Synchronizes the block: every thread
+// must call it.
 #define TLD 36
 #define CLD 68
 #define TILE_FLOATS (2 * 64 * TLD)  // >= 64 * CLD: the output tile Cs overlays As and Bs
@@ -149,122 +154,12 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
       for (int r = 0; r < 4; r++)
 #pragma unroll
         for (int q = 0; q < 4; q++)
-          if (ty + 16 * r < rows && tx + 16 * q < cols)
-            epi(m0 + ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
+          if (ty + 16 * r < rows && tx + 16 * q < cols) {
+            const float v = Cs[(ty + 16 * r) * CLD + tx + 16 * q];
+            if constexpr (std::is_invocable_v<FE, int, int, int, float>) epi(r, m0 + ty + 16 * r, n0 + tx + 16 * q, v);
+            else epi(m0 + ty + 16 * r, n0 + tx + 16 * q, v);
+          }
     }
-}
-
-// The WY backward's three products with the chunk's states in one pass over the V columns, 64 state rows a at a
-// time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
-// are read once (three gemm_nt calls read S0 twice and every A operand once per product), and on the first pass
-// P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles. Also
-// del_a = sum_d dS'_ad S0_ad from the fp32 values in registers (the eight threads of a row summed in a fixed
-// order), and dVp itself (fp32, unrounded) into dvp_out (64, ld_out) on the first pass. epi(p, i, a, value)
-// gets thread (tx, ty) the rows ty + 16 r and columns tx + 16 q of each tile, as gemm_nt. Synchronizes the block.
-#define SP_FLOATS (5 * 64 * TLD)
-template <class FE>
-static __device__ __forceinline__ void state_products(const bf16_t *dout, const float *VP, const float *DVP,
-                                                      const float *S0, const float *DS, float *tile, float *delS,
-                                                      float *dvp_out, int ld_out, int b, int h, int t0, int T, int H,
-                                                      int K, int V, FE epi) {
-  using namespace nvcuda;
-  float *As = tile, *Bs = tile + 3 * 64 * TLD, *Cs = tile;  // A: dO, Vp, dVp; B: S0, dS' (64 x TLD each)
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
-  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  for (int n0 = 0; n0 < K; n0 += 64) {
-    const int cols = min(64, K - n0);
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4][2];
-#pragma unroll
-    for (int p = 0; p < 4; p++) wmma::fill_fragment(acc[p][0], 0.0f), wmma::fill_fragment(acc[p][1], 0.0f);
-    float4 av[3][2], bv[2][2];  // thread's elements: rows r = (tid >> 3) + 32 u, columns k0 + 4 (tid & 7) .. + 3
-    float dl[2] = {0.0f, 0.0f};
-    auto fetch = [&](int k0) {
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        const int r = (tid >> 3) + 32 * u, kk = k0 + 4 * (tid & 7);
-        const bool in = kk < V;
-        av[0][u] = in && t0 + r < T ? ldg4(dout + AT(b, t0 + r, h, V) + kk) : zero;
-        av[1][u] = in ? ldg4(VP + r * V + kk) : zero;
-        av[2][u] = in ? ldg4(DVP + r * V + kk) : zero;
-        bv[0][u] = in && r < cols ? ldg4(S0 + (size_t)(n0 + r) * V + kk) : zero;
-        bv[1][u] = in && r < cols ? ldg4(DS + (size_t)(n0 + r) * V + kk) : zero;
-      }
-    };
-    fetch(0);
-    for (int k0 = 0; k0 < V; k0 += 32) {
-      __syncthreads();
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        const int r = (tid >> 3) + 32 * u, c = 4 * (tid & 7);
-#pragma unroll
-        for (int p = 0; p < 3; p++) *(float4 *)(As + (p * 64 + r) * TLD + c) = tf32x4(av[p][u]);
-#pragma unroll
-        for (int p = 0; p < 2; p++) *(float4 *)(Bs + (p * 64 + r) * TLD + c) = tf32x4(bv[p][u]);
-        const float4 x = bv[0][u], y = bv[1][u];
-        dl[u] = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl[u]))));
-        if (n0 == 0 && k0 + c < V) *(float4 *)(dvp_out + r * ld_out + k0 + c) = av[2][u];
-      }
-      __syncthreads();
-      if (k0 + 32 < V) fetch(k0 + 32);
-      if (32 * wn < cols) {
-#pragma unroll
-        for (int ks = 0; ks < 32; ks += 8) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fs0, fs1, fd0, fd1;
-          wmma::load_matrix_sync(fs0, Bs + 32 * wn * TLD + ks, TLD);
-          wmma::load_matrix_sync(fs1, Bs + (32 * wn + 16) * TLD + ks, TLD);
-          wmma::load_matrix_sync(fd0, Bs + (64 + 32 * wn) * TLD + ks, TLD);
-          wmma::load_matrix_sync(fd1, Bs + (64 + 32 * wn + 16) * TLD + ks, TLD);
-          wmma::load_matrix_sync(fa, As + 16 * wm * TLD + ks, TLD);
-          wmma::mma_sync(acc[0][0], fa, fs0, acc[0][0]);
-          wmma::mma_sync(acc[0][1], fa, fs1, acc[0][1]);
-          wmma::load_matrix_sync(fa, As + (64 + 16 * wm) * TLD + ks, TLD);
-          wmma::mma_sync(acc[1][0], fa, fd0, acc[1][0]);
-          wmma::mma_sync(acc[1][1], fa, fd1, acc[1][1]);
-          wmma::load_matrix_sync(fa, As + (128 + 16 * wm) * TLD + ks, TLD);
-          wmma::mma_sync(acc[2][0], fa, fs0, acc[2][0]);
-          wmma::mma_sync(acc[2][1], fa, fs1, acc[2][1]);
-        }
-      }
-      if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
-#pragma unroll
-        for (int ks = 0; ks < 32; ks += 8) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fv0, fv1;
-          wmma::load_matrix_sync(fv0, As + (64 + 32 * wn) * TLD + ks, TLD);
-          wmma::load_matrix_sync(fv1, As + (64 + 32 * wn + 16) * TLD + ks, TLD);
-          wmma::load_matrix_sync(fa, As + 16 * wm * TLD + ks, TLD);
-          wmma::mma_sync(acc[3][0], fa, fv0, acc[3][0]);
-          wmma::mma_sync(acc[3][1], fa, fv1, acc[3][1]);
-        }
-      }
-    }
-    // del: the eight threads of a row are neighbouring lanes.
-#pragma unroll
-    for (int u = 0; u < 2; u++) {
-      float x = dl[u];
-      x += __shfl_xor_sync(0xffffffffu, x, 1);
-      x += __shfl_xor_sync(0xffffffffu, x, 2);
-      x += __shfl_xor_sync(0xffffffffu, x, 4);
-      const int r = (tid >> 3) + 32 * u;
-      if ((tid & 7) == 0 && r < cols) delS[n0 + r] = x;
-    }
-#pragma unroll
-    for (int p = 0; p < 4; p++) {
-      if (p == 3 && n0 != 0) break;
-      __syncthreads();  // every warp is past its reads of As (which Cs overlays) or of the last tile
-      if (p == 3 || 32 * wn < cols) {
-        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, acc[p][0], CLD, wmma::mem_row_major);
-        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, acc[p][1], CLD, wmma::mem_row_major);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-#pragma unroll
-        for (int q = 0; q < 4; q++)
-          if (p == 3 || tx + 16 * q < cols) epi(p, ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
-    }
-  }
 }
 
 // Tensor-core helpers for the sequential state kernels: mma.sync m16n8k8 with tf32 inputs and fp32
@@ -307,6 +202,149 @@ static __device__ __forceinline__ void tile_async(float *dst, int ld, const floa
     const int r = e / per_row, c4 = (e % per_row) * 4;
     cp_async16(dst + r * ld + c4, src + (size_t)r * cols + c4);
   }
+}
+
+// The WY backward's three products with the chunk's states in one pass over the V columns, 64 state rows a at a
+// time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
+// are read once (three gemm_nt calls read S0 twice and every A operand once per product), and on the first pass
+// P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles. Also del_a = sum_d dS'_ad S0_ad from
+// the fp32 values, and dVp itself (fp32, unrounded) into dvp_out (64, ld_out) on the first pass.
+// The operands stream by cp.async through SP_STAGES shared-memory stages, 16 columns a slice, the slices in
+// order over (n0, k0), SP_STAGES - 1 of them in flight while one is used (the kernel has one block per SM:
+// only bytes in flight hide the memory's latency). A thread copies one 16-byte piece of each fp32 operand
+// (row tid / 4, columns 4 (tid % 4) ..) and, for tid < 128, eight bf16 of dO (row tid / 2), and once they are
+// there rounds its own pieces to tf32 in place (dO into its fp32 tile). epi(p, i, a, value) gets thread
+// (tx, ty) the rows ty + 16 r and columns tx + 16 q of each tile, as gemm_nt; the output tile overlays the
+// stage just used. Synchronizes the block; `stages` (SP_FLOATS) is free again when it returns.
+#define SLD 20                                 // a stage tile's pitch: 16 columns + 4, conflict-free fragments
+#define SP_STAGE (5 * 64 * SLD + 64 * 16 / 2)  // floats: dO, Vp, dVp, S0, dS' (fp32, 64 x SLD) and dO (bf16)
+#define SP_STAGES 4
+#define SP_FLOATS (SP_STAGES * SP_STAGE)
+static_assert(64 * CLD <= SP_STAGE, "the output tile must fit in a stage");
+template <int N>
+static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+// 16 bytes, or 16 zeros when !valid (src is not read then, but must be a mapped address).
+static __device__ __forceinline__ void cp_async16z(void *dst, const void *src, bool valid) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+template <class FE>
+static __device__ __forceinline__ void state_products(const bf16_t *dout, const float *VP, const float *DVP,
+                                                      const float *S0, const float *DS, float *stages, float *delS,
+                                                      float *dvp_out, int ld_out, int b, int h, int t0, int T, int H,
+                                                      int K, int V, FE epi) {
+  using namespace nvcuda;
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int nv = V / 16, ns = (K + 63) / 64 * nv;  // slice s: state rows n0 = 64 (s / nv), columns k0 = 16 (s % nv)
+  const int pr = tid >> 2, pc = 4 * (tid & 3);      // the thread's fp32 pieces: row pr, columns pc .. pc + 3
+  const int dr = (tid & 127) >> 1, dc = 8 * (tid & 1);  // its dO piece (tid < 128): row dr, columns dc .. dc + 7
+  auto issue = [&](int s) {
+    if (s < ns) {
+      float *st = stages + (s % SP_STAGES) * SP_STAGE;
+      const int n0 = 64 * (s / nv), k0 = 16 * (s % nv);
+      const bool row_in = n0 + pr < K, t_in = t0 + dr < T;
+      cp_async16(st + (64 + pr) * SLD + pc, VP + pr * V + k0 + pc);
+      cp_async16(st + (128 + pr) * SLD + pc, DVP + pr * V + k0 + pc);
+      cp_async16z(st + (192 + pr) * SLD + pc, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      cp_async16z(st + (256 + pr) * SLD + pc, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      if (tid < 128)
+        cp_async16z((bf16_t *)(st + 320 * SLD) + dr * 16 + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
+    }
+    cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
+  };
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4][2];
+  float dl = 0.0f;
+#pragma unroll
+  for (int s = 0; s < SP_STAGES - 1; s++) issue(s);
+  for (int s = 0; s < ns; s++) {
+    const int n0 = 64 * (s / nv), k0 = 16 * (s % nv), cols = min(64, K - n0);
+    float *st = stages + (s % SP_STAGES) * SP_STAGE;
+    if (k0 == 0) {
+#pragma unroll
+      for (int p = 0; p < 4; p++) wmma::fill_fragment(acc[p][0], 0.0f), wmma::fill_fragment(acc[p][1], 0.0f);
+      dl = 0.0f;
+    }
+    cp_async_wait<SP_STAGES - 2>();  // this thread's copies of slice s are there
+    {
+      float4 *pv = (float4 *)(st + (64 + pr) * SLD + pc), *pd = (float4 *)(st + (128 + pr) * SLD + pc);
+      float4 *ps = (float4 *)(st + (192 + pr) * SLD + pc), *pe = (float4 *)(st + (256 + pr) * SLD + pc);
+      const float4 x = *ps, y = *pe, w = *pd;
+      dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
+      if (n0 == 0) {
+        float *o = dvp_out + pr * ld_out + k0 + pc;
+        o[0] = w.x, o[1] = w.y, o[2] = w.z, o[3] = w.w;
+      }
+      *pv = tf32x4(*pv), *pd = tf32x4(w), *ps = tf32x4(x), *pe = tf32x4(y);
+      if (tid < 128) {
+        const uint4 raw = *(const uint4 *)((const bf16_t *)(st + 320 * SLD) + dr * 16 + dc);
+        const unsigned u[4] = {raw.x, raw.y, raw.z, raw.w};
+        float f[8];
+#pragma unroll
+        for (int e = 0; e < 4; e++) f[2 * e] = __uint_as_float(u[e] << 16), f[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
+        float *o = st + dr * SLD + dc;
+        *(float4 *)o = tf32x4(make_float4(f[0], f[1], f[2], f[3]));
+        *(float4 *)(o + 4) = tf32x4(make_float4(f[4], f[5], f[6], f[7]));
+      }
+    }
+    __syncthreads();  // slice s is in place in tf32; every warp is past its products of slice s - 1
+    issue(s + SP_STAGES - 1);  // into slice s - 1's stage
+    const float *As = st, *Bs = st + 192 * SLD;  // A: dO, Vp, dVp; B: S0, dS'
+    if (32 * wn < cols) {
+#pragma unroll
+      for (int ks = 0; ks < 16; ks += 8) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fs0, fs1, fd0, fd1;
+        wmma::load_matrix_sync(fs0, Bs + 32 * wn * SLD + ks, SLD);
+        wmma::load_matrix_sync(fs1, Bs + (32 * wn + 16) * SLD + ks, SLD);
+        wmma::load_matrix_sync(fd0, Bs + (64 + 32 * wn) * SLD + ks, SLD);
+        wmma::load_matrix_sync(fd1, Bs + (64 + 32 * wn + 16) * SLD + ks, SLD);
+        wmma::load_matrix_sync(fa, As + 16 * wm * SLD + ks, SLD);
+        wmma::mma_sync(acc[0][0], fa, fs0, acc[0][0]);
+        wmma::mma_sync(acc[0][1], fa, fs1, acc[0][1]);
+        wmma::load_matrix_sync(fa, As + (64 + 16 * wm) * SLD + ks, SLD);
+        wmma::mma_sync(acc[1][0], fa, fd0, acc[1][0]);
+        wmma::mma_sync(acc[1][1], fa, fd1, acc[1][1]);
+        wmma::load_matrix_sync(fa, As + (128 + 16 * wm) * SLD + ks, SLD);
+        wmma::mma_sync(acc[2][0], fa, fs0, acc[2][0]);
+        wmma::mma_sync(acc[2][1], fa, fs1, acc[2][1]);
+      }
+    }
+    if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
+#pragma unroll
+      for (int ks = 0; ks < 16; ks += 8) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fv0, fv1;
+        wmma::load_matrix_sync(fv0, As + (64 + 32 * wn) * SLD + ks, SLD);
+        wmma::load_matrix_sync(fv1, As + (64 + 32 * wn + 16) * SLD + ks, SLD);
+        wmma::load_matrix_sync(fa, As + 16 * wm * SLD + ks, SLD);
+        wmma::mma_sync(acc[3][0], fa, fv0, acc[3][0]);
+        wmma::mma_sync(acc[3][1], fa, fv1, acc[3][1]);
+      }
+    }
+    if (k0 + 16 < V) continue;
+    // The last slice of these 64 state rows: del (the four threads of a row are neighbouring lanes), then the
+    // products through the output tile Cs, over this slice's stage.
+    dl += __shfl_xor_sync(0xffffffffu, dl, 1);
+    dl += __shfl_xor_sync(0xffffffffu, dl, 2);
+    if ((tid & 3) == 0 && pr < cols) delS[n0 + pr] = dl;
+    float *Cs = st;
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+      if (p == 3 && n0 != 0) break;
+      __syncthreads();  // every warp is past its reads of the stage (or of the last tile)
+      if (p == 3 || 32 * wn < cols) {
+        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, acc[p][0], CLD, wmma::mem_row_major);
+        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, acc[p][1], CLD, wmma::mem_row_major);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+          if (p == 3 || tx + 16 * q < cols) epi(p, ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
+    }
+  }
+  __syncthreads();  // every thread is past its reads of the last output tile
 }
 
 // The chunk's gates cumulated over its 64 rows (rows past T have g = 0), beta (0 past T) and seg. The
@@ -374,10 +412,14 @@ static __device__ __forceinline__ float4 bf4(const bf16_t *p, float mul) {
 // q's region, later M (64 x 65 floats), in bf16 elements.
 static __host__ __device__ int q_region(int K) { return CH * QK_PITCH(K) > 2 * CH * (CH + 1) ? CH * QK_PITCH(K) : 2 * CH * (CH + 1); }
 // Intra-chunk forward: one block per chunk.
+// KS, VS: K and V fixed at compile time (0: the arguments K_, V_), as for the other per-chunk kernels: the
+// shape every layer of the default models uses (128, 128) gets its index arithmetic folded.
+template <int KS, int VS>
 static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, const bf16_t *q, const bf16_t *k,
                                                                  const bf16_t *v, const float *g, const float *beta_in,
                                                                  const unsigned char *doc_start, float scale, int T,
-                                                                 int H, int K, int V, int NC) {
+                                                                 int H, int K_, int V_, int NC) {
+  const int K = KS ? KS : K_, V = VS ? VS : V_;
   // About 100 KB of shared memory at K = V = 128 (q, k, v in bf16; Aqk straight to global memory), so two
   // blocks share an SM.
   extern __shared__ __align__(128) float smem[];
@@ -788,27 +830,51 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
         if (j < KT) dinitial_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dS[j][r];
 }
 // ---------------------------------------------------------------------------------------------------------
-#define WY_TILE (SP_FLOATS > TILE_FLOATS ? SP_FLOATS : TILE_FLOATS)  // the tile, 128-byte aligned
+#define WY_TILE SP_FLOATS  // the stages, 128-byte aligned
+static_assert(TILE_FLOATS + 2 * CH * CH + CH * 256 / 2 <= WY_TILE, "tile, KK, M^T and k | v must fit in the stages");
 // WY / UT backward, one block per chunk: the non-pairwise parts of dq and dk into PDQ (through qg), PDK (through
 // kl) and PDK2 (through the UT transform's eg k), the gate gradient that reaches gc_last through el into DGL (the
 // pairwise kernel derives the rest of dg from these and q, k); dL and dAqk (masked) into DL, DA; dv, dbeta final.
+template <int KS, int VS>
 static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, float *dbeta, Scratch sc,
                                                                     const bf16_t *dout, const bf16_t *k,
                                                                     const bf16_t *v, const float *g,
                                                                     const float *beta_in,
                                                                     const unsigned char *doc_start, int T, int H,
-                                                                    int K, int V, int NC) {
+                                                                    int K_, int V_, int NC) {
+  const int K = KS ? KS : K_, V = VS ? VS : V_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
-  float *tile = smem, *kks = tile + WY_TILE, *mts = kks + CH * CH, *gc = mts + CH * CH, *Ys = gc + CH * ld;
-  float *delS = Ys + CH * KV;
+  // Ys (64, K + V + 1): the odd pitch spreads a column's rows over the banks (the Y product reads columns).
+  const int ly = KV + 1;
+  // The state products' stages (WY_TILE floats) hold, once they are done, the tile of the two products after
+  // them, KK, M^T and k | v (bf16, (64, K + V)).
+  float *tile = smem, *kks = tile + TILE_FLOATS, *mts = kks + CH * CH, *gc = tile + WY_TILE, *Ys = gc + CH * ld;
+  bf16_t *kvs = (bf16_t *)(mts + CH * CH);
+  float *delS = Ys + CH * ly;
   float *rowpart = delS + K, *beta = rowpart + 16 * CH;
   int *seg = (int *)(beta + CH);
-  bf16_t *kvs = (bf16_t *)(seg + CH);  // (64, K + V): k | v of the chunk
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
-  // KK, M^T and k | v, needed only after the state products, come in by cp.async meanwhile (16 bytes a copy; K
-  // and V are multiples of 16, so no copy straddles k and v; rows past T are zeroed).
+  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
+  __syncthreads();
+  const int last = seg[CH - 1];
+  const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
+  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK;
+  // dqg = dO S0^T, dkl = Vp dS'^T, dX = [-dVp S0^T | dVp], del = rowsum(dS' * S0), dAqk = dO Vp^T
+  state_products(dout, VP, DVP, S0, DS, tile, delS, Ys + K, ly, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
+    if (p == 0) PDQ[i * K + n] = seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f;
+    else if (p == 1) PDK[i * K + n] = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f;
+    else if (p == 2) Ys[i * ly + n] = -x;
+    else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
+  });
+  // Y = M^T dX on the tensor cores, in place (the output tile of columns n0.. depends only on those columns),
+  // and what each element of Y gives directly: dk's UT part PDK2 = eg beta y, dv = beta y, and dbeta's
+  // y . rhs part (rhs = eg k | v), summed per row in registers: gemm_nt gives element (i, n) to thread
+  // (tx, ty) = (n % 16, i % 16), row i = ty + 16 r, the same for every tile and for the dL product below; the
+  // sixteen partial sums of a row meet in rowpart[tx][i].
+  // KK, M^T and k | v by cp.async into the stages (16 bytes a copy; K and V are multiples of 16, so no copy
+  // straddles k and v; rows past T are zeroed).
   for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
   for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + 4 * e, sc.MT + cC + 4 * e);
   for (int e = tid; e < CH * KV / 8; e += NT) {
@@ -817,31 +883,15 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
     else cp_async16(kvs + 8 * e, a < K ? (const void *)(k + AT(b, t0 + i, h, K) + a) : (const void *)(v + AT(b, t0 + i, h, V) + a - K));
   }
   cp_async_commit();
-  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
-  for (int e = tid; e < 16 * CH; e += NT) rowpart[e] = 0.0f;
-  __syncthreads();
-  const int last = seg[CH - 1];
-  const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
-  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK;
-  // dqg = dO S0^T, dkl = Vp dS'^T, dX = [-dVp S0^T | dVp], del = rowsum(dS' * S0), dAqk = dO Vp^T
-  state_products(dout, VP, DVP, S0, DS, tile, delS, Ys + K, KV, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
-    if (p == 0) PDQ[i * K + n] = seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f;
-    else if (p == 1) PDK[i * K + n] = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f;
-    else if (p == 2) Ys[i * KV + n] = -x;
-    else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
-  });
-  // Y = M^T dX on the tensor cores, in place (the output tile of columns n0.. depends only on those columns),
-  // and what each element of Y gives directly: dk's UT part PDK2 = eg beta y, dv = beta y, and dbeta's
-  // y . rhs part (rhs = eg k | v), summed per row into rowpart[tx][i]: gemm_nt gives element (i, n) to thread
-  // tx = n % 16 of row i, the same (tx, i) for every tile and for the dL product below.
   cp_async_wait_all();
   __syncthreads();  // Ys, KK, M^T and k | v are complete
   const int tx = tid & 15;
+  float racc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // the thread's rows ty + 16 r, summed in registers
   gemm_nt(
       CH, KV, CH, tile, [&](int i, int j) { return *(const float4 *)(mts + i * CH + j); },
-      [&](int n, int j) { return make_float4(Ys[j * KV + n], Ys[(j + 1) * KV + n], Ys[(j + 2) * KV + n], Ys[(j + 3) * KV + n]); },
-      [&](int i, int n, float y) {
-        Ys[i * KV + n] = y;
+      [&](int n, int j) { return make_float4(Ys[j * ly + n], Ys[(j + 1) * ly + n], Ys[(j + 2) * ly + n], Ys[(j + 3) * ly + n]); },
+      [&](int r, int i, int n, float y) {
+        Ys[i * ly + n] = y;
         float rhs = __bfloat162float(kvs[i * KV + n]);
         if (n < K) {
           const float e = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
@@ -850,19 +900,21 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
         } else if (t0 + i < T) {
           dv[AT(b, t0 + i, h, V) + n - K] = __float2bfloat16(beta[i] * y);
         }
-        rowpart[tx * CH + i] += y * rhs;
+        racc[r] = fmaf(y, rhs, racc[r]);
       });
   if (tid < K) sc.DGL[(size_t)ch * K + tid] = delS[tid] * __ldg(sc.EL + (size_t)ch * K + tid);
   // dL = -Y X^T (strictly lower, same document), and dbeta's dL . KK part into rowpart.
   const float *W = sc.W + cK, *U = sc.U + cV;
   gemm_nt(
-      CH, CH, KV, tile, [&](int i, int a) { return lds4(Ys + i * KV + a); },
+      CH, CH, KV, tile, [&](int i, int a) { return lds4(Ys + i * ly + a); },
       [&](int j, int a) { return a < K ? ldg4(W + j * K + a) : ldg4(U + j * V + a - K); },
-      [&](int i, int j, float x) {
+      [&](int r, int i, int j, float x) {
         const float d = j < i && seg[i] == seg[j] ? -x : 0.0f;
         sc.DL[cC + i * CH + j] = d;
-        rowpart[tx * CH + i] = fmaf(d, kks[i * CH + j], rowpart[tx * CH + i]);
+        racc[r] = fmaf(d, kks[i * CH + j], racc[r]);
       });
+#pragma unroll
+  for (int r = 0; r < 4; r++) rowpart[tx * CH + (tid >> 4) + 16 * r] = racc[r];
   __syncthreads();
   // dbeta_i = Y_i . rhs_i + sum_j dL_ij KK_ij: the 16 partial sums of row i in order.
   if (tid < CH && t0 + tid < T) {
@@ -883,20 +935,23 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
 //     [wl; dA](I, j < I0) (k_j exp(gc_I0 - gc_j)), then times exp(gc_i - gc_I0): P and Q;
 //   sub-chunk I against the rows m > I1 = I0 + 15, anchor gc_I1: one (16 x 2L) (2L x K) product
 //     [wl^T | dA^T](I, m > I1) [k_m; q_m] exp(gc_m - gc_I1), then times exp(gc_I1 - gc_i): R.
-// The pairs inside a sub-chunk are taken one by one on the CUDA cores: a thread takes channel a and the rows
-// il + 16 r (r = 0..3), 68 pairs whatever il. q and k stay in bf16 in shared memory; the off-sub-chunk P, Q, R
+// The pairs inside a sub-chunk on the CUDA cores: a thread takes channel a of one sub-chunk's 16 rows and its
+// 136 pairs, the decay of each pair one multiplication from the previous one (no exponential per pair). q and k
+// stay in bf16 in shared memory; the off-sub-chunk P, Q, R
 // wait in shared memory for the thread that owns (i, a).
+template <int KS>
 static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
                                                                           Scratch sc, const bf16_t *q,
                                                                           const bf16_t *k, const float *g,
                                                                           const float *beta_in,
                                                                           const unsigned char *doc_start, float scale,
-                                                                          int T, int H, int K, int NC) {
+                                                                          int T, int H, int K_, int NC) {
+  const int K = KS ? KS : K_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
   float *tile = smem, *gc = tile + TILE_FLOATS, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
   float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64; 8-byte aligned (every size before is even)
-  float *colpart = (float *)(wa + CH * CH), *beta = colpart + 16 * K;
+  float *colpart = (float *)(wa + CH * CH), *beta = colpart + 4 * K;
   int *seg = (int *)(beta + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + CH * pl;
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
@@ -956,56 +1011,59 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
         });
   }
   __syncthreads();
-  // Inside the sub-chunks, and the sums.
-  // The WY backward's partial gradients of a thread's four rows, loaded one iteration ahead.
-  float nk1[4], nk2[4], npq[4];
-  auto load_partials = [&](int e) {
+  // Inside the sub-chunks, and the sums: a thread takes channel a of one sub-chunk's 16 rows, so that each
+  // E_ij = exp(gc_i - gc_j) = prod_{j < t <= i} exp(gc_t - gc_t-1) comes from E_i-1,j by one multiplication
+  // (every factor <= 1: nothing overflows, and what underflows goes to 0 as the exponential would), and one
+  // pass over the pairs j <= i gives P_i, Q_i and R_j together.
+  for (int e = tid; e < 4 * K; e += NT) {
+    const int a = e % K, s = e / K, I0 = 16 * s;
+    // The WY backward's partial gradients of the 16 rows, in flight during the pairs.
+    float k1[16], k2[16], pq[16];
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const size_t o = cK + (size_t)(16 * r + e / K) * K + e % K;
-      nk1[r] = __ldg(sc.PDK + o), nk2[r] = __ldg(sc.PDK2 + o), npq[r] = __ldg(sc.PDQ + o);
+    for (int r = 0; r < 16; r++) {
+      const size_t o = cK + (size_t)(I0 + r) * K + a;
+      k1[r] = __ldg(sc.PDK + o), k2[r] = __ldg(sc.PDK2 + o), pq[r] = __ldg(sc.PDQ + o);
     }
-  };
-  if (tid < 16 * K) load_partials(tid);
-  for (int e = tid; e < 16 * K; e += NT) {
-    const int a = e % K, il = e / K;
-    float tk = 0.0f, pk1[4], pk2[4], pdq[4];
+    float kv[16], qv[16], al[16], P[16], Q[16], R[16];
 #pragma unroll
-    for (int r = 0; r < 4; r++) pk1[r] = nk1[r], pk2[r] = nk2[r], pdq[r] = npq[r];
-    if (e + NT < 16 * K) load_partials(e + NT);
+    for (int r = 0; r < 16; r++) {
+      const int i = I0 + r;
+      kv[r] = kf(i, a), qv[r] = qf(i, a);
+      al[r] = r ? __expf(gc[i * ld + a] - gc[(i - 1) * ld + a]) : 1.0f;
+      P[r] = Ps[i * ld + a], Q[r] = Qs[i * ld + a], R[r] = Rs[i * ld + a];
+    }
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int I0 = 16 * r, i = I0 + il;
-      const float gi = gc[i * ld + a];
-      float P = Ps[i * ld + a], Q = Qs[i * ld + a], R = Rs[i * ld + a];
-      for (int j = I0; j <= i; j++) {
-        const float x = kf(j, a) * __expf(gi - gc[j * ld + a]);
-        const float2 w = wa[i * CH + j];
-        P = fmaf(w.x, x, P);
-        Q = fmaf(w.y, x, Q);
+    for (int j = 0; j < 16; j++) {
+      float E = 1.0f;
+#pragma unroll
+      for (int i = j; i < 16; i++) {
+        if (i > j) E *= al[i];
+        const float2 w = wa[(I0 + i) * CH + I0 + j];  // (wl_ij, dA_ij): the same for the whole warp
+        const float x = kv[j] * E;
+        P[i] = fmaf(w.x, x, P[i]);
+        Q[i] = fmaf(w.y, x, Q[i]);
+        R[j] = fmaf(fmaf(w.x, kv[i], w.y * qv[i]), E, R[j]);
       }
-      for (int m = i; m < I0 + 16; m++) {
-        const float2 w = wa[m * CH + i];
-        R = fmaf(fmaf(w.x, kf(m, a), w.y * qf(m, a)), __expf(gc[m * ld + a] - gi), R);
-      }
-      // The WY backward's parts: dk = PDK + PDK2 (+ P + R), dqs = PDQ (+ Q), and the gate's
-      // dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...), with sum_i PDK_i k_i going to the chunk's last row.
-      const float k1 = pk1[r], k2 = pk2[r], pq = pdq[r];
-      const float ki = kf(i, a), qi = qf(i, a);
-      const int t = t0 + i;
-      tk = fmaf(k1, ki, tk);
-      Ps[i * ld + a] = fmaf(pq, qi, (k2 - k1) * ki) + ki * (P - R) + qi * Q;  // dgc, in P's place
+    }
+    // The WY backward's parts: dk = PDK + PDK2 (+ P + R), dqs = PDQ (+ Q), and the gate's
+    // dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...), with sum_i PDK_i k_i going to the chunk's last row.
+    float tk = 0.0f;
+#pragma unroll
+    for (int r = 0; r < 16; r++) {
+      const int i = I0 + r, t = t0 + i;
+      tk = fmaf(k1[r], kv[r], tk);
+      Ps[i * ld + a] = fmaf(pq[r], qv[r], (k2[r] - k1[r]) * kv[r]) + kv[r] * (P[r] - R[r]) + qv[r] * Q[r];  // dgc
       if (t < T) {
-        dk[AT(b, t, h, K) + a] = __float2bfloat16(k1 + k2 + P + R);
-        dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * (pq + Q));
+        dk[AT(b, t, h, K) + a] = __float2bfloat16(k1[r] + k2[r] + P[r] + R[r]);
+        dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * (pq[r] + Q[r]));
       }
     }
-    colpart[il * K + a] = tk;
+    colpart[s * K + a] = tk;
   }
   __syncthreads();
   if (tid < K) {
     float acc = __ldg(sc.DGL + (size_t)ch * K + tid);  // the last row's extra term: the gate gradient at gc_last
-    for (int il = 0; il < 16; il++) acc += colpart[il * K + tid];
+    for (int sub = 0; sub < 4; sub++) acc += colpart[sub * K + tid];
     for (int i = CH - 1; i >= 0; i--) {
       acc += Ps[i * ld + tid];
       if (t0 + i < T) dg[AT(b, t0 + i, h, K) + tid] = acc;
@@ -1066,11 +1124,10 @@ static size_t state_backward_smem(int K) { return ((size_t)CH * (3 * K + 16 + CH
 // state pass, twice the old SIMT pass; 8 warps, 128 blocks at B * H = 128, about 9 us.)
 static int state_warps(int B, int H, int V) { return V % 128 == 0 ? 8 : 1; }
 static size_t wy_smem(int K, int V) {
-  return (WY_TILE + 2 * (size_t)CH * CH + CH * (K + 1) + CH * (K + V) + K + 16 * CH + 2 * CH) * sizeof(float) +
-         (size_t)CH * (K + V) * sizeof(bf16_t);
+  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 16 * CH + 2 * CH) * sizeof(float);
 }
 static size_t pair_smem(int K) {
-  return (TILE_FLOATS + 4 * (size_t)CH * (K + 1) + 2 * CH * CH + 16 * K + 2 * CH) * sizeof(float) +
+  return (TILE_FLOATS + 4 * (size_t)CH * (K + 1) + 2 * CH * CH + 4 * K + 2 * CH) * sizeof(float) +
          2 * CH * QK_PITCH(K) * sizeof(bf16_t);
 }
 
@@ -1103,14 +1160,17 @@ static void state_pass(bool backward, bf16 *out, float *state_out, const Scratch
   else launch_state<1>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
 }
 
+// The per-chunk kernels' compile-time shape: K = V = 128, else the general instantiation.
+static bool fixed_shape(int K, int V) { return K == 128 && V == 128; }
+
 static void forward_pieces(const Scratch &sc, const bf16 *q, const bf16 *k, const bf16 *v, const float *g,
                            const float *beta, const unsigned char *doc_start, float scale, int B, int T, int H, int K,
                            int V, int NC) {
   const size_t smem = intra_smem(K, V);
-  allow_smem(kda_intra_kernel, smem);
-  kda_intra_kernel<<<B * H * NC, NT, smem, device_stream()>>>(sc, (const bf16_t *)q, (const bf16_t *)k,
-                                                              (const bf16_t *)v, g, beta, doc_start, scale, T, H, K,
-                                                              V, NC);
+  auto kernel = fixed_shape(K, V) ? kda_intra_kernel<128, 128> : kda_intra_kernel<0, 0>;
+  allow_smem(kernel, smem);
+  kernel<<<B * H * NC, NT, smem, device_stream()>>>(sc, (const bf16_t *)q, (const bf16_t *)k, (const bf16_t *)v, g,
+                                                    beta, doc_start, scale, T, H, K, V, NC);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -1139,16 +1199,17 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   if (!saved) forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
   state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
   state_pass(true, NULL, dinitial_state, sc, false, dfinal_state, dout, B, T, H, K, V, NC);
+  const bool fixed = fixed_shape(K, V);
   size_t smem = wy_smem(K, V);
-  allow_smem(kda_wy_backward_kernel, smem);
-  kda_wy_backward_kernel<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout,
-                                                                (const bf16_t *)k, (const bf16_t *)v, g, beta,
-                                                                doc_start, T, H, K, V, NC);
+  auto wy = fixed ? kda_wy_backward_kernel<128, 128> : kda_wy_backward_kernel<0, 0>;
+  allow_smem(wy, smem);
+  wy<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,
+                                            (const bf16_t *)v, g, beta, doc_start, T, H, K, V, NC);
   CUDA_CHECK_LAUNCH();
   smem = pair_smem(K);
-  allow_smem(kda_pairwise_backward_kernel, smem);
-  kda_pairwise_backward_kernel<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dq, (bf16_t *)dk, dg, sc,
-                                                                      (const bf16_t *)q, (const bf16_t *)k, g, beta,
-                                                                      doc_start, scale, T, H, K, NC);
+  auto pair = fixed ? kda_pairwise_backward_kernel<128> : kda_pairwise_backward_kernel<0>;
+  allow_smem(pair, smem);
+  pair<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dq, (bf16_t *)dk, dg, sc, (const bf16_t *)q, (const bf16_t *)k,
+                                              g, beta, doc_start, scale, T, H, K, NC);
   CUDA_CHECK_LAUNCH();
 }
