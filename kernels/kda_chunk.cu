@@ -81,12 +81,6 @@ static __device__ __forceinline__ float4 tf32x4(float4 x) {
 }
 static __device__ __forceinline__ float4 ldg4(const float *p) { return __ldg((const float4 *)p); }
 static __device__ __forceinline__ float4 lds4(const float *p) { return make_float4(p[0], p[1], p[2], p[3]); }
-// Four bf16 (8-byte aligned) as floats.
-static __device__ __forceinline__ float4 ldg4(const bf16_t *p) {
-  const uint2 u = __ldg((const uint2 *)p);
-  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
-                     __uint_as_float(u.y & 0xffff0000u));
-}
 
 // C (M, N) = A (M, KC) B (N, KC)^T for the per-chunk kernels on the tensor cores (tf32 inputs, fp32
 // accumulation), staged through shared memory `tile` (TILE_FLOATS, 128-byte aligned) 32 steps of KC at a
