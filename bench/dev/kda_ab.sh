@@ -3,7 +3,8 @@
 # beside this tree's, in one call. Candidates: .deps/kda_chunk_D*.cu (make them here with
 # bench/dev/make_candidates.sh). A: this tree. For each candidate X: test_kda_cuda linked with it (14 cases
 # against the fp64 reference), bench_kda at every shape, per-phase cycle counts (bench/dev/phase_timers.py)
-# when its anchors are found; then racecheck and memcheck of the first candidate that passed.
+# when its anchors are found; then racecheck, synccheck and memcheck of every candidate that passed (but D0, by
+# convention a copy of this tree's file, for the phase times beside the candidates').
 set --
 source .deps/setup.sh
 NV="nvcc -O3 -DNDEBUG -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -DKLT_HAVE_CUDA=1 -I."
@@ -35,10 +36,22 @@ for X in $CANDS; do
   /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
   [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X 2 4096 16 2>&1 | grep -E "PHASES"
 done
-set -- $PASSED
-if [[ -n "$1" ]]; then
-  echo "== sanitizers on $1 ($SECONDS s)"
-  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$1 --jobs 1 --filter 'kda_cuda/k48*' > $OUT/race.log 2>&1; echo "racecheck rc $?"; tail -1 $OUT/race.log
-  timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$1 --jobs 1 --filter 'kda_cuda/k128_strong*' > $OUT/mem.log 2>&1; echo "memcheck rc $?"; tail -1 $OUT/mem.log
+for X in $PASSED; do
+  [[ $X == D0 ]] && continue  # D0: a copy of this tree, by convention
+  echo "== sanitizers on $X ($SECONDS s)"
+  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/race_$X.log 2>&1; echo "racecheck k48 rc $?"; tail -1 /tmp/race_$X.log
+  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_many_heads_documents' > /tmp/race2_$X.log 2>&1; echo "racecheck k128 rc $?"; tail -1 /tmp/race2_$X.log
+  timeout 100 compute-sanitizer --tool synccheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/sync_$X.log 2>&1; echo "synccheck rc $?"; tail -1 /tmp/sync_$X.log
+  timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_strong*' > /tmp/mem_$X.log 2>&1; echo "memcheck k128 rc $?"; tail -1 /tmp/mem_$X.log
+  timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/mem2_$X.log 2>&1; echo "memcheck k48 rc $?"; tail -1 /tmp/mem2_$X.log
+done
+# PROFILE=X: ncu (full set, SASS-level source counters) of candidate X's WY and pairwise kernels at 2 x 4096, one
+# launch each, exported as CSV; map the SASS to source lines here with a -lineinfo cubin built with the same flags.
+if [[ -n "${PROFILE:-}" && -x /tmp/bench_$PROFILE ]]; then
+  for kn in wy_backward pairwise; do
+    timeout 150 ncu --set full -k regex:"kda_$kn" -c 1 -o /tmp/ncu_$kn /tmp/bench_$PROFILE 2 4096 16 > /tmp/ncu_$kn.log 2>&1; echo "ncu $kn rc $? ($SECONDS s)"
+    ncu -i /tmp/ncu_$kn.ncu-rep --page source --print-source sass --csv > $OUT/sass_${PROFILE}_$kn.csv 2>/dev/null
+    ncu -i /tmp/ncu_$kn.ncu-rep --page details --csv > $OUT/details_${PROFILE}_$kn.csv 2>/dev/null
+  done
 fi
 echo "done $SECONDS s"

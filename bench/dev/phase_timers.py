@@ -10,8 +10,10 @@ def region(start, s):
 def patch(s, start, marks, kid, end_id):
     a, b = region(start, s)
     r = s[a:b]
-    for anchor, n in marks:
-        i = r.index(anchor)
+    for anchor, n in marks:  # an anchor may be a tuple of alternatives (the first found is used)
+        alts = anchor if isinstance(anchor, tuple) else (anchor,)
+        i = next((r.index(x) for x in alts if x in r), None)
+        if i is None: raise ValueError(anchor)
         r = r[:i] + f"PH({kid},{n});\n  " + r[i:]
     j = r.rindex("}")
     r = r[:j] + f"PH({kid},{end_id});\n" + r[j:]
@@ -26,10 +28,10 @@ def timed(s, start, marks, kid, end_id):
     return s
 s = timed(s, "kda_intra_kernel(Scratch", [("copy_rows_bf16(qh, pl, q", 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
-wy = [("load_gates(", 0), ("const int last = seg[CH - 1];", 1), ("// Y = M^T dX on the tensor cores", 2), ("// dL = -Y X^T", 3),
-      ("// dbeta_i = Y_i", 4)]
+wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
+      ("// dbeta_i = Y_i", 3)]
 s = timed(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
-s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("copy_rows_bf16(qh, pl, q", 0), ("#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]", 1),
+s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("copy_rows_bf16(qh, pl, q", 0), (("#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]", "for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
           ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
 head = '''
 __device__ long long kda_prof[3][4096][12];
