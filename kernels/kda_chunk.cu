@@ -32,11 +32,11 @@
 //   other is used. dO goes from global memory straight into A fragments.
 // - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in
 //   shared memory; the off-diagonal 16-row blocks of KK, Aqk, the pairwise backward's cross-sub-chunk pairs and
-//   every chunk product on tensor cores (wmma tf32, through gemm_nt), each exponential split at an anchor row so
-//   that both factors are <= 1; the pairs inside a 16-row sub-chunk in fp32 on CUDA cores (their
-//   exp(gc_i - gc_j) cannot be factored without overflow when decays are strong): in the forward one
-//   exponential per pair and channel, in the pairwise backward a running product along the sub-chunk (one
-//   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
+//   every chunk product on tensor cores (mma.sync tf32, fragments read from shared memory, through gemm_nt),
+//   each exponential split at an anchor row so that both factors are <= 1; the pairs inside a 16-row sub-chunk
+//   in fp32 on CUDA cores (their exp(gc_i - gc_j) cannot be factored without overflow when decays are strong):
+//   in the forward one exponential per pair and channel, in the pairwise backward a running product along the
+//   sub-chunk (one multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
 //   substitution) block row by block row on CUDA cores, then W | U and the backward's Y = M^T dX are
 //   tensor-core products. The WY backward reads S0 and dS' once for its four chunk products (state_products:
 //   dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by cp.async through four 16-column stages;
@@ -49,17 +49,17 @@
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.94 ms, fwd+bwd 11.3 ms; fla's Triton chunk_kda on the
-//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.4 (intra), 4.0 (WY) and 3.0 ms (pairwise)
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.64 ms, fwd+bwd 10.26 ms; fla's Triton chunk_kda on the
+//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.4 (WY) and 2.8 ms (pairwise)
 //   against 2.4 ms for the three state passes, all far above their bytes and their arithmetic. The intra
-//   kernel issues 2.2 instructions a cycle at two blocks per SM (54% of its issue slots), spread over all its
-//   phases: instruction bound. The WY backward's state products (half its time) did not speed up when three
-//   slices were in flight instead of one. bench/README has the per-phase tables.
+//   kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction bound.
+//   The WY backward's state products (57% of it) did not speed up when three slices were in flight instead of
+//   one. Each kernel's prologue (loads of q, k, gates) is a serial memory latency with nothing to overlap it
+//   (one block per SM): 10-15% of the backward kernels. bench/README has the per-phase tables.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
 
-#include <mma.h>
 #include <type_traits>
 
 #define CH 64          // chunk length
@@ -74,10 +74,52 @@ struct Scratch {
   float *PDQ, *PDK, *PDK2, *DGL, *DL, *DA;  // (64,K) x3, (K), (64,64) x2: partial gradients
 };
 
+// Tensor-core helpers: mma.sync m16n8k8 with tf32 inputs and fp32
+// accumulation. Fragments (g = lane / 4, t = lane % 4): A (16 x 8) a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
+// a3 (g + 8, t + 4); B (8 x 8) b0 (t, g), b1 (t + 4, g); C (16 x 8) c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t),
+// c3 (g + 8, 2t + 1). The k order inside an 8-step is free as long as A and B agree: the state kernels let
+// A's slot t hold k = 2t and slot t + 4 hold k = 2t + 1, so that an accumulator tile (C) is directly the A
+// fragment (c0, c2, c1, c3) of the next product, and B's b0, b1 are rows 2t, 2t + 1; the per-chunk kernels'
+// products read both operands from shared memory in the order above (frag_a, frag_b).
+static __device__ __forceinline__ unsigned tf32_bits(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+// x rounded to the nearest tf32 (kept as a float): what the per-chunk kernels store for the state kernels'
+// B operands, which then go to the tensor cores as they are.
+static __device__ __forceinline__ float round_tf32(float x) { return __uint_as_float(tf32_bits(x)); }
+static __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], float b0, float b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
+}
+// An accumulator tile as the A fragment of the next product (rounded to tf32; negated if neg).
+static __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c)[4], bool neg = false) {
+  const unsigned s = neg ? 0x80000000u : 0u;
+  a[0] = tf32_bits(c[0]) ^ s, a[1] = tf32_bits(c[2]) ^ s, a[2] = tf32_bits(c[1]) ^ s, a[3] = tf32_bits(c[3]) ^ s;
+}
 static __device__ __forceinline__ float4 tf32x4(float4 x) {
-  using namespace nvcuda;
-  return make_float4(wmma::__float_to_tf32(x.x), wmma::__float_to_tf32(x.y), wmma::__float_to_tf32(x.z),
-                     wmma::__float_to_tf32(x.w));
+  return make_float4(round_tf32(x.x), round_tf32(x.y), round_tf32(x.z), round_tf32(x.w));
+}
+// Fragments of tf32 values already in shared memory, p pointing at (row g, column t) of the 16 x 8 A block or
+// of the 8 (n) x 8 (k) B block, ld the row pitch; plain loads, so the compiler emits LDS (the wmma loads it
+// emitted were generic, waited on as if global).
+static __device__ __forceinline__ void frag_a(unsigned (&a)[4], const float *p, int ld) {
+  a[0] = __float_as_uint(p[0]), a[1] = __float_as_uint(p[8 * ld]), a[2] = __float_as_uint(p[4]);
+  a[3] = __float_as_uint(p[8 * ld + 4]);
+}
+// A warp's 16 x 32 output block (four 16 x 8 C fragments) into the output tile Cs (row pitch ld) at p = Cs +
+// 16 wm ld + 32 wn: thread (g, t) writes (g, 8 nt + 2t .. + 1) and (g + 8, ..).
+static __device__ __forceinline__ void store_c(float *p, int ld, const float (&c)[4][4]) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+  for (int nt = 0; nt < 4; nt++) {
+    *(float2 *)(p + g * ld + 8 * nt + 2 * t) = make_float2(c[nt][0], c[nt][1]);
+    *(float2 *)(p + (g + 8) * ld + 8 * nt + 2 * t) = make_float2(c[nt][2], c[nt][3]);
+  }
 }
 static __device__ __forceinline__ float4 ldg4(const float *p) { return __ldg((const float4 *)p); }
 static __device__ __forceinline__ float4 lds4(const float *p) { return make_float4(p[0], p[1], p[2], p[3]); }
@@ -95,15 +137,13 @@ static __device__ __forceinline__ float4 lds4(const float *p) { return make_floa
 #define TILE_FLOATS (2 * 64 * TLD)  // >= 64 * CLD: the output tile Cs overlays As and Bs
 template <class LA, class LB, class FE>
 static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile, LA la, LB lb, FE epi) {
-  using namespace nvcuda;
   float *As = tile, *Bs = tile + 64 * TLD, *Cs = tile;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   for (int m0 = 0; m0 < M; m0 += 64)
     for (int n0 = 0; n0 < N; n0 += 64) {
       const int rows = min(64, M - m0), cols = min(64, N - n0);
-      wmma::fragment<wmma::accumulator, 16, 16, 8, float> c0, c1;
-      wmma::fill_fragment(c0, 0.0f);
-      wmma::fill_fragment(c1, 0.0f);
+      float c[4][4] = {};  // the warp's 16 x 32 block: rows 16 wm.., columns 32 wn + 8 nt..
       // The next 32 steps of KC are loaded into registers while the tensor cores work on these.
       float4 av[64 * 8 / NT], bv[64 * 8 / NT];
       auto fetch = [&](int k0) {
@@ -128,21 +168,18 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
         __syncthreads();
         if (k0 + 32 < KC) fetch(k0 + 32);
         if (16 * wm < rows && 32 * wn < cols) {
+          const float *Aw = As + (16 * wm + g) * TLD + t, *Bw = Bs + (32 * wn + g) * TLD + t;
 #pragma unroll
           for (int ks = 0; ks < 32; ks += 8) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb0, fb1;
-            wmma::load_matrix_sync(fa, As + 16 * wm * TLD + ks, TLD);
-            wmma::load_matrix_sync(fb0, Bs + 32 * wn * TLD + ks, TLD);
-            wmma::load_matrix_sync(fb1, Bs + (32 * wn + 16) * TLD + ks, TLD);
-            wmma::mma_sync(c0, fa, fb0, c0);
-            wmma::mma_sync(c1, fa, fb1, c1);
+            unsigned a[4];
+            frag_a(a, Aw + ks, TLD);
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) mma_tf32(c[nt], a, Bw[8 * nt * TLD + ks], Bw[8 * nt * TLD + ks + 4]);
           }
         }
       }
       __syncthreads();  // every warp is done with As and Bs
-      wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, c0, CLD, wmma::mem_row_major);
-      wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, c1, CLD, wmma::mem_row_major);
+      store_c(Cs + 16 * wm * CLD + 32 * wn, CLD, c);
       __syncthreads();
 #pragma unroll
       for (int r = 0; r < 4; r++)
@@ -156,32 +193,6 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
     }
 }
 
-// Tensor-core helpers for the sequential state kernels: mma.sync m16n8k8 with tf32 inputs and fp32
-// accumulation. Fragments (g = lane / 4, t = lane % 4): A (16 x 8) a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
-// a3 (g + 8, t + 4); B (8 x 8) b0 (t, g), b1 (t + 4, g); C (16 x 8) c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t),
-// c3 (g + 8, 2t + 1). The k order inside an 8-step is free as long as A and B agree: these kernels let
-// A's slot t hold k = 2t and slot t + 4 hold k = 2t + 1, so that an accumulator tile (C) is directly the A
-// fragment (c0, c2, c1, c3) of the next product, and B's b0, b1 are rows 2t, 2t + 1.
-static __device__ __forceinline__ unsigned tf32_bits(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
-// x rounded to the nearest tf32 (kept as a float): what the per-chunk kernels store for the state kernels'
-// B operands, which then go to the tensor cores as they are.
-static __device__ __forceinline__ float round_tf32(float x) { return __uint_as_float(tf32_bits(x)); }
-static __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], float b0, float b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
-}
-// An accumulator tile as the A fragment of the next product (rounded to tf32; negated if neg).
-static __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c)[4], bool neg = false) {
-  const unsigned s = neg ? 0x80000000u : 0u;
-  a[0] = tf32_bits(c[0]) ^ s, a[1] = tf32_bits(c[2]) ^ s, a[2] = tf32_bits(c[1]) ^ s, a[3] = tf32_bits(c[3]) ^ s;
-}
 static __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
@@ -227,8 +238,8 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
                                                       const float *S0, const float *DS, float *stages, float *delS,
                                                       float *dvp_out, int ld_out, int b, int h, int t0, int T, int H,
                                                       int K, int V, FE epi) {
-  using namespace nvcuda;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int g = (tid & 31) >> 2, t = tid & 3;
   const int nv = V / 16, ns = (K + 63) / 64 * nv;  // slice s: state rows n0 = 64 (s / nv), columns k0 = 16 (s % nv)
   const int pr = tid >> 2, pc = 4 * (tid & 3);      // the thread's fp32 pieces: row pr, columns pc .. pc + 3
   const int dr = (tid & 127) >> 1, dc = 8 * (tid & 1);  // its dO piece (tid < 128): row dr, columns dc .. dc + 7
@@ -246,7 +257,7 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     }
     cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
   };
-  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4][2];
+  float acc[4][4][4];  // product p's 16 x 32 block of the warp: rows 16 wm.., columns 32 wn + 8 nt..
   float dl = 0.0f;
 #pragma unroll
   for (int s = 0; s < SP_STAGES - 1; s++) issue(s);
@@ -255,7 +266,9 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     float *st = stages + (s % SP_STAGES) * SP_STAGE;
     if (k0 == 0) {
 #pragma unroll
-      for (int p = 0; p < 4; p++) wmma::fill_fragment(acc[p][0], 0.0f), wmma::fill_fragment(acc[p][1], 0.0f);
+      for (int p = 0; p < 4; p++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) acc[p][nt][0] = acc[p][nt][1] = acc[p][nt][2] = acc[p][nt][3] = 0.0f;
       dl = 0.0f;
     }
     cp_async_wait<SP_STAGES - 2>();  // this thread's copies of slice s are there
@@ -282,37 +295,36 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     }
     __syncthreads();  // slice s is in place in tf32; every warp is past its products of slice s - 1
     issue(s + SP_STAGES - 1);  // into slice s - 1's stage
-    const float *As = st, *Bs = st + 192 * SLD;  // A: dO, Vp, dVp; B: S0, dS'
-    if (32 * wn < cols) {
+    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (192 + 32 * wn + g) * SLD + t;  // A: dO, Vp, dVp
+    if (32 * wn < cols) {                                                                      // B: S0, dS'
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fs0, fs1, fd0, fd1;
-        wmma::load_matrix_sync(fs0, Bs + 32 * wn * SLD + ks, SLD);
-        wmma::load_matrix_sync(fs1, Bs + (32 * wn + 16) * SLD + ks, SLD);
-        wmma::load_matrix_sync(fd0, Bs + (64 + 32 * wn) * SLD + ks, SLD);
-        wmma::load_matrix_sync(fd1, Bs + (64 + 32 * wn + 16) * SLD + ks, SLD);
-        wmma::load_matrix_sync(fa, As + 16 * wm * SLD + ks, SLD);
-        wmma::mma_sync(acc[0][0], fa, fs0, acc[0][0]);
-        wmma::mma_sync(acc[0][1], fa, fs1, acc[0][1]);
-        wmma::load_matrix_sync(fa, As + (64 + 16 * wm) * SLD + ks, SLD);
-        wmma::mma_sync(acc[1][0], fa, fd0, acc[1][0]);
-        wmma::mma_sync(acc[1][1], fa, fd1, acc[1][1]);
-        wmma::load_matrix_sync(fa, As + (128 + 16 * wm) * SLD + ks, SLD);
-        wmma::mma_sync(acc[2][0], fa, fs0, acc[2][0]);
-        wmma::mma_sync(acc[2][1], fa, fs1, acc[2][1]);
+        unsigned a[4];
+        float bs[4][2], bd[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+          bs[nt][0] = Bs[8 * nt * SLD + ks], bs[nt][1] = Bs[8 * nt * SLD + ks + 4];
+          bd[nt][0] = Bs[(64 + 8 * nt) * SLD + ks], bd[nt][1] = Bs[(64 + 8 * nt) * SLD + ks + 4];
+        }
+        frag_a(a, As + ks, SLD);
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
+        frag_a(a, As + 64 * SLD + ks, SLD);
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
+        frag_a(a, As + 128 * SLD + ks, SLD);
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
       }
     }
     if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
+      const float *Bv = st + (64 + 32 * wn + g) * SLD + t;
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fv0, fv1;
-        wmma::load_matrix_sync(fv0, As + (64 + 32 * wn) * SLD + ks, SLD);
-        wmma::load_matrix_sync(fv1, As + (64 + 32 * wn + 16) * SLD + ks, SLD);
-        wmma::load_matrix_sync(fa, As + 16 * wm * SLD + ks, SLD);
-        wmma::mma_sync(acc[3][0], fa, fv0, acc[3][0]);
-        wmma::mma_sync(acc[3][1], fa, fv1, acc[3][1]);
+        unsigned a[4];
+        frag_a(a, As + ks, SLD);
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[3][nt], a, Bv[8 * nt * SLD + ks], Bv[8 * nt * SLD + ks + 4]);
       }
     }
     if (k0 + 16 < V) continue;
@@ -326,10 +338,7 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     for (int p = 0; p < 4; p++) {
       if (p == 3 && n0 != 0) break;
       __syncthreads();  // every warp is past its reads of the stage (or of the last tile)
-      if (p == 3 || 32 * wn < cols) {
-        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn, acc[p][0], CLD, wmma::mem_row_major);
-        wmma::store_matrix_sync(Cs + 16 * wm * CLD + 32 * wn + 16, acc[p][1], CLD, wmma::mem_row_major);
-      }
+      if (p == 3 || 32 * wn < cols) store_c(Cs + 16 * wm * CLD + 32 * wn, CLD, acc[p]);
       __syncthreads();
 #pragma unroll
       for (int r = 0; r < 4; r++)
