@@ -31,7 +31,8 @@ s = timed(s, "kda_intra_kernel(Scratch", [("copy_rows_bf16(qh, pl, q", 0), ("// 
 wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
       ("// dbeta_i = Y_i", 3)]
 s = timed(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
-s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("copy_rows_bf16(qh, pl, q", 0), (("#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]", "for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
+s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [(("// dL and dA come by cp.async", "copy_rows_bf16(qh, pl, q"), 0),
+          (("float wl[CH * CH / NT]", "#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
           ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
 head = '''
 __device__ long long kda_prof[3][4096][12];
