@@ -49,8 +49,8 @@
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.64 ms, fwd+bwd 10.26 ms; fla's Triton chunk_kda on the
-//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.4 (WY) and 2.8 ms (pairwise)
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.58 ms, fwd+bwd 10.03 ms; fla's Triton chunk_kda on the
+//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.3 (WY) and 2.6 ms (pairwise)
 //   against 2.4 ms for the three state passes, all far above their bytes and their arithmetic. The intra
 //   kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction bound.
 //   The WY backward's state products (57% of it) did not speed up when three slices were in flight instead of
@@ -81,11 +81,10 @@ struct Scratch {
 // A's slot t hold k = 2t and slot t + 4 hold k = 2t + 1, so that an accumulator tile (C) is directly the A
 // fragment (c0, c2, c1, c3) of the next product, and B's b0, b1 are rows 2t, 2t + 1; the per-chunk kernels'
 // products read both operands from shared memory in the order above (frag_a, frag_b).
-static __device__ __forceinline__ unsigned tf32_bits(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
+// x rounded to tf32 (nearest, ties away from zero, as cvt.rna.tf32.f32 for finite x): half of tf32's last
+// place added to the bits of the magnitude, the 13 bits below it dropped. Two integer instructions; sm_90
+// runs cvt.rna.tf32 as a sequence of about five.
+static __device__ __forceinline__ unsigned tf32_bits(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
 // x rounded to the nearest tf32 (kept as a float): what the per-chunk kernels store for the state kernels'
 // B operands, which then go to the tensor cores as they are.
 static __device__ __forceinline__ float round_tf32(float x) { return __uint_as_float(tf32_bits(x)); }
@@ -217,7 +216,7 @@ static __device__ __forceinline__ void tile_async(float *dst, int ld, const floa
 // The operands stream by cp.async through SP_STAGES shared-memory stages, 16 columns a slice, the slices in
 // order over (n0, k0), SP_STAGES - 1 of them in flight while one is used (the kernel has one block per SM:
 // only bytes in flight hide the memory's latency). A thread copies one 16-byte piece of each fp32 operand
-// (row tid / 4, columns 4 (tid % 4) ..) and, for tid < 128, eight bf16 of dO (row tid / 2), and once they are
+// (below: pr, pc) and, for tid < 128, eight bf16 of dO (row tid / 2), and once they are
 // there rounds its own pieces to tf32 in place (dO into its fp32 tile). epi(p, i, a, value) gets thread
 // (tx, ty) the rows ty + 16 r and columns tx + 16 q of each tile, as gemm_nt; the output tile overlays the
 // stage just used. Synchronizes the block; `stages` (SP_FLOATS) is free again when it returns.
@@ -241,7 +240,9 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
   const int g = (tid & 31) >> 2, t = tid & 3;
   const int nv = V / 16, ns = (K + 63) / 64 * nv;  // slice s: state rows n0 = 64 (s / nv), columns k0 = 16 (s % nv)
-  const int pr = tid >> 2, pc = 4 * (tid & 3);      // the thread's fp32 pieces: row pr, columns pc .. pc + 3
+  // The thread's fp32 pieces: row pr, columns pc .. pc + 3; the eight threads of a quarter warp take eight
+  // rows of one column piece, whose 16 bytes then fall in eight different groups of four banks (SLD = 20).
+  const int pr = (tid & 7) + 8 * (tid >> 5), pc = 4 * ((tid >> 3) & 3);
   const int dr = (tid & 127) >> 1, dc = 8 * (tid & 1);  // its dO piece (tid < 128): row dr, columns dc .. dc + 7
   auto issue = [&](int s) {
     if (s < ns) {
@@ -328,11 +329,11 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
       }
     }
     if (k0 + 16 < V) continue;
-    // The last slice of these 64 state rows: del (the four threads of a row are neighbouring lanes), then the
-    // products through the output tile Cs, over this slice's stage.
-    dl += __shfl_xor_sync(0xffffffffu, dl, 1);
-    dl += __shfl_xor_sync(0xffffffffu, dl, 2);
-    if ((tid & 3) == 0 && pr < cols) delS[n0 + pr] = dl;
+    // The last slice of these 64 state rows: del (a row's four threads are lanes l, l + 8, l + 16, l + 24), then
+    // the products through the output tile Cs, over this slice's stage.
+    dl += __shfl_xor_sync(0xffffffffu, dl, 8);
+    dl += __shfl_xor_sync(0xffffffffu, dl, 16);
+    if (pc == 0 && pr < cols) delS[n0 + pr] = dl;
     float *Cs = st;
 #pragma unroll
     for (int p = 0; p < 4; p++) {
@@ -953,19 +954,34 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
   float *tile = smem, *gc = tile + TILE_FLOATS, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
-  float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64; 8-byte aligned (every size before is even)
+  float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64, 16-byte aligned
   float *colpart = (float *)(wa + CH * CH), *beta = colpart + 4 * K;
   int *seg = (int *)(beta + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + CH * pl;
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cC = (size_t)ch * CH * CH;
+  // dL and dA come by cp.async into wa's space (as two 64 x 64 arrays) while q, k and the gates load.
+  float *raw = (float *)wa;
+  for (int e = tid; e < CH * CH / 4; e += NT) {
+    cp_async16(raw + 4 * e, sc.DL + cC + 4 * e);
+    cp_async16(raw + CH * CH + 4 * e, sc.DA + cC + 4 * e);
+  }
+  cp_async_commit();
   copy_rows_bf16(qh, pl, q, b, h, t0, T, H, K);
   copy_rows_bf16(kh, pl, k, b, h, t0, T, H, K);
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   for (int e = tid; e < 3 * CH * ld; e += NT) Ps[e] = 0.0f;  // Ps, Qs, Rs
+  cp_async_wait_all();
   __syncthreads();
-#pragma unroll 4
-  for (int e = tid; e < CH * CH; e += NT) wa[e] = make_float2(beta[e >> 6] * __ldg(sc.DL + cC + e), __ldg(sc.DA + cC + e));
+  float wl[CH * CH / NT], da[CH * CH / NT];  // interleaved in place: through registers
+#pragma unroll
+  for (int u = 0; u < CH * CH / NT; u++) {
+    const int e = tid + u * NT;
+    wl[u] = beta[e >> 6] * raw[e], da[u] = raw[CH * CH + e];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < CH * CH / NT; u++) wa[tid + u * NT] = make_float2(wl[u], da[u]);
   __syncthreads();
   auto kf = [&](int i, int a) { return bf(kh + i * pl + a); };
   auto qf = [&](int i, int a) { return scale * bf(qh + i * pl + a); };
