@@ -4,7 +4,8 @@
 # bench/dev/make_candidates.sh). A: this tree. For each candidate X: test_kda_cuda linked with it (14 cases
 # against the fp64 reference), bench_kda at every shape, per-phase cycle counts (bench/dev/phase_timers.py)
 # when its anchors are found; then racecheck, synccheck and memcheck of every candidate that passed (but D0, by
-# convention a copy of this tree's file, for the phase times beside the candidates').
+# convention a copy of this tree's file, for the phase times beside the candidates'). VARIANTS="NAME=VALUE ..."
+# repeats each candidate's tests and bench under those environment settings.
 set --
 source .deps/setup.sh
 NV="nvcc -O3 -DNDEBUG -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -DKLT_HAVE_CUDA=1 -I."
@@ -35,6 +36,10 @@ for X in $CANDS; do
   echo "== $X ($SECONDS s)"; timeout 100 /tmp/test_$X --jobs 8 --verbose > $OUT/test_$X.txt 2>&1 && PASSED="$PASSED $X"; summ $OUT/test_$X.txt
   /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
   [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X 2 4096 16 2>&1 | grep -E "PHASES"
+  for v in ${VARIANTS:-}; do  # VARIANTS="NAME=VALUE ...": the tests and the bench again under each setting
+    echo "-- $X with $v: $(env $v timeout 100 /tmp/test_$X --jobs 8 2>&1 | tail -1)"
+    env $v /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
+  done
 done
 for X in ${SANITIZE:-$PASSED}; do  # SANITIZE="X ..": only those (when they passed)
   [[ $X == D0 || " $PASSED " != *" $X "* ]] && continue  # D0: a copy of this tree, by convention

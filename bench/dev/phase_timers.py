@@ -26,12 +26,12 @@ def timed(s, start, marks, kid, end_id):
     except ValueError:
         print(f"phase_timers: {start.split('(')[0]} left untimed (an anchor is missing)", file=sys.stderr)
     return s
-s = timed(s, "kda_intra_kernel(Scratch", [("copy_rows_bf16(qh, pl, q", 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
+s = timed(s, "kda_intra_kernel(Scratch", [(("copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
 wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
       ("// dbeta_i = Y_i", 3)]
 s = timed(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
-s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [(("// dL and dA come by cp.async", "copy_rows_bf16(qh, pl, q"), 0),
+s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [(("// dL and dA come by cp.async", "copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0),
           (("float wl[CH * CH / NT]", "#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
           ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
 head = '''
