@@ -7,6 +7,7 @@
 # convention a copy of this tree's file, for the phase times beside the candidates'). VARIANTS="NAME=VALUE ..."
 # repeats each candidate's tests and bench under those environment settings.
 set --
+exec > >(tee -a $OUT/ab_log.txt) 2>&1  # everything printed also lands in $OUT, even if the command is cut off
 source .deps/setup.sh
 NV="nvcc -O3 -DNDEBUG -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -DKLT_HAVE_CUDA=1 -I."
 CANDS=$(cd .deps && ls kda_chunk_D*.cu 2>/dev/null | sed 's/kda_chunk_\(.*\)\.cu/\1/')
@@ -33,7 +34,8 @@ echo "== A (this tree)"; /tmp/A/bench_kda 8 4096 16 2>&1 | grep -E "^\| [0-9]"
 PASSED=
 for X in $CANDS; do
   [[ -x /tmp/test_$X ]] || { echo "== $X: not built"; continue; }
-  echo "== $X ($SECONDS s)"; timeout 100 /tmp/test_$X --jobs 8 --verbose > $OUT/test_$X.txt 2>&1 && PASSED="$PASSED $X"; summ $OUT/test_$X.txt
+  echo "== $X ($SECONDS s)"; timeout 100 /tmp/test_$X --jobs 8 --verbose > /tmp/test_$X.txt 2>&1 && PASSED="$PASSED $X" ||
+    cp /tmp/test_$X.txt $OUT/; summ /tmp/test_$X.txt
   /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
   [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X 2 4096 16 2>&1 | grep -E "PHASES"
   for v in ${VARIANTS:-}; do  # VARIANTS="NAME=VALUE ...": the tests and the bench again under each setting
