@@ -50,7 +50,7 @@
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
 // - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.58 ms, fwd+bwd 10.03 ms; fla's Triton chunk_kda on the
-//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.3 (WY) and 2.6 ms (pairwise)
+//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.1 (WY) and 2.5 ms (pairwise)
 //   against 2.4 ms for the three state passes, all far above their bytes and their arithmetic. The intra
 //   kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction bound.
 //   The WY backward's state products (57% of it) did not speed up when three slices were in flight instead of
