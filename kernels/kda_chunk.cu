@@ -125,12 +125,12 @@ static __device__ __forceinline__ float4 lds4(const float *p) { return make_floa
 
 // C (M, N) = A (M, KC) B (N, KC)^T for the per-chunk kernels on the tensor cores (mma.sync m16n8k8, tf32
 // inputs, fp32 accumulation; each warp a 16 x 32 block), staged through shared memory `tile` (TILE_FLOATS,
-// 128-byte aligned) 32 steps of KC at a time; la(m, k) and lb(n, k) return the four values at k..k+3 (k a multiple of 4; KC a multiple of 16). Each
-// 64 x 64 output tile goes through shared memory to epi(m, n, value), thread (tx, ty) = (tid % 16, tid / 16)
-// getting rows ty + 16 r and columns tx + 16 s, so two products of the same shape give every element to the
-// same thread (epilogues may read-modify-write what they own); an epilogue taking (r, m, n, value) also gets
-// r (0..3, a constant once unrolled: it may index a register array). Synchronizes the block: every thread
-// must call it.
+// 128-byte aligned) 32 steps of KC at a time; la(m, k) and lb(n, k) return the four values at k..k+3 (k a
+// multiple of 4; KC a multiple of 16). Each 64 x 64 output tile goes through shared memory to epi(m, n, value),
+// thread (tx, ty) = (tid % 16, tid / 16) getting rows ty + 16 r and columns tx + 16 s, so two products of the
+// same shape give every element to the same thread (epilogues may read-modify-write what they own); an
+// epilogue taking (r, m, n, value) also gets r (0..3, a constant once unrolled: it may index a register
+// array). Synchronizes the block: every thread must call it.
 #define TLD 36
 #define CLD 68
 #define TILE_FLOATS (2 * 64 * TLD)  // >= 64 * CLD: the output tile Cs overlays As and Bs
