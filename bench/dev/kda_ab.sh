@@ -5,7 +5,7 @@
 # against the fp64 reference), bench_kda at every shape, per-phase cycle counts (bench/dev/phase_timers.py)
 # when its anchors are found; then racecheck, synccheck and memcheck of every candidate that passed (but D0, by
 # convention a copy of this tree's file, for the phase times beside the candidates'). VARIANTS="NAME=VALUE ..."
-# repeats each candidate's tests and bench under those environment settings.
+# repeats each candidate's (or VARIANTS_ON's) tests and bench under those environment settings.
 set --
 exec > >(tee -a $OUT/ab_log.txt) 2>&1  # everything printed also lands in $OUT, even if the command is cut off
 source .deps/setup.sh
@@ -38,6 +38,7 @@ for X in $CANDS; do
     cp /tmp/test_$X.txt $OUT/; summ /tmp/test_$X.txt
   /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
   [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X 2 4096 16 2>&1 | grep -E "PHASES"
+  [[ -n "${VARIANTS_ON:-}" && " $VARIANTS_ON " != *" $X "* ]] && continue  # VARIANTS_ON="X ...": only those
   for v in ${VARIANTS:-}; do  # VARIANTS="NAME=VALUE ...": the tests and the bench again under each setting
     echo "-- $X with $v: $(env $v timeout 100 /tmp/test_$X --jobs 8 2>&1 | tail -1)"
     env $v /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
