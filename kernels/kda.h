@@ -50,7 +50,7 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * state entering each chunk), a reverse state pass, then two parallel kernels per chunk (the WY/UT backward;
  * the pairwise backward with the gate's reverse cumulative sum). fp32 arithmetic except the matrix products,
  * which take tf32 operands on the tensor cores (fp32 accumulation); fixed summation order (deterministic).
- * K and V multiples of 16 up to 128; k and v 16-byte aligned (as cudaMalloc gives). All gradients are
+ * K and V multiples of 16 up to 128; q, k, v and dout 16-byte aligned (as cudaMalloc gives). All gradients are
  * overwritten; dinitial_state, dfinal_state and the state pointers may be NULL.
  *
  * `saved` (kda_chunk_saved_floats floats, fp32; 176 KB per 64-token chunk and head at K = V = 128, i.e.

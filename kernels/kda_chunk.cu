@@ -1199,6 +1199,8 @@ extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16
                                        int V, float *saved) {
   check_shape(K, V);
   if (B == 0 || T == 0 || H == 0) return;
+  CHECK(((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0,
+        "KDA on the GPU needs q, k and v 16-byte aligned (their rows are read 16 bytes at a time)");
   const int NC = (T + CH - 1) / CH;
   Scratch sc = scratch_get((size_t)B * H * NC, K, V, false, saved);
   forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
@@ -1213,7 +1215,8 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   check_shape(K, V);
   if (B == 0 || T == 0 || H == 0) return;
   const int NC = (T + CH - 1) / CH, chunks = B * H * NC;
-  CHECK(((uintptr_t)k | (uintptr_t)v) % 16 == 0, "KDA backward on the GPU needs k and v 16-byte aligned");
+  CHECK(((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)dout) % 16 == 0,
+        "KDA backward on the GPU needs q, k, v and dout 16-byte aligned (their rows are read 16 bytes at a time)");
   Scratch sc = scratch_get((size_t)chunks, K, V, true, (float *)saved);  // the backward only reads saved
   if (!saved) forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
   state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
