@@ -53,9 +53,10 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * K and V multiples of 16 up to 128; q, k, v and dout 16-byte aligned (as cudaMalloc gives). All gradients are
  * overwritten; dinitial_state, dfinal_state and the state pointers may be NULL.
  *
- * `saved` (kda_chunk_saved_floats floats, fp32; 176 KB per 64-token chunk and head at K = V = 128, i.e.
- * 22 bytes per token and channel) keeps the per-chunk kernel's results from the forward for the backward of
- * the same inputs, which then skips recomputing them (a quarter of the fwd+bwd time at 4 x 4096 x 8 x 128).
+ * `saved` (kda_chunk_saved_floats floats, fp32; 272 KB per 64-token chunk and head at K = V = 128, i.e.
+ * 34 bytes per token and channel) keeps from the forward, for the backward of the same inputs, the per-chunk
+ * kernel's results and the state entering each chunk with its Vp; the backward then skips recomputing them
+ * (its first two kernels).
  * With saved = NULL the forward keeps nothing and the backward recomputes; the results are bitwise the same.
  * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.33 MB per chunk
  * and head at K = V = 128). */

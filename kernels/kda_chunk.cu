@@ -1097,19 +1097,21 @@ static void check_shape(int K, int V) {
 }
 
 // The forward's per-chunk intermediates, floats per chunk: W, QG, KL (64 x K), U (64 x V), Aqk, KK, M^T (64 x 64),
-// el (K).
+// el (K); then what its state pass gives the backward: Vp (64 x V) and the entering state S0 (K x V).
 static size_t intra_per_chunk(int K, int V) { return 3 * (size_t)CH * K + (size_t)CH * V + 3 * CH * CH + K; }
+static size_t saved_per_chunk(int K, int V) { return intra_per_chunk(K, V) + (size_t)CH * V + (size_t)K * V; }
 
 extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
-  return (size_t)B * H * ((T + CH - 1) / CH) * intra_per_chunk(K, V);
+  return (size_t)B * H * ((T + CH - 1) / CH) * saved_per_chunk(K, V);
 }
 
-// Per-chunk buffers for nch chunks: the intra kernel's outputs in `saved` (the caller's, kept from the forward
-// for the backward) or, when saved is NULL, in device scratch slot 2; the backward's own in slot 2.
+// Per-chunk buffers for nch chunks: the forward's (saved_per_chunk) in `saved` (the caller's, kept from the
+// forward for the backward) or, when saved is NULL, in device scratch slot 2 (Vp and S0 only for the backward);
+// the backward's own in slot 2.
 static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved) {
   const size_t cK = CH * (size_t)K, cV = CH * (size_t)V, cC = CH * CH, kv = (size_t)K * V;
-  size_t per = backward ? 2 * cV + 2 * kv + 3 * cK + K + 2 * cC : 0;
-  if (!saved) per += intra_per_chunk(K, V);
+  size_t per = backward ? cV + kv + 3 * cK + K + 2 * cC : 0;
+  if (!saved) per += backward ? saved_per_chunk(K, V) : intra_per_chunk(K, V);
   float *p = per ? (float *)device_scratch(2, nch * per * sizeof(float)) : NULL;
   Scratch s = {};
   auto take = [&](float *&from, size_t n) {
@@ -1120,9 +1122,10 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved
   float *in = saved ? saved : p;  // every size is a multiple of 16 floats: all stay 64-byte aligned
   s.W = take(in, cK), s.U = take(in, cV), s.QG = take(in, cK), s.KL = take(in, cK), s.AQ = take(in, cC);
   s.KK = take(in, cC), s.MT = take(in, cC), s.EL = take(in, K);
+  if (saved || backward) s.VP = take(in, cV), s.S0 = take(in, kv);
   if (!saved) p = in;
   if (backward) {
-    s.VP = take(p, cV), s.S0 = take(p, kv), s.DVP = take(p, cV), s.DS = take(p, kv);
+    s.DVP = take(p, cV), s.DS = take(p, kv);
     s.PDQ = take(p, cK), s.PDK = take(p, cK), s.PDK2 = take(p, cK), s.DGL = take(p, K), s.DL = take(p, cC);
     s.DA = take(p, cC);
   }
@@ -1137,11 +1140,22 @@ static size_t intra_smem(int K, int V) {
 // (K + 4), Aqk (68), el backward.
 static size_t state_smem(int K) { return ((size_t)CH * (3 * K + 20 + CH + 8) + K) * sizeof(float); }
 static size_t state_backward_smem(int K) { return ((size_t)CH * (3 * K + 16 + CH + 4) + K) * sizeof(float); }
-// Warps per state block (16 state columns each): 8 when V is a multiple of 128, so that one block holds all
-// of a (b, h)'s state and its threads share the per-chunk loads of W, QG, KL and Aqk; else 1. (On an H100
-// at K = V = 128: one warp per block, 128 blocks at B * H = 16, took about 17.6 us a chunk in the forward
-// state pass, twice the old SIMT pass; 8 warps, 128 blocks at B * H = 128, about 9 us.)
-static int state_warps(int B, int H, int V) { return V % 128 == 0 ? 8 : 1; }
+// Warps per state block (16 state columns each): 8 when V is a multiple of 128, one block per (b, h) and 128
+// columns whose threads share the per-chunk loads of W, QG, KL and Aqk; 4 (twice the blocks) when 8 would leave
+// more than half of the SMs idle or V is a multiple of 64 only; else 1. Measured on an H100 at K = V = 128
+// (fwd+bwd ms, 8 / 4 / 2 / 1 warps): B x H = 128 (8 x 4096 x 16): 9.99 / 11.66 / 17.70 / 37.24; B x H = 32:
+// 16.37 / 15.66 / 17.73 / 37.33; B x H = 16: 49.92 / 47.49 / 55.77 / 74.66 (fewer warps a block: more blocks,
+// but each streams the whole chunk's operands for fewer columns).
+static int state_warps(int B, int H, int V) {
+  static int sms = 0;  // one GPU per process
+  if (!sms) {
+    int dev;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  if (V % 128 == 0 && 2 * (size_t)B * H * (V / 128) > (size_t)sms) return 8;
+  return V % 64 == 0 ? 4 : 1;
+}
 static size_t wy_smem(int K, int V) {
   return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 16 * CH + 2 * CH) * sizeof(float);
 }
@@ -1175,8 +1189,11 @@ static void launch_state(bool backward, bf16 *out, float *state_out, const Scrat
 // Forward: (out, final state) from the initial state; backward: dinitial_state from dout, dfinal_state.
 static void state_pass(bool backward, bf16 *out, float *state_out, const Scratch &sc, bool save, const float *state_in,
                        const bf16 *dout, int B, int T, int H, int K, int V, int NC) {
-  if (state_warps(B, H, V) == 8) launch_state<8>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
-  else launch_state<1>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
+  switch (state_warps(B, H, V)) {
+    case 8: launch_state<8>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC); break;
+    case 4: launch_state<4>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC); break;
+    default: launch_state<1>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
+  }
 }
 
 // The per-chunk kernels' compile-time shape: K = V = 128, else the general instantiation.
@@ -1204,7 +1221,7 @@ extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16
   const int NC = (T + CH - 1) / CH;
   Scratch sc = scratch_get((size_t)B * H * NC, K, V, false, saved);
   forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
-  state_pass(false, out, final_state, sc, false, initial_state, NULL, B, T, H, K, V, NC);
+  state_pass(false, out, final_state, sc, saved != NULL, initial_state, NULL, B, T, H, K, V, NC);
 }
 
 extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg, float *dbeta, float *dinitial_state,
@@ -1218,8 +1235,10 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   CHECK(((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)dout) % 16 == 0,
         "KDA backward on the GPU needs q, k, v and dout 16-byte aligned (their rows are read 16 bytes at a time)");
   Scratch sc = scratch_get((size_t)chunks, K, V, true, (float *)saved);  // the backward only reads saved
-  if (!saved) forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
-  state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
+  if (!saved) {  // what the forward would have kept: its per-chunk results, then Vp and S0 from its state pass
+    forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
+    state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
+  }
   state_pass(true, NULL, dinitial_state, sc, false, dfinal_state, dout, B, T, H, K, V, NC);
   const bool fixed = fixed_shape(K, V);
   size_t smem = wy_smem(K, V);

@@ -10,17 +10,20 @@ set --
 exec > >(tee -a $OUT/ab_log.txt) 2>&1  # everything printed also lands in $OUT, even if the command is cut off
 source .deps/setup.sh
 NV="nvcc -O3 -DNDEBUG -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -DKLT_HAVE_CUDA=1 -I."
-CANDS=$(cd .deps && ls kda_chunk_D*.cu 2>/dev/null | sed 's/kda_chunk_\(.*\)\.cu/\1/')
+CANDS=$(cd .deps && ls kda_chunk_D*.cu 2>/dev/null | sed 's/kda_chunk_\(.*\)\.cu/\1/' | tr '\n' ' ')
 echo "candidates: $CANDS"
+PIDS=()  # a bare `wait` would also wait for the tee above, which never ends
 for X in $CANDS; do
   ($NV -c .deps/kda_chunk_$X.cu -o /tmp/$X.o > /tmp/nvcc_$X.log 2>&1 || { echo "nvcc $X failed"; head -20 /tmp/nvcc_$X.log; }) &
+  PIDS+=($!)
   (python3 bench/dev/phase_timers.py .deps/kda_chunk_$X.cu /tmp/kda_chunk_P$X.cu 2> /dev/null &&
    $NV -c /tmp/kda_chunk_P$X.cu -o /tmp/P$X.o > /dev/null 2>&1) &
+  PIDS+=($!)
 done
 rm -rf /tmp/A
 cmake -S . -B /tmp/A -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmakeA.log 2>&1 || { tail -20 /tmp/cmakeA.log; exit 1; }
 cmake --build /tmp/A -j 16 --target bench_kda test_kda_cuda > /tmp/buildA.log 2>&1 || { grep -E "error" -A3 /tmp/buildA.log | head -40; exit 1; }
-wait; echo built $SECONDS s; nvidia-smi --query-gpu=name --format=csv,noheader
+wait "${PIDS[@]}"; echo built $SECONDS s; nvidia-smi --query-gpu=name --format=csv,noheader
 cd /tmp/A
 for X in $CANDS; do
   for O in $X P$X; do
