@@ -29,7 +29,7 @@
 //   and every product is mma.sync m16n8k8 tf32 with fp32 accumulation, the accumulator tiles feeding the
 //   next product as A fragments without a trip through shared memory. W, QG, KL, Aqk (stored tf32-rounded
 //   by the intra kernel) stream through shared memory by cp.async, one operand pair loading while the
-//   other is used. dO goes from global memory straight into A fragments.
+//   other is used; dO comes with Aqk and KL.
 // - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in
 //   shared memory; the off-diagonal 16-row blocks of KK, Aqk, the pairwise backward's cross-sub-chunk pairs and
 //   every chunk product on tensor cores (mma.sync tf32, fragments read from shared memory, through gemm_nt),
@@ -730,9 +730,9 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
 // state leaving the chunk, its 16 columns x K) in registers; per chunk:
 //   dVp^T = dO^T Aqk + dS^T KL^T                       (16 x 64)
 //   dS^T  = dS^T diag(el) + dO^T QG - dVp^T W          (16 x K)
-// dO^T comes from global memory straight into A fragments (bf16 values are exact in tf32). Saves dS (as
-// DS, before the update) and dVp per chunk; Aqk and KL of the next (earlier) chunk load during the QG and
-// W products and the other way round.
+// dO^T (bf16 values are exact in tf32) comes into shared memory with Aqk and KL, and from there into A
+// fragments. Saves dS (as DS, before the update) and dVp per chunk; Aqk, KL and dO of the next (earlier)
+// chunk load during the QG and W products, QG and W during the Aqk and KL products.
 template <int NW>
 static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(float *dinitial_state, Scratch sc,
                                                                             const bf16_t *dout,
@@ -751,25 +751,33 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
       const int a = 8 * j + 2 * t + (r & 1), v = v0 + g + 8 * (r >> 1);
       dS[j][r] = j < KT && dfinal_state ? dfinal_state[((size_t)bh * K + a) * V + v] : 0.0f;
     }
-  auto load_ak = [&](size_t ch) {
+  // dO of the chunk (its 64 rows, the block's 16 NW columns, bf16) comes with Aqk and KL; the row pitch's 16
+  // bytes of padding make the fragment reads conflict-free.
+  const int dop = 16 * NW + 8;
+  bf16_t *DOs = (bf16_t *)(els + K);
+  auto load_ak = [&](int c) {
+    const size_t ch = (size_t)bh * NC + c;
     tile_async(AQs, lda, sc.AQ + ch * CH * CH, CH, CH);
     tile_async(KLs, ldw, sc.KL + ch * CH * K, CH, K);
     tile_async(els, K, sc.EL + ch * K, 1, K);
+    for (int e = threadIdx.x; e < CH * 2 * NW; e += 32 * NW) {  // 16-byte pieces, zeros past T
+      const int r = e / (2 * NW), c8 = (e % (2 * NW)) * 8, tt = c * CH + r;
+      cp_async16z(DOs + r * dop + c8, dout + AT(b, tt < T ? tt : 0, h, V) + slice * 16 * NW + c8, tt < T);
+    }
     cp_async_commit();
   };
-  load_ak((size_t)bh * NC + NC - 1);
+  load_ak(NC - 1);
+  const bf16_t *dOw = DOs + 16 * (threadIdx.x >> 5);  // this warp's 16 columns
   for (int c = NC - 1; c >= 0; c--) {
     const size_t ch = (size_t)bh * NC + c;
+    cp_async_wait_all();
+    __syncthreads();
     unsigned dOa[8][4];  // dO^T as A fragments: slot t = row 8 ks + 2 t, slot t + 4 = row 8 ks + 2 t + 1
 #pragma unroll
     for (int ks = 0; ks < 8; ks++)
 #pragma unroll
-      for (int r = 0; r < 4; r++) {
-        const int tt = c * CH + 8 * ks + 2 * t + (r >> 1), v = v0 + g + 8 * (r & 1);
-        dOa[ks][r] = tt < T ? (unsigned)__bfloat16_as_ushort(__ldg(dout + AT(b, tt, h, V) + v)) << 16 : 0u;
-      }
-    cp_async_wait_all();
-    __syncthreads();
+      for (int r = 0; r < 4; r++)
+        dOa[ks][r] = (unsigned)__bfloat16_as_ushort(dOw[(8 * ks + 2 * t + (r >> 1)) * dop + g + 8 * (r & 1)]) << 16;
     tile_async(QGs, ldk, sc.QG + ch * CH * K, CH, K);
     tile_async(Ws, ldk, sc.W + ch * CH * K, CH, K);
     cp_async_commit();
@@ -812,7 +820,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
       }
     cp_async_wait_all();
     __syncthreads();  // QG, W are in; Aqk, KL, el are free
-    if (c > 0) load_ak(ch - 1);
+    if (c > 0) load_ak(c - 1);
 #pragma unroll
     for (int ks = 0; ks < 8; ks++) {
       unsigned a[4];
@@ -1137,9 +1145,11 @@ static size_t intra_smem(int K, int V) {
          ((size_t)q_region(K) + CH * QK_PITCH(K)) * sizeof(bf16_t);
 }
 // The state kernels' shared memory: W, QG (K + 8), KL (K + 4), Aqk (72), el forward; KL (K + 8), QG, W
-// (K + 4), Aqk (68), el backward.
+// (K + 4), Aqk (68), el and dO (bf16, 64 x (16 NW + 8)) backward.
 static size_t state_smem(int K) { return ((size_t)CH * (3 * K + 20 + CH + 8) + K) * sizeof(float); }
-static size_t state_backward_smem(int K) { return ((size_t)CH * (3 * K + 16 + CH + 4) + K) * sizeof(float); }
+static size_t state_backward_smem(int K, int NW) {
+  return ((size_t)CH * (3 * K + 16 + CH + 4) + K) * sizeof(float) + CH * (16 * NW + 8) * sizeof(bf16_t);
+}
 // Warps per state block (16 state columns each): 8 when V is a multiple of 128, one block per (b, h) and 128
 // columns whose threads share the per-chunk loads of W, QG, KL and Aqk; 4 (twice the blocks) when 8 would leave
 // more than half of the SMs idle or V is a multiple of 64 only; else 1. Measured on an H100 at K = V = 128
@@ -1179,7 +1189,7 @@ static void launch_state(bool backward, bf16 *out, float *state_out, const Scrat
     kda_state_kernel<NW><<<blocks, 32 * NW, smem, device_stream()>>>((bf16_t *)out, state_out, sc, save, state_in, T,
                                                                      H, K, V, NC);
   } else {
-    const size_t smem = state_backward_smem(K);
+    const size_t smem = state_backward_smem(K, NW);
     allow_smem(kda_state_backward_kernel<NW>, smem);
     kda_state_backward_kernel<NW><<<blocks, 32 * NW, smem, device_stream()>>>(state_out, sc, (const bf16_t *)dout,
                                                                               state_in, T, H, K, V, NC);
