@@ -13,18 +13,20 @@
 // Forward:  intra kernel (per chunk, parallel): KK, Aqk, M = (I + L)^-1 (L = diag(beta) KK) explicitly,
 //           (W | U) = M diag(beta) (eg K | V), qg = eg qs, kl = ekl k, el, M^T -> scratch.
 //           state kernel (per batch row and head, sequential over chunks, tensor cores):
-//           Vp = U - W S; O = qg S + Aqk Vp; S <- diag(el) S + kl^T Vp.
-// Backward: the same two (the state kernel saving S entering each chunk and Vp), a reverse state kernel
+//           Vp = U - W S; O = qg S + Aqk Vp; S <- diag(el) S + kl^T Vp (saving S entering each chunk and
+//           Vp when the caller keeps `saved` for the backward).
+// Backward: the same two unless `saved` has their results (then neither runs), a reverse state kernel
 //           (dVp = Aqk^T dO + kl dS'; dS <- qg^T dO + diag(el) dS' - W^T dVp, saving dS' and dVp), then
 //           two parallel per-chunk kernels: the WY / UT backward (dqg, dkl, dX, Y = M^T dX, dL, dAqk,
 //           dv, dbeta) and the pairwise backward with the reverse cumulative sum of the gate gradient.
 //
 // Design note (what is fused, where things live, where fp32 is needed, what limits it):
-// - Five kernels, per chunk or per (b, h); nothing between them but device_scratch slot 2 (fp32, per chunk:
-//   W U QG KL (64 x 128), Aqk KK M^T (64 x 64), el; the backward adds S0 and dS' (128 x 128), Vp and dVp,
-//   three partial gradients (dq, dk and its UT part), the last row's gate term, dL, dAqk). The forward's output
-//   is fused into its state pass.
-// - State passes: one block of 8 warps per (b, h) at V = 128 (1 warp per 16 columns otherwise); each warp
+// - Five kernels, per chunk or per (b, h); nothing between them but fp32 per-chunk buffers: the forward's W U QG
+//   KL (64 x 128), Aqk KK M^T (64 x 64), el, Vp (64 x 128) and S0 (128 x 128) in the caller's `saved` (or
+//   device_scratch slot 2), the backward's dS' (128 x 128), dVp, three partial gradients (dq, dk and its UT
+//   part), the last row's gate term, dL, dAqk in slot 2. The forward's output is fused into its state pass.
+// - State passes: one block of 8 warps per (b, h) at V = 128 (4 warps, two blocks, when that leaves more than
+//   half of the SMs idle; 4 or 1 warp per block when V is not a multiple of 128; see state_warps); each warp
 //   holds S^T (or dS^T) for its 16 state columns in fp32 registers (64 per thread) for the whole sequence,
 //   and every product is mma.sync m16n8k8 tf32 with fp32 accumulation, the accumulator tiles feeding the
 //   next product as A fragments without a trip through shared memory. W, QG, KL, Aqk (stored tf32-rounded
@@ -49,13 +51,16 @@
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.58 ms, fwd+bwd 10.03 ms; fla's Triton chunk_kda on the
-//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.1 (WY) and 2.5 ms (pairwise)
-//   against 2.4 ms for the three state passes, all far above their bytes and their arithmetic. The intra
-//   kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction bound.
-//   The WY backward's state products (57% of it) did not speed up when three slices were in flight instead of
-//   one. Each kernel's prologue (loads of q, k, gates) is a serial memory latency with nothing to overlap it
-//   (one block per SM): 10-15% of the backward kernels. bench/README has the per-phase tables.
+// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.78 ms, fwd+bwd 8.97 ms; fla's Triton chunk_kda on the
+//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.1 (WY) and 2.5 ms (pairwise),
+//   against about 1.3 ms for the two state passes (estimates), all far above their bytes and their arithmetic.
+//   The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
+//   instruction bound. The WY backward's state products (57% of it) did not speed up when three slices were in
+//   flight instead of one. Each kernel's prologue (loads of q, k, gates) is a serial memory latency with
+//   nothing to overlap it (one block per SM): 10-15% of the backward kernels. With few heads and long sequences
+//   (1 x 65536 x 16) the state passes dominate: one warp per SM sub-partition, each instruction waiting on the
+//   one before (ncu: "wait" 56-62% of stall samples, HMMA 10% of instructions; 44% of all executed
+//   instructions were the cp.async copy loops' index arithmetic). bench/README has the per-phase tables.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
