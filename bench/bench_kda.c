@@ -1,17 +1,27 @@
 // Benchmark of the CUDA chunkwise KDA (bf16 q, k, v, out; fp32 g, beta, states): forward and
 // forward+backward, median of 20 timed calls after 3 warm-ups (CUDA events), with the bytes each must move
-// at least (inputs and outputs at their dtypes, each once: q k v bf16, g fp32, beta fp32, out bf16,
-// initial and final state fp32; the backward adds dout, dfinal_state and every gradient), the time that
-// floor takes at 3.35 TB/s (H100 SXM HBM3) and the bandwidth achieved against it.
-//   bench_kda                   B x T x H x K = 8x4096x16x128, 2x16384x16x128, 1x65536x16x128
-//   bench_kda B T H [K [DOC_LEN]]   one shape (V = K); DOC_LEN > 0 starts a document every DOC_LEN tokens
+// at least (inputs and outputs at their dtypes, each once: q k v bf16, g fp32 (or the raw gate f bf16),
+// beta fp32, out bf16, initial and final state fp32; the backward adds dout, dfinal_state and every
+// gradient), the time that floor takes at 3.35 TB/s (H100 SXM HBM3) and the bandwidth achieved against it.
+// Each shape runs with three kinds of inputs (column "inputs"):
+//   op        the chunkwise op alone: q, k already L2-normalized, g already the log decay, U(-1, -0.01);
+//   softplus  as fla's chunk_kda is timed (bench/fla_kda.py): raw q, k and the raw gate f in, the L2 norms and
+//             the gate g = -exp(A_log) softplus(f + dt_bias) (A = exp(A_log) ~ U(1, 16) per head) timed with
+//             the op, forward and backward, as the model's layer runs them;
+//   bounded   the same with fla's bounded gate g = -5 sigmoid(exp(A_log) (f + dt_bias)).
+//   bench_kda [--op]                   B x T x H x K = 8x4096x16x128, 2x16384x16x128, 1x65536x16x128
+//   bench_kda [--op] B T H [K [DOC_LEN]]   one shape (V = K); DOC_LEN > 0 starts a document every DOC_LEN tokens
+// --op: only the "op" rows (kernel A/B comparisons, bench/dev/kda_ab.sh).
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifdef KLT_HAVE_CUDA
+#include "kernels/activation.h"
 #include "kernels/kda.h"
+#include "kernels/norm.h"
 
 #define HBM_TBS 3.35
 #define REPS 20
@@ -51,6 +61,9 @@ static float *random_float(size_t n, double lo, double hi, uint64_t *state) {
   return d;
 }
 
+#define GATE_LOWER_BOUND -5.0f  // fla's lower_bound in bench/fla_kda.py
+#define L2NORM_EPS 1e-6f
+
 struct buffers {
   int B, T, H, K, V;
   float scale;
@@ -58,16 +71,35 @@ struct buffers {
   float *g, *beta, *s0, *sT, *dsT, *dg, *dbeta, *ds0;
   float *saved;  // the forward's per-chunk results, used by the backward (as in training)
   unsigned char *doc;
+  // With the L2 norms and the gate inside (`inside`): raw q, k, the raw gate f and the gate's parameters in,
+  // their gradients out; q, k, g above are then the op's inputs, computed in each call.
+  bool inside;
+  KdaGateForm form;
+  bf16 *q_raw, *k_raw, *f, *dq_raw, *dk_raw, *df;
+  float *q_inv, *k_inv, *A_log, *dt_bias, *dA_log, *ddt_bias;
 };
 
 static void run_forward(const struct buffers *x) {
+  const int rows = x->B * x->T * x->H;
+  if (x->inside) {
+    l2norm_forward_cuda(x->q, x->q_inv, x->q_raw, L2NORM_EPS, rows, x->K);
+    l2norm_forward_cuda(x->k, x->k_inv, x->k_raw, L2NORM_EPS, rows, x->K);
+    kda_gate_forward_cuda(x->g, x->f, x->A_log, x->dt_bias, x->form, GATE_LOWER_BOUND, x->B * x->T, x->H, x->K);
+  }
   kda_chunk_forward_cuda(x->out, x->sT, x->q, x->k, x->v, x->g, x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H,
                          x->K, x->V, x->saved);
 }
 static void run_both(const struct buffers *x) {
+  const int rows = x->B * x->T * x->H;
   run_forward(x);
   kda_chunk_backward_cuda(x->dq, x->dk, x->dv, x->dg, x->dbeta, x->ds0, x->dout, x->dsT, x->q, x->k, x->v, x->g,
                           x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H, x->K, x->V, x->saved);
+  if (x->inside) {
+    kda_gate_backward_cuda(x->df, x->dA_log, x->ddt_bias, x->dg, x->f, x->A_log, x->dt_bias, x->form,
+                           GATE_LOWER_BOUND, x->B * x->T, x->H, x->K);
+    l2norm_backward_cuda(x->dq_raw, x->dq, x->q_raw, x->q_inv, rows, x->K);
+    l2norm_backward_cuda(x->dk_raw, x->dk, x->k_raw, x->k_inv, rows, x->K);
+  }
 }
 
 // Median milliseconds of REPS calls, each timed on its own.
@@ -94,11 +126,15 @@ static float time_median(void (*fn)(const struct buffers *), const struct buffer
   return 0.5f * (ms[REPS / 2 - 1] + ms[REPS / 2]);
 }
 
-static void bench(int B, int T, int H, int K, int doc_len) {
+static const char *INPUTS[] = {"op", "softplus", "bounded"};
+
+// inputs: 0 the op alone, 1 softplus gate and L2 norms inside, 2 bounded gate and L2 norms inside.
+static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
   const int V = K;
   uint64_t state = 12345;
   const size_t rows = (size_t)B * T * H, nk = rows * K, nv = rows * V, ns = (size_t)B * H * K * V;
   struct buffers x = {.B = B, .T = T, .H = H, .K = K, .V = V, .scale = 1.0f / sqrtf((float)K)};
+  x.inside = inputs > 0, x.form = inputs == 2 ? KDA_GATE_BOUNDED : KDA_GATE_SOFTPLUS;
   x.q = random_bf16(rows, K, true, &state), x.k = random_bf16(rows, K, true, &state);
   x.v = random_bf16(rows, V, false, &state), x.dout = random_bf16(rows, V, false, &state);
   x.g = random_float(nk, -1.0, -0.01, &state), x.beta = random_float(rows, 0.05, 0.95, &state);
@@ -107,6 +143,19 @@ static void bench(int B, int T, int H, int K, int doc_len) {
   x.sT = device_alloc(ns * 4), x.ds0 = device_alloc(ns * 4), x.dg = device_alloc(nk * 4);
   x.saved = device_alloc(kda_chunk_saved_floats(B, T, H, K, K) * 4);
   x.dbeta = device_alloc(rows * 4);
+  if (x.inside) {
+    x.q_raw = random_bf16(rows, K, false, &state), x.k_raw = random_bf16(rows, K, false, &state);
+    x.f = random_bf16(rows, K, false, &state);  // U(-1.7, 1.7): about unit variance, as fla_kda.py's randn
+    float *A_log = malloc(H * sizeof(float));
+    for (int h = 0; h < H; h++) A_log[h] = (float)log(1.0 + 15.0 * uniform(&state));
+    x.A_log = device_alloc(H * sizeof(float));
+    device_upload(x.A_log, A_log, H * sizeof(float));
+    free(A_log);
+    x.dt_bias = random_float((size_t)H * K, -0.17, 0.17, &state);  // sd 0.1
+    x.dq_raw = device_alloc(nk * 2), x.dk_raw = device_alloc(nk * 2), x.df = device_alloc(nk * 2);
+    x.q_inv = device_alloc(rows * 4), x.k_inv = device_alloc(rows * 4);
+    x.dA_log = device_alloc(H * 4), x.ddt_bias = device_alloc((size_t)H * K * 4);
+  }
   x.doc = NULL;
   if (doc_len > 0) {
     unsigned char *doc = calloc((size_t)B * T, 1);
@@ -117,39 +166,50 @@ static void bench(int B, int T, int H, int K, int doc_len) {
   }
   const float fwd_ms = time_median(run_forward, &x);
   const float both_ms = time_median(run_both, &x);
-  // Forward: q k v out (bf16), g (fp32), beta, initial and final state, document starts.
+  // Forward: q k v out (bf16), g (fp32; inside: f bf16), beta, initial and final state, document starts.
+  const double gate = x.inside ? 2.0 : 4.0;  // bytes per gate element
   const double doc_bytes = x.doc ? (double)B * T : 0;
-  const double fwd_bytes = 2.0 * (2 * nk + 2 * nv) + 4.0 * nk + 4.0 * rows + 8.0 * ns + doc_bytes;
-  // Backward: the forward's inputs again, dout, dfinal_state, and dq dk dv (bf16) dg dbeta dinitial_state.
-  const double bwd_bytes = 2.0 * (2 * nk + nv) + 4.0 * nk + 4.0 * rows + 4.0 * ns + doc_bytes + 2.0 * nv + 4.0 * ns +
-                           2.0 * (2 * nk + nv) + 4.0 * nk + 4.0 * rows + 4.0 * ns;
+  const double fwd_bytes = 2.0 * (2 * nk + 2 * nv) + gate * nk + 4.0 * rows + 8.0 * ns + doc_bytes;
+  // Backward: the forward's inputs again, dout, dfinal_state, and dq dk dv (bf16) dg (or df) dbeta dinitial_state.
+  const double bwd_bytes = 2.0 * (2 * nk + nv) + gate * nk + 4.0 * rows + 4.0 * ns + doc_bytes + 2.0 * nv + 4.0 * ns +
+                           2.0 * (2 * nk + nv) + gate * nk + 4.0 * rows + 4.0 * ns;
   const double both_bytes = fwd_bytes + bwd_bytes;
   const double fwd_floor = fwd_bytes / (HBM_TBS * 1e12) * 1e3, both_floor = both_bytes / (HBM_TBS * 1e12) * 1e3;
-  printf("| %d | %5d | %2d | %3d | %4s | %8.3f | %7.1f | %7.3f | %5.2f | %9.3f | %7.1f | %7.3f | %5.2f |\n", B, T, H, K,
-         doc_len > 0 ? "yes" : "no", fwd_ms, fwd_bytes / 1e6, fwd_floor, fwd_bytes / (fwd_ms * 1e-3) / 1e12, both_ms,
-         both_bytes / 1e6, both_floor, both_bytes / (both_ms * 1e-3) / 1e12);
+  printf("| %d | %5d | %2d | %3d | %4s | %8s | %8.3f | %7.1f | %7.3f | %5.2f | %9.3f | %7.1f | %7.3f | %5.2f |\n", B, T,
+         H, K, doc_len > 0 ? "yes" : "no", INPUTS[inputs], fwd_ms, fwd_bytes / 1e6, fwd_floor,
+         fwd_bytes / (fwd_ms * 1e-3) / 1e12, both_ms, both_bytes / 1e6, both_floor,
+         both_bytes / (both_ms * 1e-3) / 1e12);
   fflush(stdout);
   device_free(x.q), device_free(x.k), device_free(x.v), device_free(x.dout), device_free(x.out);
   device_free(x.dq), device_free(x.dk), device_free(x.dv), device_free(x.g), device_free(x.beta);
   device_free(x.s0), device_free(x.sT), device_free(x.dsT), device_free(x.ds0), device_free(x.dg);
   device_free(x.dbeta), device_free(x.saved);
+  if (x.inside) {
+    device_free(x.q_raw), device_free(x.k_raw), device_free(x.f), device_free(x.A_log), device_free(x.dt_bias);
+    device_free(x.dq_raw), device_free(x.dk_raw), device_free(x.df), device_free(x.q_inv), device_free(x.k_inv);
+    device_free(x.dA_log), device_free(x.ddt_bias);
+  }
   if (x.doc) device_free(x.doc);
 }
 
 int main(int argc, char **argv) {
+  const bool op_only = argc >= 2 && strcmp(argv[1], "--op") == 0;
+  if (op_only) argc--, argv++;
   device_select(0);
   printf("chunkwise KDA, V = K, median of %d calls after %d warm-ups; floor = the bytes below at %.2f TB/s\n", REPS,
          WARMUP, HBM_TBS);
-  printf("| B | T | H | K | docs | fwd ms | fwd MB | fwd floor ms | fwd TB/s | fwd+bwd ms | fwd+bwd MB | "
+  printf("| B | T | H | K | docs | inputs | fwd ms | fwd MB | fwd floor ms | fwd TB/s | fwd+bwd ms | fwd+bwd MB | "
          "fwd+bwd floor ms | fwd+bwd TB/s |\n");
-  printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-  if (argc >= 4) {
-    bench(atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), argc >= 5 ? atoi(argv[4]) : 128, argc >= 6 ? atoi(argv[5]) : 0);
-    return 0;
-  }
-  bench(8, 4096, 16, 128, 0);
-  bench(2, 16384, 16, 128, 0);
-  bench(1, 65536, 16, 128, 0);
+  printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  const int shapes[3][3] = {{8, 4096, 16}, {2, 16384, 16}, {1, 65536, 16}};
+  for (int s = 0; s < (argc >= 4 ? 1 : 3); s++)
+    for (int inputs = 0; inputs < (op_only ? 1 : 3); inputs++) {
+      if (argc >= 4)
+        bench(atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), argc >= 5 ? atoi(argv[4]) : 128,
+              argc >= 6 ? atoi(argv[5]) : 0, inputs);
+      else
+        bench(shapes[s][0], shapes[s][1], shapes[s][2], 128, 0, inputs);
+    }
   return 0;
 }
 #else

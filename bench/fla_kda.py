@@ -72,12 +72,13 @@ def bench_fla(B, T, H, K, gate, warm_only=False):
 
 
 def read_ours(path):
-    # bench_kda's table rows: | B | T | H | K | docs | fwd ms | ... | fwd+bwd ms | ...
+    # bench_kda's table rows: | B | T | H | K | docs | inputs | fwd ms | ... | fwd+bwd ms | ...; the rows with
+    # the gate and L2 norms inside (inputs softplus, bounded) are the ones timed as fla is.
     ours = {}
     for line in open(path):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 13 and re.fullmatch(r"\d+", cells[0]) and cells[4] == "no":
-            ours[tuple(int(c) for c in cells[:4])] = (float(cells[5]), float(cells[9]))
+        if len(cells) == 14 and re.fullmatch(r"\d+", cells[0]) and cells[4] == "no" and cells[5] != "op":
+            ours[tuple(int(c) for c in cells[:4]) + (cells[5],)] = (float(cells[6]), float(cells[10]))
     return ours
 
 
@@ -110,7 +111,7 @@ def main():
           "ours/fla fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, (f_fwd, f_both) in fla.items():
-        o = ours.get(key[:4])
+        o = ours.get(key)
         extra = (f"{o[0]:.3f} | {o[1]:.3f} | {o[0] / f_fwd:.2f} | {o[1] / f_both:.2f}" if o else "- | - | - | -")
         print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {f_fwd:.3f} | {f_both:.3f} | {extra} |")
 

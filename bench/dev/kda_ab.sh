@@ -33,18 +33,19 @@ for X in $CANDS; do
 done
 cd - > /dev/null
 summ() { tail -1 $1; grep -E "relative error" $1 | awk '{for(i=1;i<=NF;i++) if($i=="error") print $(i+1), $0}' | sort -g | tail -2 | cut -c1-160; grep -E "FAIL|expected|differs" $1 | head -6; }
-echo "== A (this tree)"; /tmp/A/bench_kda 8 4096 16 2>&1 | grep -E "^\| [0-9]"
+BENCH=${BENCH:---op}  # bench_kda arguments: the op alone; BENCH=" " for every kind of inputs
+echo "== A (this tree)"; /tmp/A/bench_kda $BENCH 8 4096 16 2>&1 | grep -E "^\| [0-9]"
 PASSED=
 for X in $CANDS; do
   [[ -x /tmp/test_$X ]] || { echo "== $X: not built"; continue; }
   echo "== $X ($SECONDS s)"; timeout 100 /tmp/test_$X --jobs 8 --verbose > /tmp/test_$X.txt 2>&1 && PASSED="$PASSED $X" ||
     cp /tmp/test_$X.txt $OUT/; summ /tmp/test_$X.txt
-  /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
-  [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X 2 4096 16 2>&1 | grep -E "PHASES"
+  /tmp/bench_$X $BENCH 2>&1 | grep -E "^\| [0-9]"
+  [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X --op 2 4096 16 2>&1 | grep -E "PHASES"
   [[ -n "${VARIANTS_ON:-}" && " $VARIANTS_ON " != *" $X "* ]] && continue  # VARIANTS_ON="X ...": only those
   for v in ${VARIANTS:-}; do  # VARIANTS="NAME=VALUE ...": the tests and the bench again under each setting
     echo "-- $X with $v: $(env $v timeout 100 /tmp/test_$X --jobs 8 2>&1 | tail -1)"
-    env $v /tmp/bench_$X 2>&1 | grep -E "^\| [0-9]"
+    env $v /tmp/bench_$X $BENCH 2>&1 | grep -E "^\| [0-9]"
   done
 done
 for X in ${SANITIZE:-$PASSED}; do  # SANITIZE="X ..": only those (when they passed)
@@ -60,7 +61,7 @@ done
 # launch each, exported as CSV; map the SASS to source lines here with a -lineinfo cubin built with the same flags.
 if [[ -n "${PROFILE:-}" && -x /tmp/bench_$PROFILE ]]; then
   for kn in wy_backward pairwise; do
-    timeout 150 ncu --set full -k regex:"kda_$kn" -c 1 -o /tmp/ncu_$kn /tmp/bench_$PROFILE 2 4096 16 > /tmp/ncu_$kn.log 2>&1; echo "ncu $kn rc $? ($SECONDS s)"
+    timeout 150 ncu --set full -k regex:"kda_$kn" -c 1 -o /tmp/ncu_$kn /tmp/bench_$PROFILE --op 2 4096 16 > /tmp/ncu_$kn.log 2>&1; echo "ncu $kn rc $? ($SECONDS s)"
     ncu -i /tmp/ncu_$kn.ncu-rep --page source --print-source sass --csv > $OUT/sass_${PROFILE}_$kn.csv 2>/dev/null
     ncu -i /tmp/ncu_$kn.ncu-rep --page details --csv > $OUT/details_${PROFILE}_$kn.csv 2>/dev/null
   done
