@@ -1,0 +1,23 @@
+#!/bin/bash
+# Device-tool script, run from the repo root with .deps carried: fla's Triton chunk_kda beside our bench_kda on
+# the same GPU in one command (bench/README "KDA"). fla's package must be in .deps/fla_src and einops in
+# .deps/wheels; .deps/tcache.tgz (a Triton cache this script returned before) skips fla's ~300 s compile and
+# autotune. fla compiles in the background while ours builds; both are timed afterwards on the idle GPU.
+set --
+exec > >(tee -a $OUT/vs_fla_log.txt) 2>&1  # everything printed also lands in $OUT, even if the command is cut off
+source .deps/setup.sh > /dev/null 2>&1
+export TRITON_CACHE_DIR=/tmp/tcache
+[[ -f .deps/tcache.tgz ]] && mkdir -p /tmp/tcache && tar xzf .deps/tcache.tgz -C /tmp/tcache
+pip install --no-index --find-links .deps/wheels einops > /tmp/pip.log 2>&1 || tail -3 /tmp/pip.log
+(PYTHONPATH=.deps/fla_src timeout 420 python3 bench/fla_kda.py --warm > /tmp/fla_warm.txt 2> /tmp/fla_warm.err
+ echo "fla warm rc $? at $SECONDS s" >> /tmp/fla_warm.err) &
+FLA=$!
+rm -rf /tmp/V
+cmake -S . -B /tmp/V -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmakeV.log 2>&1 || { tail -20 /tmp/cmakeV.log; exit 1; }
+cmake --build /tmp/V -j 12 --target bench_kda > /tmp/buildV.log 2>&1 || { grep -E "error" -A3 /tmp/buildV.log | head -40; exit 1; }
+echo "built $SECONDS s; $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+wait $FLA; tail -3 /tmp/fla_warm.err
+/tmp/V/bench_kda > /tmp/ours.txt 2>&1; grep -E "^\| [0-9]" /tmp/ours.txt; cp /tmp/ours.txt $OUT/
+(cd /tmp/tcache && tar czf $OUT/tcache.tgz .) && ls -la $OUT/tcache.tgz
+PYTHONPATH=.deps/fla_src timeout 240 python3 bench/fla_kda.py --ours /tmp/ours.txt > $OUT/fla.txt 2> /tmp/fla.err
+echo "fla rc $? ($SECONDS s)"; cat $OUT/fla.txt; tail -3 /tmp/fla.err
