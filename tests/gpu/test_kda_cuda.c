@@ -99,6 +99,10 @@ Test(kda_cuda, k32_near_zero_decays) { check_shape(2, 130, 4, 32, 32, -1e-4, -1e
 Test(kda_cuda, k32_strong_decays) { check_shape(2, 130, 4, 32, 32, -8, -2, true, DOCS, 8); }
 Test(kda_cuda, k64_v32) { check_shape(2, 100, 2, 64, 32, -1.0, -0.01, true, DOCS, 9); }
 Test(kda_cuda, k48_v80_documents) { check_shape(2, 150, 3, 48, 80, -1.0, -0.01, true, DOCS, 14); }
+// Very steep decays (-40 to -10 a token): exp(gc_i - gc_j) inside a 16-row sub-chunk no longer splits into two
+// fp32 factors at an anchor row, so a kernel that factors it for milder decays must fall back here.
+Test(kda_cuda, k128_steep_decays) { check_shape(1, 256, 2, 128, 128, -40, -10, true, DOCS, 15); }
+Test(kda_cuda, k48_steep_decays) { check_shape(2, 150, 3, 48, 48, -40, -10, true, DOCS, 16); }
 Test(kda_cuda, k32_v128_short) { check_shape(1, 40, 2, 32, 128, -0.3, -0.01, true, NO_DOCS, 10); }
 // Many heads (B * H = 128, 64, 32) at K = V = 128, as in training and the benchmark.
 Test(kda_cuda, k128_many_heads_documents) { check_shape(2, 130, 64, 128, 128, -1.0, -0.01, true, DOCS, 11); }
