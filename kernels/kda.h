@@ -45,10 +45,11 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * chunks; a document start inside a chunk is handled by masking (no pairwise term crosses it, the state
  * entering it is zero), so T need not be a multiple of 64 and chunks need not align with documents. Forward:
  * a parallel kernel per chunk (pairwise decays, the UT transform's (I + A)^-1 explicitly, W, U and the decayed q
- * and k), then one sequential pass per (row, head) (per 16 state columns when V is not a multiple of 128)
- * that carries the fp32 state in registers and writes the output. Backward: the state pass again (saving the
- * state entering each chunk), a reverse state pass, then two parallel kernels per chunk (the WY/UT backward;
- * the pairwise backward with the gate's reverse cumulative sum). fp32 arithmetic except the matrix products,
+ * and k), then one sequential pass per (row, head) (or per slice of its state columns: few heads, or V not a
+ * multiple of 128) that carries the fp32 state in registers and writes the output. Backward: the state pass
+ * again (saving the state entering each chunk) unless the forward kept it in `saved`, a reverse state pass,
+ * then two parallel kernels per chunk (the WY/UT backward; the pairwise backward with the gate's reverse
+ * cumulative sum). fp32 arithmetic except the matrix products,
  * which take tf32 operands on the tensor cores (fp32 accumulation); fixed summation order (deterministic).
  * K and V multiples of 16 up to 128; q, k, v and dout 16-byte aligned (as cudaMalloc gives). All gradients are
  * overwritten; dinitial_state, dfinal_state and the state pointers may be NULL.
@@ -58,8 +59,8 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * kernel's results and the state entering each chunk with its Vp; the backward then skips recomputing them
  * (its first two kernels).
  * With saved = NULL the forward keeps nothing and the backward recomputes; the results are bitwise the same.
- * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.33 MB per chunk
- * and head at K = V = 128). */
+ * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.23 MB per chunk
+ * and head at K = V = 128 with `saved`, 0.5 MB without). */
 #include <stddef.h>
 
 #include "kernels/device.h"

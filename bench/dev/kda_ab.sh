@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device-tool script, run from the repo root with .deps carried: tests and times candidate KDA kernel files
 # beside this tree's, in one call. Candidates: .deps/kda_chunk_D*.cu (make them here with
-# bench/dev/make_candidates.sh). A: this tree. For each candidate X: test_kda_cuda linked with it (14 cases
+# bench/dev/make_candidates.sh). A: this tree. For each candidate X: test_kda_cuda linked with it (every case
 # against the fp64 reference), bench_kda at every shape, per-phase cycle counts (bench/dev/phase_timers.py)
 # when its anchors are found; then racecheck, synccheck and memcheck of every candidate that passed (but D0, by
 # convention a copy of this tree's file, for the phase times beside the candidates'). VARIANTS="NAME=VALUE ..."
