@@ -148,9 +148,11 @@ static void pairwise_backward(ChunkScratch *s, int n, real *dbeta) {
           s->dk[i * K + c] += wl * kj * e;
           s->dk[j * K + c] += (wl * ki + da * qi) * e;
           s->dqs[i * K + c] += da * kj * e;
-          real t = (wl * ki + da * qi) * kj * e;
-          s->dgc[i * K + c] += t;
-          s->dgc[j * K + c] -= t;
+          if (j < i) {  // a diagonal pair (e = 1) gives the gate nothing: its +t and -t would only round
+            real t = (wl * ki + da * qi) * kj * e;
+            s->dgc[i * K + c] += t;
+            s->dgc[j * K + c] -= t;
+          }
         }
       }
     if (I0 == 0) continue;
@@ -368,9 +370,11 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
             s.dgc[i * K + c] += s.dqg[i * K + c] * s.qg[i * K + c];
             real el_i = real_exp(s.gc[(n - 1) * K + c] - s.gc[i * K + c]);
             s.dk[i * K + c] += el_i * s.dkl[i * K + c];
-            real t = s.dkl[i * K + c] * s.kl[i * K + c];
-            s.dgc[i * K + c] -= t;
-            s.dgc[(n - 1) * K + c] += t;
+            if (i < n - 1) {  // (the last row's term would cancel itself)
+              real t = s.dkl[i * K + c] * s.kl[i * K + c];
+              s.dgc[i * K + c] -= t;
+              s.dgc[(n - 1) * K + c] += t;
+            }
           }
         for (int c = 0; c < K; c++) s.dgc[(n - 1) * K + c] += s.del[c] * s.el[c];
         pairwise_backward(&s, n, dbeta_local);
