@@ -33,34 +33,38 @@
 //   by the intra kernel) stream through shared memory by cp.async, one operand pair loading while the
 //   other is used; dO comes with Aqk and KL.
 // - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in
-//   shared memory; the off-diagonal 16-row blocks of KK, Aqk, the pairwise backward's cross-sub-chunk pairs and
-//   every chunk product on tensor cores (mma.sync tf32, fragments read from shared memory, through gemm_nt),
-//   each exponential split at an anchor row so that both factors are <= 1; the pairs inside a 16-row sub-chunk
-//   in fp32 on CUDA cores (their exp(gc_i - gc_j) cannot be factored without overflow when decays are strong):
-//   in the forward one exponential per pair and channel, in the pairwise backward a running product along the
-//   sub-chunk (one multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
+//   shared memory; every product on tensor cores (mma.sync tf32, fp32 accumulated), each exponential
+//   exp(gc_i - gc_j) split at an anchor row m into exp(gc_i - gc_m) exp(gc_m - gc_j): across 16-row sub-chunks
+//   (KK, Aqk, the pairwise backward's P, Q, R) with both factors <= 1, each warp building its fragments
+//   straight from shared memory (small products: no staging tile, no block barrier); inside a sub-chunk, in
+//   the forward, three 8 x 8 blocks with anchors 4, 12 (factors within e^+-64) and 8, falling back to one
+//   fp32 exponential per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over
+//   four rows; in the pairwise backward on the CUDA cores, a running product along the sub-chunk (one
+//   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
 //   substitution) block row by block row on CUDA cores, then W | U and the backward's Y = M^T dX are
-//   tensor-core products. The WY backward reads S0 and dS' once for its four chunk products (state_products:
-//   dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by cp.async through four 16-column stages;
-//   KK, M^T and k | v then come into those stages, and Y's per-element work (dk's UT part, dv, dbeta, its row
-//   sums in registers) is done in the Y and dL products' epilogues. The intra kernel fits two blocks per SM
-//   (about 100 KB), the two backward kernels one (about 210 and 225 KB). Each per-chunk kernel is also
-//   instantiated with K = V = 128 fixed at compile time (the default models' shape), which folds its index
-//   arithmetic (a sixth fewer instructions).
+//   tensor-core products through gemm_nt (staged 64 x 64 tiles). The WY backward reads S0 and dS' once for its
+//   four chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by
+//   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages, and Y's
+//   per-element work (dk's UT part, dv, dbeta, its row sums in registers) is done in the Y and dL products'
+//   epilogues. The intra kernel fits two blocks per SM (about 100 KB), the two backward kernels one (about
+//   210 and 200 KB). Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
+//   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
+// - The gate gradient dg_t = sum_i>=t dgc_i leaves out what cancels exactly (a diagonal pair's q_i dA_ii k_i,
+//   the last row's kl term): with steep decays dg is ~e^-10 of those terms, and their rounding was a 3% error.
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128: fwd 2.78 ms, fwd+bwd 8.97 ms; fla's Triton chunk_kda on the
-//   same kind of GPU 2.5 / 12.9 ms): the per-chunk kernels, about 2.1 (intra), 3.1 (WY) and 2.5 ms (pairwise),
-//   against about 1.3 ms for the two state passes (estimates), all far above their bytes and their arithmetic.
-//   The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
-//   instruction bound. The WY backward's state products (57% of it) did not speed up when three slices were in
-//   flight instead of one. Each kernel's prologue (loads of q, k, gates) is a serial memory latency with
-//   nothing to overlap it (one block per SM): 10-15% of the backward kernels. With few heads and long sequences
-//   (1 x 65536 x 16) the state passes dominate: one warp per SM sub-partition, each instruction waiting on the
-//   one before (ncu: "wait" 56-62% of stall samples, HMMA 10% of instructions; 44% of all executed
-//   instructions were the cp.async copy loops' index arithmetic). bench/README has the per-phase tables.
+// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.47 ms, fwd+bwd 8.26 ms; with the L2 norms
+//   and the softplus gate as fla times it, about 0.5 ms more; fla's Triton chunk_kda 2.43 / 12.56 ms): per
+//   kernel (ncu) intra 1.69, state 0.79, state backward 0.70, WY backward 3.16, pairwise backward 1.99 ms, all
+//   far above their bytes and their arithmetic. The intra kernel issues 2.2 instructions a cycle at two blocks
+//   per SM, spread over all its phases: instruction bound. The WY backward's state products (56% of it) did
+//   not speed up when three slices were in flight instead of one; both backward kernels run one block per SM
+//   (shared memory), and each one's prologue (loads of q, k, gates) is a serial memory latency with nothing to
+//   overlap it: 10-20% of them. With few heads and long sequences (1 x 65536 x 16) the state passes are still
+//   the largest part: one warp per SM sub-partition, each instruction waiting on the one before.
+//   bench/README has the per-phase tables.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
@@ -422,12 +426,6 @@ static __device__ void copy_rows_bf16(bf16_t *dst, int pitch, const bf16_t *src,
   }
 }
 static __device__ __forceinline__ float bf(const bf16_t *p) { return __bfloat162float(*p); }
-// Four bf16 at p (4-byte aligned) as floats, times mul.
-static __device__ __forceinline__ float4 bf4(const bf16_t *p, float mul) {
-  const unsigned u0 = *(const unsigned *)p, u1 = *(const unsigned *)(p + 2);
-  return make_float4(mul * __uint_as_float(u0 << 16), mul * __uint_as_float(u0 & 0xffff0000u),
-                     mul * __uint_as_float(u1 << 16), mul * __uint_as_float(u1 & 0xffff0000u));
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // q's region, later M (64 x 65 floats), in bf16 elements.
@@ -545,31 +543,42 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       }
     }
   }
-  // Sub-chunk I against all earlier rows j < I0, anchored at a = gc(I0): one product of the rescaled rows
-  // [k_i exp(gc_i - a); qs_i exp(gc_i - a)] (32, K) and k_j exp(a - gc_j) (I0, K), every factor <= 1.
-  for (int I0 = 16; I0 < CH; I0 += 16) {
-    const float *an = gc + I0 * ld;
-    gemm_nt(
-        32, I0, K, tile,
-        [&](int r, int a) {
-          const int i = I0 + (r & 15);
-          const float4 x = bf4((r < 16 ? kh : qh) + i * pl + a, r < 16 ? 1.0f : scale);
-          const float *gi = gc + i * ld + a;
-          return make_float4(x.x * __expf(gi[0] - an[a]), x.y * __expf(gi[1] - an[a + 1]),
-                             x.z * __expf(gi[2] - an[a + 2]), x.w * __expf(gi[3] - an[a + 3]));
-        },
-        [&](int j, int a) {
-          const float4 x = bf4(kh + j * pl + a, 1.0f);
-          const float *gj = gc + j * ld + a;
-          return make_float4(x.x * __expf(an[a] - gj[0]), x.y * __expf(an[a + 1] - gj[1]),
-                             x.z * __expf(an[a + 2] - gj[2]), x.w * __expf(an[a + 3] - gj[3]));
-        },
-        [&](int r, int j, float x) {
-          const int i = I0 + (r & 15);
-          const float v = seg[i] == seg[j] ? x : 0.0f;
-          if (r < 16) kks[i * CH + j] = v;
-          else AQ[i * CH + j] = round_tf32(v);
-        });
+  // Sub-chunk I against all earlier rows j < I0, anchored at gc_I0: [k_i; qs_i] exp(gc_i - gc_I0) against
+  // k_j exp(gc_I0 - gc_j), every factor <= 1, on the tensor cores with the fragments built straight from shared
+  // memory (no staging, no block barrier; the entries are not those the products above write): warp w takes
+  // the units w, w + 8 of (I0, 8 columns j), KK and Aqk sharing B and the row exponentials; k slots on channels
+  // as above.
+  {
+    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+    for (int u = warp; u < 12; u += NT / 32) {  // (I0, n8): (16, 0..8), (32, 0..24), (48, 0..40)
+      const int I0 = u < 2 ? 16 : u < 6 ? 32 : 48, n8 = 8 * (u < 2 ? u : u < 6 ? u - 2 : u - 6);
+      const bf16_t *kr = kh + (I0 + g) * pl, *qr = qh + (I0 + g) * pl, *kc = kh + (n8 + g) * pl;
+      const float *gr = gc + (I0 + g) * ld, *gj = gc + (n8 + g) * ld, *an = gc + I0 * ld;
+      float ck[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int ks = 0; ks < K / 8; ks++) {
+        unsigned ak[4], aq[4];
+        float bk[2];
+#pragma unroll
+        for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk
+          const int c = 2 * ks + hk, a = K % 32 == 0 ? 8 * t + (c & 7) + 32 * (c >> 3) : 8 * ks + t + 4 * hk;
+          const float e_lo = __expf(gr[a] - an[a]), e_hi = __expf(gr[8 * ld + a] - an[a]);
+          ak[2 * hk] = tf32_bits(bf(kr + a) * e_lo);
+          ak[2 * hk + 1] = tf32_bits(bf(kr + 8 * pl + a) * e_hi);
+          aq[2 * hk] = tf32_bits(scale * bf(qr + a) * e_lo);
+          aq[2 * hk + 1] = tf32_bits(scale * bf(qr + 8 * pl + a) * e_hi);
+          bk[hk] = round_tf32(bf(kc + a) * __expf(an[a] - gj[a]));
+        }
+        mma_tf32(ck, ak, bk[0], bk[1]);
+        mma_tf32(cq, aq, bk[0], bk[1]);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const int i = I0 + g + 8 * (r >> 1), j = n8 + 2 * t + (r & 1);
+        const bool same = seg[i] == seg[j];
+        kks[i * CH + j] = same ? ck[r] : 0.0f;
+        AQ[i * CH + j] = same ? round_tf32(cq[r]) : 0.0f;
+      }
+    }
   }
   __syncthreads();
   float *KKg = sc.KK + (size_t)ch * CH * CH;
@@ -1018,16 +1027,17 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
 // Pairwise backward and the gate's reverse cumulative sum, one block per chunk:
 //   P_i = sum_j<i  wl_ij k_j E_ij,  Q_i = sum_j<=i dA_ij k_j E_ij,  R_i = sum_m>=i (wl_mi k_m + dA_mi q_m) E_mi
 // with wl_ij = beta_i dL_ij and E_ij = exp(gc_i - gc_j); dk += P + R, dqs += Q, dgc += k P + q Q - k R.
-// The pairs across 16-row sub-chunks go to the tensor cores (gemm_nt, tf32 in, fp32 accumulated), each
-// exponential split at an anchor between the two rows so that both factors are <= 1, as in the forward:
-//   sub-chunk I (rows I0 .. I0 + 15) against the rows j < I0, anchor gc_I0: one (32 x I0) (I0 x K) product
+// The pairs across 16-row sub-chunks go to the tensor cores (mma.sync tf32, fp32 accumulated, each warp building
+// its fragments straight from shared memory), each exponential split at an anchor between the two rows so that
+// both factors are <= 1, as in the forward:
+//   sub-chunk I (rows I0 .. I0 + 15) against the rows j < I0, anchor gc_I0: (32 x I0) (I0 x K)
 //     [wl; dA](I, j < I0) (k_j exp(gc_I0 - gc_j)), then times exp(gc_i - gc_I0): P and Q;
-//   sub-chunk I against the rows m > I1 = I0 + 15, anchor gc_I1: one (16 x 2L) (2L x K) product
+//   sub-chunk I against the rows m > I1 = I0 + 15, anchor gc_I1: (16 x 2L) (2L x K)
 //     [wl^T | dA^T](I, m > I1) [k_m; q_m] exp(gc_m - gc_I1), then times exp(gc_I1 - gc_i): R.
 // The pairs inside a sub-chunk on the CUDA cores: a thread takes channel a of one sub-chunk's 16 rows and its
-// 136 pairs, the decay of each pair one multiplication from the previous one (no exponential per pair). q and k
-// stay in bf16 in shared memory; the off-sub-chunk P, Q, R
-// wait in shared memory for the thread that owns (i, a).
+// 120 pairs j < i, the decay of each pair one multiplication from the previous one (no exponential per pair).
+// q and k stay in bf16 in shared memory; the off-sub-chunk P, Q, R wait in shared memory for the thread that
+// owns (i, a).
 template <int KS>
 static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
                                                                           Scratch sc, const bf16_t *q,
@@ -1038,7 +1048,7 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   const int K = KS ? KS : K_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
-  float *tile = smem, *gc = tile + TILE_FLOATS, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
+  float *gc = smem, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
   float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64, 16-byte aligned
   float *beta = (float *)(wa + CH * CH);
   int *seg = (int *)(beta + CH);
@@ -1070,49 +1080,60 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   __syncthreads();
   auto kf = [&](int i, int a) { return bf(kh + i * pl + a); };
   auto qf = [&](int i, int a) { return scale * bf(qh + i * pl + a); };
-  // P, Q against earlier sub-chunks.
-  for (int I0 = 16; I0 < CH; I0 += 16) {
-    const float *an = gc + I0 * ld;
-    gemm_nt(
-        32, K, I0, tile,
-        [&](int r, int j) {
-          const float2 *w = wa + (I0 + (r & 15)) * CH + j;
-          return r < 16 ? make_float4(w[0].x, w[1].x, w[2].x, w[3].x) : make_float4(w[0].y, w[1].y, w[2].y, w[3].y);
-        },
-        [&](int a, int j) {
-          return make_float4(kf(j, a) * __expf(an[a] - gc[j * ld + a]), kf(j + 1, a) * __expf(an[a] - gc[(j + 1) * ld + a]),
-                             kf(j + 2, a) * __expf(an[a] - gc[(j + 2) * ld + a]),
-                             kf(j + 3, a) * __expf(an[a] - gc[(j + 3) * ld + a]));
-        },
-        [&](int r, int a, float x) {
-          const int i = I0 + (r & 15);
-          (r < 16 ? Ps : Qs)[i * ld + a] = x * __expf(gc[i * ld + a] - an[a]);
-        });
-  }
-  // R against later sub-chunks.
-  for (int I0 = 0; I0 + 16 < CH; I0 += 16) {
-    const int I1 = I0 + 15, L = CH - 1 - I1;
-    const float *an = gc + I1 * ld;
-    gemm_nt(
-        16, K, 2 * L, tile,
-        [&](int r, int kk) {
-          const int i = I0 + r, m = I1 + 1 + (kk < L ? kk : kk - L);
-          const float2 *w = wa + m * CH + i;
-          return kk < L ? make_float4(w[0].x, w[CH].x, w[2 * CH].x, w[3 * CH].x)
-                        : make_float4(w[0].y, w[CH].y, w[2 * CH].y, w[3 * CH].y);
-        },
-        [&](int a, int kk) {
-          const int m = I1 + 1 + (kk < L ? kk : kk - L);
-          float4 e = make_float4(__expf(gc[m * ld + a] - an[a]), __expf(gc[(m + 1) * ld + a] - an[a]),
-                                 __expf(gc[(m + 2) * ld + a] - an[a]), __expf(gc[(m + 3) * ld + a] - an[a]));
-          if (kk < L) e.x *= kf(m, a), e.y *= kf(m + 1, a), e.z *= kf(m + 2, a), e.w *= kf(m + 3, a);
-          else e.x *= qf(m, a), e.y *= qf(m + 1, a), e.z *= qf(m + 2, a), e.w *= qf(m + 3, a);
-          return e;
-        },
-        [&](int r, int a, float x) {
-          const int i = I0 + r;
-          Rs[i * ld + a] = x * __expf(an[a] - gc[i * ld + a]);
-        });
+  // P, Q against earlier sub-chunks and R against later ones, on the tensor cores with the fragments built
+  // straight from shared memory (no staging, no block-wide barrier): warp w takes the units w, w + 8, .. of
+  // (product, sub-chunk, 8 channels), the P | Q units of sub-chunks 1..3 first, then the R units of 0..2 (each
+  // warp gets 24 steps of 8 rows of both kinds). A lane's B column is channel a = 8 n + g; its C elements
+  // are rows I0 + g (+ 8), channels 8 n + 2t (+ 1), the same for every unit of a kind: only it writes them.
+  {
+    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = K / 8;
+    for (int u = warp; u < 6 * nn; u += NT / 32) {
+      const bool isR = u >= 3 * nn;
+      const int v = isR ? u - 3 * nn : u, n8 = 8 * (v % nn), a = n8 + g, s = v / nn;
+      if (!isR) {
+        // [wl; dA](I, j < I0) (k_j exp(gc_I0 - gc_j)), then times exp(gc_i - gc_I0): P_i, Q_i.
+        const int I0 = 16 * (s + 1);
+        const float an = gc[I0 * ld + a];
+        float cp[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j0 = 0; j0 < I0; j0 += 8) {
+          const int j = j0 + t;
+          const float b0 = round_tf32(kf(j, a) * __expf(an - gc[j * ld + a]));
+          const float b1 = round_tf32(kf(j + 4, a) * __expf(an - gc[(j + 4) * ld + a]));
+          const float2 w00 = wa[(I0 + g) * CH + j], w10 = wa[(I0 + g + 8) * CH + j];
+          const float2 w01 = wa[(I0 + g) * CH + j + 4], w11 = wa[(I0 + g + 8) * CH + j + 4];
+          const unsigned ap[4] = {tf32_bits(w00.x), tf32_bits(w10.x), tf32_bits(w01.x), tf32_bits(w11.x)};
+          const unsigned aq[4] = {tf32_bits(w00.y), tf32_bits(w10.y), tf32_bits(w01.y), tf32_bits(w11.y)};
+          mma_tf32(cp, ap, b0, b1);
+          mma_tf32(cq, aq, b0, b1);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+          const int i = I0 + g + 8 * (r >> 1), c = n8 + 2 * t + (r & 1);
+          const float f = __expf(gc[i * ld + c] - gc[I0 * ld + c]);
+          Ps[i * ld + c] = cp[r] * f, Qs[i * ld + c] = cq[r] * f;
+        }
+      } else {
+        // [wl^T | dA^T](I, m > I1) [k_m; q_m] exp(gc_m - gc_I1), then times exp(gc_I1 - gc_i): R_i.
+        const int I0 = 16 * s, I1 = I0 + 15;
+        const float an = gc[I1 * ld + a];
+        float cr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int m0 = I1 + 1; m0 < CH; m0 += 8) {
+          const int m = m0 + t;
+          const float e0 = __expf(gc[m * ld + a] - an), e1 = __expf(gc[(m + 4) * ld + a] - an);
+          const float2 w00 = wa[m * CH + I0 + g], w10 = wa[m * CH + I0 + g + 8];
+          const float2 w01 = wa[(m + 4) * CH + I0 + g], w11 = wa[(m + 4) * CH + I0 + g + 8];
+          const unsigned aw[4] = {tf32_bits(w00.x), tf32_bits(w10.x), tf32_bits(w01.x), tf32_bits(w11.x)};
+          const unsigned ad[4] = {tf32_bits(w00.y), tf32_bits(w10.y), tf32_bits(w01.y), tf32_bits(w11.y)};
+          mma_tf32(cr, aw, round_tf32(kf(m, a) * e0), round_tf32(kf(m + 4, a) * e1));
+          mma_tf32(cr, ad, round_tf32(qf(m, a) * e0), round_tf32(qf(m + 4, a) * e1));
+        }
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+          const int i = I0 + g + 8 * (r >> 1), c = n8 + 2 * t + (r & 1);
+          Rs[i * ld + c] = cr[r] * __expf(gc[I1 * ld + c] - gc[i * ld + c]);
+        }
+      }
+    }
   }
   __syncthreads();
   // Inside the sub-chunks, and the sums: a thread takes channel a of one sub-chunk's 16 rows, so that each
@@ -1257,7 +1278,7 @@ static size_t wy_smem(int K, int V) {
   return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 16 * CH + 2 * CH) * sizeof(float);
 }
 static size_t pair_smem(int K) {
-  return (TILE_FLOATS + 4 * (size_t)CH * (K + 1) + 2 * CH * CH + 2 * CH) * sizeof(float) +
+  return (4 * (size_t)CH * (K + 1) + 2 * CH * CH + 2 * CH) * sizeof(float) +
          2 * CH * QK_PITCH(K) * sizeof(bf16_t);
 }
 
