@@ -33,7 +33,8 @@ wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the t
 s = timed(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
 s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [(("// dL and dA come by cp.async", "copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0),
           (("float wl[CH * CH / NT]", "#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
-          ("// P, Q against earlier", 2), ("// R against later", 3), ("// Inside the sub-chunks, and the sums", 4), ("if (tid < K) {\n    float acc", 5)], 2, 6)
+          ("// P, Q against earlier", 2), ("// Inside the sub-chunks, and the sums", 3),
+          (("if (tid < K) {\n    // dg_t", "if (tid < K) {\n    float acc"), 4)], 2, 5)
 head = '''
 __device__ long long kda_prof[3][4096][12];
 #define PH(K, n) do { __syncthreads(); if (threadIdx.x == 0 && blockIdx.x < 4096) kda_prof[K][blockIdx.x][n] = clock64(); } while (0)
