@@ -57,10 +57,11 @@ for X in ${SANITIZE:-$PASSED}; do  # SANITIZE="X ..": only those (when they pass
   timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_strong*' > /tmp/mem_$X.log 2>&1; echo "memcheck k128 rc $?"; tail -1 /tmp/mem_$X.log
   timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/mem2_$X.log 2>&1; echo "memcheck k48 rc $?"; tail -1 /tmp/mem2_$X.log
 done
-# PROFILE=X: ncu (full set, SASS-level source counters) of candidate X's WY and pairwise kernels at 2 x 4096, one
+# PROFILE=X: ncu (full set, SASS-level source counters) of candidate X's WY and pairwise kernels (or
+# PROFILE_KERNELS="wy_backward intra ...") at 2 x 4096, one
 # launch each, exported as CSV; map the SASS to source lines here with a -lineinfo cubin built with the same flags.
 if [[ -n "${PROFILE:-}" && -x /tmp/bench_$PROFILE ]]; then
-  for kn in wy_backward pairwise; do
+  for kn in ${PROFILE_KERNELS:-wy_backward pairwise}; do
     timeout 150 ncu --set full -k regex:"kda_$kn" -c 1 -o /tmp/ncu_$kn /tmp/bench_$PROFILE --op 2 4096 16 > /tmp/ncu_$kn.log 2>&1; echo "ncu $kn rc $? ($SECONDS s)"
     ncu -i /tmp/ncu_$kn.ncu-rep --page source --print-source sass --csv > $OUT/sass_${PROFILE}_$kn.csv 2>/dev/null
     ncu -i /tmp/ncu_$kn.ncu-rep --page details --csv > $OUT/details_${PROFILE}_$kn.csv 2>/dev/null

@@ -29,7 +29,7 @@ def timed(s, start, marks, kid, end_id):
 s = timed(s, "kda_intra_kernel(Scratch", [(("copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
 wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
-      ("// dbeta_i = Y_i", 3)]
+      (("// dbeta_i = Y_i", "// dbeta_i = sum_j dL"), 3)]
 s = timed(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
 s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [(("// dL and dA come by cp.async", "copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0),
           (("float wl[CH * CH / NT]", "#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
