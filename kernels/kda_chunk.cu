@@ -41,12 +41,12 @@
 //   fp32 exponential per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over
 //   four rows; in the pairwise backward on the CUDA cores, a running product along the sub-chunk (one
 //   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
-//   substitution) block row by block row on CUDA cores, then W | U and the backward's Y = M^T dX are
+//   substitution) block row by block row on CUDA cores, then W | U and the backward's dL = -Y X^T are
 //   tensor-core products through gemm_nt (staged 64 x 64 tiles). The WY backward reads S0 and dS' once for its
 //   four chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by
-//   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages, and Y's
-//   per-element work (dk's UT part, dv, dbeta, its row sums in registers) is done in the Y and dL products'
-//   epilogues. The intra kernel fits two blocks per SM (about 100 KB), the two backward kernels one (about
+//   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages; Y = M^T dX is
+//   computed in place by warps that own its column tiles (fragments from shared memory, no barrier), and Y's
+//   per-element work (dk's UT part, dv, dbeta's row sums) is done in that product's and dL's epilogues. The intra kernel fits two blocks per SM (about 100 KB), the two backward kernels one (about
 //   210 and 200 KB). Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
 //   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
 // - The gate gradient dg_t = sum_i>=t dgc_i leaves out what cancels exactly (a diagonal pair's q_i dA_ii k_i,
@@ -55,9 +55,10 @@
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.47 ms, fwd+bwd 8.26 ms; with the L2 norms
-//   and the softplus gate as fla times it, about 0.5 ms more; fla's Triton chunk_kda 2.43 / 12.56 ms): per
-//   kernel (ncu) intra 1.69, state 0.79, state backward 0.70, WY backward 3.16, pairwise backward 1.99 ms, all
+// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.48 ms, fwd+bwd 8.00 ms; the L2 norms and
+//   the softplus gate, separate kernels, add 0.44 / 1.0 ms; fla's Triton chunk_kda, with them inside, 2.43 /
+//   12.56 ms): per kernel (ncu, before the Y product's rewrite took 0.17 ms off the WY backward) intra 1.69,
+//   state 0.79, state backward 0.70, WY backward 3.16, pairwise backward 1.99 ms, all
 //   far above their bytes and their arithmetic. The intra kernel issues 2.2 instructions a cycle at two blocks
 //   per SM, spread over all its phases: instruction bound. The WY backward's state products (56% of it) did
 //   not speed up when three slices were in flight instead of one; both backward kernels run one block per SM
@@ -929,7 +930,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
 }
 // ---------------------------------------------------------------------------------------------------------
 #define WY_TILE SP_FLOATS  // the stages, 128-byte aligned
-static_assert(TILE_FLOATS + 2 * CH * CH + CH * 256 / 2 <= WY_TILE, "tile, KK, M^T and k | v must fit in the stages");
+#define MTP 68  // M^T's pitch in the WY backward: the Y product's A fragments (rows g, columns t) on 32 banks
+static_assert(TILE_FLOATS + CH * CH + CH * MTP + CH * 256 / 2 <= WY_TILE, "tile, KK, M^T and k | v must fit in the stages");
 // WY / UT backward, one block per chunk: the non-pairwise parts of dq and dk into PDQ (through qg), PDK (through
 // kl) and PDK2 (through the UT transform's eg k), the gate gradient that reaches gc_last through el into DGL (the
 // pairwise kernel derives the rest of dg from these and q, k); dL and dAqk (masked) into DL, DA; dv, dbeta final.
@@ -948,9 +950,9 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   // The state products' stages (WY_TILE floats) hold, once they are done, the tile of the two products after
   // them, KK, M^T and k | v (bf16, (64, K + V)).
   float *tile = smem, *kks = tile + TILE_FLOATS, *mts = kks + CH * CH, *gc = tile + WY_TILE, *Ys = gc + CH * ld;
-  bf16_t *kvs = (bf16_t *)(mts + CH * CH);
+  bf16_t *kvs = (bf16_t *)(mts + CH * MTP);
   float *delS = Ys + CH * ly;
-  float *rowpart = delS + K, *beta = rowpart + 16 * CH;
+  float *rowpart = delS + K, *ypart = rowpart + 16 * CH, *beta = ypart + 8 * CH;
   int *seg = (int *)(beta + CH);
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
@@ -966,15 +968,16 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
     else if (p == 2) Ys[i * ly + n] = -x;
     else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
   });
-  // Y = M^T dX on the tensor cores, in place (the output tile of columns n0.. depends only on those columns),
-  // and what each element of Y gives directly: dk's UT part PDK2 = eg beta y, dv = beta y, and dbeta's
-  // y . rhs part (rhs = eg k | v), summed per row in registers: gemm_nt gives element (i, n) to thread
-  // (tx, ty) = (n % 16, i % 16), row i = ty + 16 r, the same for every tile and for the dL product below; the
-  // sixteen partial sums of a row meet in rowpart[tx][i].
-  // KK, M^T and k | v by cp.async into the stages (16 bytes a copy; K and V are multiples of 16, so no copy
-  // straddles k and v; rows past T are zeroed).
+  // Y = M^T dX on the tensor cores, in place, and what each element of Y gives directly: dk's UT part
+  // PDK2 = eg beta y, dv = beta y, and dbeta's y . rhs part (rhs = eg k | v). Warp w owns the 8-column tiles
+  // w, w + 8, w + 16, w + 24 (two of k, two of v at K = V = 128) over all 64 rows, with its fragments built
+  // straight from shared memory (A's reads of M^T, pitch MTP, on 32 banks): it reads and writes only its own
+  // columns, so no barrier is needed before the in-place writes. A row's y . rhs partial sums meet over the
+  // quad by shuffles, then in ypart[warp][i].
+  // KK, M^T (pitch MTP) and k | v by cp.async into the stages (16 bytes a copy; K and V are multiples of 16,
+  // so no copy straddles k and v; rows past T are zeroed).
   for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
-  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + 4 * e, sc.MT + cC + 4 * e);
+  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
   for (int e = tid; e < CH * KV / 8; e += NT) {
     const int i = 8 * e / KV, a = 8 * e % KV;
     if (t0 + i >= T) *(uint4 *)(kvs + 8 * e) = make_uint4(0u, 0u, 0u, 0u);
@@ -983,23 +986,70 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();  // Ys, KK, M^T and k | v are complete
-  const int tx = tid & 15;
-  float racc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // the thread's rows ty + 16 r, summed in registers
-  gemm_nt(
-      CH, KV, CH, tile, [&](int i, int j) { return *(const float4 *)(mts + i * CH + j); },
-      [&](int n, int j) { return make_float4(Ys[j * ly + n], Ys[(j + 1) * ly + n], Ys[(j + 2) * ly + n], Ys[(j + 3) * ly + n]); },
-      [&](int r, int i, int n, float y) {
-        Ys[i * ly + n] = y;
-        float rhs = __bfloat162float(kvs[i * KV + n]);
-        if (n < K) {
-          const float e = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
-          rhs *= e;
-          PDK2[i * K + n] = e * beta[i] * y;
-        } else if (t0 + i < T) {
-          dv[AT(b, t0 + i, h, V) + n - K] = __float2bfloat16(beta[i] * y);
+  {
+    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = KV / 8;
+    float acc[4][4][4];  // (row tile mt, column tile w + 8 nt, fragment element)
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+#pragma unroll 2
+    for (int ks = 0; ks < CH / 8; ks++) {
+      const int j[2] = {8 * ks + t, 8 * ks + t + 4};
+      float bv[4][2];
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) {
+        const int n = 8 * (warp + 8 * nt) + g;
+        const bool in = warp + 8 * nt < nn;
+        bv[nt][0] = in ? round_tf32(Ys[j[0] * ly + n]) : 0.0f;
+        bv[nt][1] = in ? round_tf32(Ys[j[1] * ly + n]) : 0.0f;
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++) {
+        const float *m0 = mts + (16 * mt + g) * MTP, *m8 = m0 + 8 * MTP;
+        const unsigned a[4] = {tf32_bits(m0[j[0]]), tf32_bits(m8[j[0]]), tf32_bits(m0[j[1]]), tf32_bits(m8[j[1]])};
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
+      }
+    }
+    __syncwarp();  // every lane's reads of the warp's columns are done
+    float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // rows 16 mt + g + 8 half
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) {
+      if (warp + 8 * nt >= nn) continue;
+      const int n = 8 * (warp + 8 * nt) + 2 * t;  // and n + 1
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+          const int i = 16 * mt + g + 8 * hf;
+          const float y0 = acc[mt][nt][2 * hf], y1 = acc[mt][nt][2 * hf + 1];
+          Ys[i * ly + n] = y0, Ys[i * ly + n + 1] = y1;
+          const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KV + n);
+          float r0 = __low2float(r2), r1 = __high2float(r2);
+          if (n < K) {
+            const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
+            const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
+            r0 *= e0, r1 *= e1;
+            *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
+          } else if (t0 + i < T) {
+            *(__nv_bfloat162 *)(dv + AT(b, t0 + i, h, V) + n - K) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
+          }
+          part[2 * mt + hf] = fmaf(y0, r0, fmaf(y1, r1, part[2 * mt + hf]));
         }
-        racc[r] = fmaf(y, rhs, racc[r]);
-      });
+    }
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      part[u] += __shfl_xor_sync(0xffffffffu, part[u], 1);
+      part[u] += __shfl_xor_sync(0xffffffffu, part[u], 2);
+    }
+    if (t == 0)
+#pragma unroll
+      for (int u = 0; u < 8; u++) ypart[warp * CH + 16 * (u >> 1) + g + 8 * (u & 1)] = part[u];
+  }
+  __syncthreads();  // Y is complete
+  const int tx = tid & 15;
+  float racc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // the dL product's dbeta parts, rows ty + 16 r (gemm_nt's map)
   if (tid < K) sc.DGL[(size_t)ch * K + tid] = delS[tid] * __ldg(sc.EL + (size_t)ch * K + tid);
   // dL = -Y X^T (strictly lower, same document), and dbeta's dL . KK part into rowpart.
   const float *W = sc.W + cK, *U = sc.U + cV;
@@ -1014,11 +1064,13 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
 #pragma unroll
   for (int r = 0; r < 4; r++) rowpart[tx * CH + (tid >> 4) + 16 * r] = racc[r];
   __syncthreads();
-  // dbeta_i = Y_i . rhs_i + sum_j dL_ij KK_ij: the 16 partial sums of row i in order.
+  // dbeta_i = sum_j dL_ij KK_ij + Y_i . rhs_i: the 16 and 8 partial sums of row i in order.
   if (tid < CH && t0 + tid < T) {
     float sum = 0.0f;
 #pragma unroll
     for (int x = 0; x < 16; x++) sum += rowpart[x * CH + tid];
+#pragma unroll
+    for (int w = 0; w < 8; w++) sum += ypart[w * CH + tid];
     dbeta[((size_t)b * T + t0 + tid) * H + h] = sum;
   }
 }
@@ -1275,7 +1327,7 @@ static int state_warps(int B, int H, int V) {
   return V % 64 == 0 ? 4 : 1;
 }
 static size_t wy_smem(int K, int V) {
-  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 16 * CH + 2 * CH) * sizeof(float);
+  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 24 * CH + 2 * CH) * sizeof(float);
 }
 static size_t pair_smem(int K) {
   return (4 * (size_t)CH * (K + 1) + 2 * CH * CH + 2 * CH) * sizeof(float) +
