@@ -1,6 +1,7 @@
 // The CUDA chunkwise KDA against the CPU chunkwise reference in fp64 (itself checked against the
-// recurrence): head dims 128, 64, 32 (and V != K), decays near 0 and strong, documents starting inside
-// chunks, at chunk boundaries and at t = 0, T not a multiple of 64, initial state and dfinal_state.
+// recurrence): head dims 128, 64, 32 (and V != K), decays near 0, strong, steep and the model's softplus gate,
+// documents starting inside chunks, at chunk boundaries and at t = 0, T not a multiple of 64, initial state and
+// dfinal_state.
 #include <math.h>
 #include <string.h>
 
@@ -9,9 +10,12 @@
 #include "tests/gpu/gpu_testing.h"
 
 enum { NO_DOCS, DOCS };
+// UNIFORM: g ~ U(g_lo, g_hi) everywhere; SOFTPLUS: the model's gate at initialization, g = -A_h softplus(z),
+// z ~ N(0, 1), A_h spread over [g_lo, g_hi] by head (A up to 16: some chunks steep, some mild, channels mixed).
+enum GateFill { UNIFORM, SOFTPLUS };
 
-static void check_shape(int B, int T, int H, int K, int V, double g_lo, double g_hi, bool states, int docs,
-                        uint64_t seed) {
+static void check_gates(int B, int T, int H, int K, int V, enum GateFill fill, double g_lo, double g_hi, bool states,
+                        int docs, uint64_t seed) {
   uint64_t rng = seed;
   const size_t nk = (size_t)B * T * H * K, nv = (size_t)B * T * H * V, nb = (size_t)B * T * H, ns = (size_t)B * H * K * V;
   real *q = test_alloc(nk), *k = test_alloc(nk), *v = test_alloc(nv), *g = test_alloc(nk), *beta = test_alloc(nb);
@@ -20,7 +24,16 @@ static void check_shape(int B, int T, int H, int K, int V, double g_lo, double g
   l2norm_forward(q, inv, q, 1e-6, B * T * H, K);
   l2norm_forward(k, inv, k, 1e-6, B * T * H, K);
   test_fill_normal(v, nv, 1, &rng), test_fill_normal(dout, nv, 1, &rng);
-  test_fill_uniform(g, nk, g_lo, g_hi, &rng), test_fill_uniform(beta, nb, 0.05, 0.95, &rng);
+  if (fill == UNIFORM) test_fill_uniform(g, nk, g_lo, g_hi, &rng);
+  else {
+    test_fill_normal(g, nk, 1, &rng);
+    for (size_t e = 0; e < nk; e++) {
+      const int h = (int)(e / K % H);
+      const double A = g_lo + (g_hi - g_lo) * (H > 1 ? (double)h / (H - 1) : 1.0), z = g[e];
+      g[e] = -A * (z > 30 ? z : log1p(exp(z)));
+    }
+  }
+  test_fill_uniform(beta, nb, 0.05, 0.95, &rng);
   test_fill_normal(s0, ns, 0.5, &rng), test_fill_normal(dsT, ns, 0.5, &rng);
   gpu_round_bf16(q, nk), gpu_round_bf16(k, nk), gpu_round_bf16(v, nv), gpu_round_bf16(dout, nv);
   unsigned char *doc = NULL;
@@ -72,8 +85,8 @@ static void check_shape(int B, int T, int H, int K, int V, double g_lo, double g
   cr_expect(memcmp(saved_dq, recomputed_dq, nk * sizeof(real)) == 0, "dq from the saved forward differs");
   free(recomputed_dg), free(recomputed_ds0), free(recomputed_dq), free(saved_dg), free(saved_ds0), free(saved_dq);
   device_free(g_saved);
-  cr_log_info("KDA B %d T %d H %d K %d V %d g in [%g, %g] states %d documents %d", B, T, H, K, V, g_lo, g_hi, states,
-              docs);
+  cr_log_info("KDA B %d T %d H %d K %d V %d %s [%g, %g] states %d documents %d", B, T, H, K, V,
+              fill == UNIFORM ? "g in" : "g = -A softplus(N(0, 1)), A by head in", g_lo, g_hi, states, docs);
   gpu_expect_close("out", gpu_download_bf16(g_out, nv), out, nv, GPU_TOLERANCE);
   gpu_expect_close("final state", gpu_download_float(g_sT, ns), sT, ns, GPU_TOLERANCE);
   gpu_expect_close("dq", gpu_download_bf16(g_dq, nk), dq, nk, GPU_TOLERANCE);
@@ -87,6 +100,10 @@ static void check_shape(int B, int T, int H, int K, int V, double g_lo, double g
   device_free(g_sT), device_free(g_ds0), device_free(g_dg), device_free(g_dbeta);
   if (g_doc) device_free(g_doc);
   free(doc);
+}
+static void check_shape(int B, int T, int H, int K, int V, double g_lo, double g_hi, bool states, int docs,
+                        uint64_t seed) {
+  check_gates(B, T, H, K, V, UNIFORM, g_lo, g_hi, states, docs, seed);
 }
 
 Test(kda_cuda, k64_documents_states) { check_shape(2, 200, 3, 64, 64, -1.0, -0.01, true, DOCS, 1); }
@@ -103,6 +120,9 @@ Test(kda_cuda, k48_v80_documents) { check_shape(2, 150, 3, 48, 80, -1.0, -0.01, 
 // fp32 factors at an anchor row, so a kernel that factors it for milder decays must fall back here.
 Test(kda_cuda, k128_steep_decays) { check_shape(1, 256, 2, 128, 128, -40, -10, true, DOCS, 15); }
 Test(kda_cuda, k48_steep_decays) { check_shape(2, 150, 3, 48, 48, -40, -10, true, DOCS, 16); }
+// The model's softplus gate with A from 1 to 16 across heads (as fla and Kimi Linear initialize A_log): the
+// intra kernel takes its pair-by-pair path in the steep heads' chunks and the tensor cores in the others.
+Test(kda_cuda, k128_softplus_gates) { check_gates(1, 256, 4, 128, 128, SOFTPLUS, 1, 16, true, DOCS, 17); }
 Test(kda_cuda, k32_v128_short) { check_shape(1, 40, 2, 32, 128, -0.3, -0.01, true, NO_DOCS, 10); }
 // Many heads (B * H = 128, 64, 32) at K = V = 128, as in training and the benchmark.
 Test(kda_cuda, k128_many_heads_documents) { check_shape(2, 130, 64, 128, 128, -1.0, -0.01, true, DOCS, 11); }
