@@ -46,8 +46,9 @@
 //   four chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by
 //   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages; Y = M^T dX is
 //   computed in place by warps that own its column tiles (fragments from shared memory, no barrier), and Y's
-//   per-element work (dk's UT part, dv, dbeta's row sums) is done in that product's and dL's epilogues. The intra kernel fits two blocks per SM (about 100 KB), the two backward kernels one (about
-//   210 and 200 KB). Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
+//   per-element work (dk's UT part, dv, dbeta's row sums) is done in that product's and dL's epilogues. The
+//   intra kernel fits two blocks per SM (about 100 KB), the two backward kernels one (about 210 and 200 KB).
+//   Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
 //   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
 // - The gate gradient dg_t = sum_i>=t dgc_i leaves out what cancels exactly (a diagonal pair's q_i dA_ii k_i,
 //   the last row's kl term): with steep decays dg is ~e^-10 of those terms, and their rounding was a 3% error.
