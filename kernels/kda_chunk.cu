@@ -35,8 +35,9 @@
 // - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in
 //   shared memory; the matrix products on tensor cores (mma.sync tf32, fp32 accumulated); in the pairwise
 //   ones each exponential exp(gc_i - gc_j) split at an anchor row m into exp(gc_i - gc_m) exp(gc_m - gc_j):
-//   across 16-row sub-chunks (KK, Aqk, the pairwise backward's P, Q, R) with both factors <= 1, each warp building its fragments
-//   straight from shared memory (small products: no staging tile, no block barrier); inside a sub-chunk, in
+//   across 16-row sub-chunks (KK, Aqk, the pairwise backward's P, Q, R) with both factors <= 1, each warp
+//   building its fragments straight from shared memory (small products: no staging tile, no block barrier);
+//   inside a sub-chunk, in
 //   the forward, three 8 x 8 blocks with anchors 4, 12 (factors within e^+-64) and 8, falling back to one
 //   fp32 exponential per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over
 //   four rows; in the pairwise backward on the CUDA cores, a running product along the sub-chunk (one
