@@ -34,18 +34,19 @@ done
 cd - > /dev/null
 summ() { tail -1 $1; grep -E "relative error" $1 | awk '{for(i=1;i<=NF;i++) if($i=="error") print $(i+1), $0}' | sort -g | tail -2 | cut -c1-160; grep -E "FAIL|expected|differs" $1 | head -6; }
 BENCH=${BENCH:---op}  # bench_kda arguments: the op alone; BENCH=" " for every kind of inputs
-echo "== A (this tree)"; /tmp/A/bench_kda $BENCH 8 4096 16 2>&1 | grep -E "^\| [0-9]"
+SHAPE=${SHAPE:-}      # "B T H": one shape (default: all three for the candidates, 8 4096 16 for A)
+echo "== A (this tree)"; /tmp/A/bench_kda $BENCH ${SHAPE:-8 4096 16} 2>&1 | grep -E "^\| [0-9]"
 PASSED=
 for X in $CANDS; do
   [[ -x /tmp/test_$X ]] || { echo "== $X: not built"; continue; }
   echo "== $X ($SECONDS s)"; timeout 100 /tmp/test_$X --jobs 8 --verbose > /tmp/test_$X.txt 2>&1 && PASSED="$PASSED $X" ||
     cp /tmp/test_$X.txt $OUT/; summ /tmp/test_$X.txt
-  /tmp/bench_$X $BENCH 2>&1 | grep -E "^\| [0-9]"
+  /tmp/bench_$X $BENCH $SHAPE 2>&1 | grep -E "^\| [0-9]"
   [[ -x /tmp/bench_P$X ]] && /tmp/bench_P$X --op 2 4096 16 2>&1 | grep -E "PHASES"
   [[ -n "${VARIANTS_ON:-}" && " $VARIANTS_ON " != *" $X "* ]] && continue  # VARIANTS_ON="X ...": only those
   for v in ${VARIANTS:-}; do  # VARIANTS="NAME=VALUE ...": the tests and the bench again under each setting
     echo "-- $X with $v: $(env $v timeout 100 /tmp/test_$X --jobs 8 2>&1 | tail -1)"
-    env $v /tmp/bench_$X $BENCH 2>&1 | grep -E "^\| [0-9]"
+    env $v /tmp/bench_$X $BENCH $SHAPE 2>&1 | grep -E "^\| [0-9]"
   done
 done
 for X in ${SANITIZE:-$PASSED}; do  # SANITIZE="X ..": only those (when they passed)
