@@ -42,8 +42,9 @@
 //   fp32 exponential per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over
 //   four rows; in the pairwise backward on the CUDA cores, a running product along the sub-chunk (one
 //   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
-//   substitution) block row by block row on CUDA cores, then W | U and the backward's dL = -Y X^T are
-//   tensor-core products through gemm_nt (staged 64 x 64 tiles). The WY backward reads S0 and dS' once for its
+//   substitution) block row by block row on CUDA cores; W | U = M diag(beta) (eg K | V) by warps that own its
+//   column tiles (fragments from shared memory, row order chosen for 32 banks), the backward's dL = -Y X^T
+//   through gemm_nt (staged 64 x 64 tiles). The WY backward reads S0 and dS' once for its
 //   four chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by
 //   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages; Y = M^T dX is
 //   computed in place by warps that own its column tiles (fragments from shared memory, no barrier), and Y's
@@ -57,17 +58,16 @@
 //   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
 //   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.48 ms, fwd+bwd 8.00 ms; the L2 norms and
-//   the softplus gate, separate kernels, add 0.44 / 1.0 ms; fla's Triton chunk_kda, with them inside, 2.43 /
-//   12.56 ms): per kernel (ncu, before the Y product's rewrite took 0.17 ms off the WY backward) intra 1.69,
-//   state 0.79, state backward 0.70, WY backward 3.16, pairwise backward 1.99 ms, all
-//   far above their bytes and their arithmetic. The intra kernel issues 2.2 instructions a cycle at two blocks
-//   per SM, spread over all its phases: instruction bound. The WY backward's state products (56% of it) did
-//   not speed up when three slices were in flight instead of one; both backward kernels run one block per SM
-//   (shared memory), and each one's prologue (loads of q, k, gates) is a serial memory latency with nothing to
-//   overlap it: 10-20% of them. With few heads and long sequences (1 x 65536 x 16) the state passes are still
-//   the largest part: one warp per SM sub-partition, each instruction waiting on the one before.
-//   bench/README has the per-phase tables.
+// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.42 ms, fwd+bwd about 7.65 ms; the L2 norms and the
+//   softplus gate, separate kernels, add about 0.45 / 1.0 ms; fla's Triton chunk_kda, with them inside, 2.53 / 13.00
+//   ms): per kernel (ncu, before the last two changes took ~0.3 ms off the pairwise backward and 0.05 ms off the
+//   intra kernel) intra 1.66, state 0.78, state backward 0.69, WY backward 2.93, pairwise backward 1.96 ms, all far
+//   above their bytes and their arithmetic. The intra kernel issues 2.2 instructions a cycle at two blocks per SM,
+//   spread over all its phases: instruction bound. The WY backward's state products (56% of it) did not speed up when
+//   three slices were in flight instead of one; both backward kernels run one block per SM (shared memory), and each
+//   one's prologue (loads of q, k, gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With
+//   few heads and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-
+//   partition, each instruction waiting on the one before. bench/README has the per-phase tables.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
@@ -660,23 +660,60 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // M^T for the backward's Y = M^T dX.
   float *MT = sc.MT + (size_t)ch * CH * CH;
   for (int e = tid; e < CH * CH; e += NT) MT[e] = Ms[(e & 63) * lm + (e >> 6)];
-  // (W | U) = M diag(beta) (eg K | V) on the tensor cores.
-  gemm_nt(
-      CH, K + V, CH, tile, [&](int i, int j) { return lds4(Ms + i * lm + j); },
-      [&](int n, int j) {
-        float x[4];
+  // (W | U) = M diag(beta) (eg K | V) on the tensor cores, fragments straight from shared memory: warp w owns the
+  // 8-column tiles w, w + 8, w + 16, w + 24 (two of W, two of U at K = V = 128); k slot t (+ 4) of step s takes
+  // row r = 8 t + c % 8 + 32 (c / 8), c = 2 s (+ 1), so that the reads of Ms (pitch 65) and gc hit 32 banks.
+  {
+    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = (K + V) / 8;
+    float acc[4][4][4];  // (row tile mt, column tile w + 8 nt, fragment element)
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-          const int r = j + u;
-          if (n < K) x[u] = seg[r] == 0 ? beta[r] * __expf(gc[r * ld + n]) * bf(kh + r * pl + n) : 0.0f;
-          else x[u] = beta[r] * bf(vh + r * pv + n - K);
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+    auto rhs = [&](int r, int n) {  // beta_r (eg_r k_r | v_r)[n]
+      if (n < K) return seg[r] == 0 ? beta[r] * __expf(gc[r * ld + n]) * bf(kh + r * pl + n) : 0.0f;
+      return beta[r] * bf(vh + r * pv + n - K);
+    };
+#pragma unroll 2
+    for (int ks = 0; ks < CH / 8; ks++) {
+      int r[2];
+#pragma unroll
+      for (int hk = 0; hk < 2; hk++) {
+        const int c = 2 * ks + hk;
+        r[hk] = 8 * t + (c & 7) + 32 * (c >> 3);
+      }
+      float bv[4][2];
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) {
+        const int n = 8 * (warp + 8 * nt) + g;
+        const bool in = warp + 8 * nt < nn;
+        bv[nt][0] = in ? round_tf32(rhs(r[0], n)) : 0.0f;
+        bv[nt][1] = in ? round_tf32(rhs(r[1], n)) : 0.0f;
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++) {
+        const float *m0 = Ms + (16 * mt + g) * lm, *m8 = m0 + 8 * lm;
+        const unsigned af[4] = {tf32_bits(m0[r[0]]), tf32_bits(m8[r[0]]), tf32_bits(m0[r[1]]), tf32_bits(m8[r[1]])};
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[mt][nt], af, bv[nt][0], bv[nt][1]);
+      }
+    }
+    float *Wc = sc.W + (size_t)ch * CH * K, *Uc = sc.U + (size_t)ch * CH * V;
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) {
+      if (warp + 8 * nt >= nn) continue;
+      const int n = 8 * (warp + 8 * nt) + 2 * t;  // and n + 1
+#pragma unroll
+      for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+          const int i = 16 * mt + g + 8 * hf;
+          const float x0 = acc[mt][nt][2 * hf], x1 = acc[mt][nt][2 * hf + 1];
+          if (n < K) *(float2 *)(Wc + i * K + n) = make_float2(round_tf32(x0), round_tf32(x1));
+          else *(float2 *)(Uc + i * V + n - K) = make_float2(x0, x1);
         }
-        return make_float4(x[0], x[1], x[2], x[3]);
-      },
-      [&](int i, int n, float x) {
-        if (n < K) sc.W[(size_t)ch * CH * K + i * K + n] = round_tf32(x);
-        else sc.U[(size_t)ch * CH * V + i * V + n - K] = x;
-      });
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1092,6 +1129,8 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
 // 120 pairs j < i, the decay of each pair one multiplication from the previous one (no exponential per pair).
 // q and k stay in bf16 in shared memory; the off-sub-chunk P, Q, R wait in shared memory for the thread that
 // owns (i, a).
+#define WAP (CH + 2)  // wa's pitch (float2): the products' A fragments, rows g and columns t (or the reverse), on
+                      // all banks (two 8-byte loads a bank at most, as for any 8-byte load of a warp)
 template <int KS>
 static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
                                                                           Scratch sc, const bf16_t *q,
@@ -1103,8 +1142,8 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
   float *gc = smem, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
-  float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64, 16-byte aligned
-  float *beta = (float *)(wa + CH * CH);
+  float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64 at pitch WAP, 16-byte aligned
+  float *beta = (float *)(wa + CH * WAP);
   int *seg = (int *)(beta + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + CH * pl;
   const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
@@ -1130,20 +1169,24 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   }
   __syncthreads();
 #pragma unroll
-  for (int u = 0; u < CH * CH / NT; u++) wa[tid + u * NT] = make_float2(wl[u], da[u]);
+  for (int u = 0; u < CH * CH / NT; u++) wa[((tid + u * NT) >> 6) * WAP + (tid & 63)] = make_float2(wl[u], da[u]);
   __syncthreads();
   auto kf = [&](int i, int a) { return bf(kh + i * pl + a); };
   auto qf = [&](int i, int a) { return scale * bf(qh + i * pl + a); };
   // P, Q against earlier sub-chunks and R against later ones, on the tensor cores with the fragments built
   // straight from shared memory (no staging, no block-wide barrier): warp w takes the units w, w + 8, .. of
   // (product, sub-chunk, 8 channels), the P | Q units of sub-chunks 1..3 first, then the R units of 0..2 (each
-  // warp gets 24 steps of 8 rows of both kinds). A lane's B column is channel a = 8 n + g; its C elements
-  // are rows I0 + g (+ 8), channels 8 n + 2t (+ 1), the same for every unit of a kind: only it writes them.
+  // warp gets 24 steps of 8 rows of both kinds). Unit n's 8 columns x = 0..7 are channels 32 (n / 4) + n % 4 +
+  // 4 x when K is a multiple of 32 (so that a warp's reads of gc, pitch K + 1, rows j = j0 + t, hit 32
+  // banks), else 8 n + x. A lane's B column is x = g; its C elements are rows I0 + g (+ 8), columns x = 2t
+  // (+ 1), the same for every unit of a kind: only it writes them.
   {
     const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = K / 8;
     for (int u = warp; u < 6 * nn; u += NT / 32) {
       const bool isR = u >= 3 * nn;
-      const int v = isR ? u - 3 * nn : u, n8 = 8 * (v % nn), a = n8 + g, s = v / nn;
+      const int v = isR ? u - 3 * nn : u, s = v / nn, n = v % nn;
+      const int c0 = K % 32 == 0 ? 32 * (n >> 2) + (n & 3) : 8 * n, cs = K % 32 == 0 ? 4 : 1;  // x -> c0 + cs x
+      const int a = c0 + cs * g;
       if (!isR) {
         // [wl; dA](I, j < I0) (k_j exp(gc_I0 - gc_j)), then times exp(gc_i - gc_I0): P_i, Q_i.
         const int I0 = 16 * (s + 1);
@@ -1153,8 +1196,8 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
           const int j = j0 + t;
           const float b0 = round_tf32(kf(j, a) * __expf(an - gc[j * ld + a]));
           const float b1 = round_tf32(kf(j + 4, a) * __expf(an - gc[(j + 4) * ld + a]));
-          const float2 w00 = wa[(I0 + g) * CH + j], w10 = wa[(I0 + g + 8) * CH + j];
-          const float2 w01 = wa[(I0 + g) * CH + j + 4], w11 = wa[(I0 + g + 8) * CH + j + 4];
+          const float2 w00 = wa[(I0 + g) * WAP + j], w10 = wa[(I0 + g + 8) * WAP + j];
+          const float2 w01 = wa[(I0 + g) * WAP + j + 4], w11 = wa[(I0 + g + 8) * WAP + j + 4];
           const unsigned ap[4] = {tf32_bits(w00.x), tf32_bits(w10.x), tf32_bits(w01.x), tf32_bits(w11.x)};
           const unsigned aq[4] = {tf32_bits(w00.y), tf32_bits(w10.y), tf32_bits(w01.y), tf32_bits(w11.y)};
           mma_tf32(cp, ap, b0, b1);
@@ -1162,7 +1205,7 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
         }
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-          const int i = I0 + g + 8 * (r >> 1), c = n8 + 2 * t + (r & 1);
+          const int i = I0 + g + 8 * (r >> 1), c = c0 + cs * (2 * t + (r & 1));
           const float f = __expf(gc[i * ld + c] - gc[I0 * ld + c]);
           Ps[i * ld + c] = cp[r] * f, Qs[i * ld + c] = cq[r] * f;
         }
@@ -1174,8 +1217,8 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
         for (int m0 = I1 + 1; m0 < CH; m0 += 8) {
           const int m = m0 + t;
           const float e0 = __expf(gc[m * ld + a] - an), e1 = __expf(gc[(m + 4) * ld + a] - an);
-          const float2 w00 = wa[m * CH + I0 + g], w10 = wa[m * CH + I0 + g + 8];
-          const float2 w01 = wa[(m + 4) * CH + I0 + g], w11 = wa[(m + 4) * CH + I0 + g + 8];
+          const float2 w00 = wa[m * WAP + I0 + g], w10 = wa[m * WAP + I0 + g + 8];
+          const float2 w01 = wa[(m + 4) * WAP + I0 + g], w11 = wa[(m + 4) * WAP + I0 + g + 8];
           const unsigned aw[4] = {tf32_bits(w00.x), tf32_bits(w10.x), tf32_bits(w01.x), tf32_bits(w11.x)};
           const unsigned ad[4] = {tf32_bits(w00.y), tf32_bits(w10.y), tf32_bits(w01.y), tf32_bits(w11.y)};
           mma_tf32(cr, aw, round_tf32(kf(m, a) * e0), round_tf32(kf(m + 4, a) * e1));
@@ -1183,7 +1226,7 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
         }
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-          const int i = I0 + g + 8 * (r >> 1), c = n8 + 2 * t + (r & 1);
+          const int i = I0 + g + 8 * (r >> 1), c = c0 + cs * (2 * t + (r & 1));
           Rs[i * ld + c] = cr[r] * __expf(gc[I1 * ld + c] - gc[i * ld + c]);
         }
       }
@@ -1217,12 +1260,12 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
     float dd[16];
 #pragma unroll
     for (int j = 0; j < 16; j++) {
-      dd[j] = wa[(I0 + j) * CH + I0 + j].y;  // wl_jj = 0 (dL is strictly lower)
+      dd[j] = wa[(I0 + j) * WAP + I0 + j].y;  // wl_jj = 0 (dL is strictly lower)
       float E = 1.0f;
 #pragma unroll
       for (int i = j + 1; i < 16; i++) {
         E *= al[i];
-        const float2 w = wa[(I0 + i) * CH + I0 + j];  // (wl_ij, dA_ij): the same for the whole warp
+        const float2 w = wa[(I0 + i) * WAP + I0 + j];  // (wl_ij, dA_ij): the same for the whole warp
         const float x = kv[j] * E;
         P[i] = fmaf(w.x, x, P[i]);
         Q[i] = fmaf(w.y, x, Q[i]);
@@ -1332,7 +1375,7 @@ static size_t wy_smem(int K, int V) {
   return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 24 * CH + 2 * CH) * sizeof(float);
 }
 static size_t pair_smem(int K) {
-  return (4 * (size_t)CH * (K + 1) + 2 * CH * CH + 2 * CH) * sizeof(float) +
+  return (4 * (size_t)CH * (K + 1) + 2 * CH * WAP + 2 * CH) * sizeof(float) +
          2 * CH * QK_PITCH(K) * sizeof(bf16_t);
 }
 
