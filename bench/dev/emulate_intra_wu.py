@@ -1,4 +1,4 @@
-# numpy emulation of kda_intra_wu_direct_next.patch's (W | U) = M B product (fragment mapping, row order, tile
+# numpy emulation of the intra kernel's (W | U) = M B product (kernels/kda_chunk.cu: fragment mapping, row order, tile
 # ownership, epilogue) against M @ B; run: python3 bench/dev/emulate_intra_wu.py (errors ~1e-14 expected)
 import numpy as np
 rng = np.random.default_rng(2)
