@@ -1,9 +1,9 @@
 #!/bin/bash
 # Device-tool script, run from the repo root with .deps carried: whole-tree candidates (changes beyond
 # kernels/kda_chunk.cu, which kda_ab.sh compares), each a patch applied to a copy of this tree, in one call.
-# A: this tree. For each candidate (T1, T2, .. in argument order): build, test_kda_cuda, ctest -L '^gpu$' (the
+# A: this tree. For each candidate (T1, T2, .. in argument order): build, test_kda_cuda, ctest of test_model_cuda and test_resume_cuda (the
 # layer's GPU tests through the model), then bench_kda (every kind of inputs) for A and every candidate
-# beside one another at each shape of SHAPES, and per-kernel times (ncu) at 8 x 4096, op rows.
+# beside one another at each shape of SHAPES, and per-kernel times (ncu) at each shape, op rows.
 # Usage: bash bench/dev/kda_trees_ab.sh bench/dev/a_next.patch bench/dev/b_next.patch
 PATCHES=("$@")
 set --  # .deps/setup.sh reads $1
@@ -31,15 +31,16 @@ for X in "${TREES[@]:1}"; do
   timeout 100 /tmp/tree_$X/test_kda_cuda --jobs 8 --verbose > /tmp/test_$X.txt 2>&1; echo "test_kda_cuda rc $?: $(tail -1 /tmp/test_$X.txt)"
   grep -E "relative error" /tmp/test_$X.txt | awk '{for(i=1;i<=NF;i++) if($i=="error") print $(i+1), $0}' | sort -g | tail -2 | cut -c1-160
   grep -E "FAIL|expected|differs" /tmp/test_$X.txt | head -6; cp /tmp/test_$X.txt $OUT/
-  (cd /tmp/tree_$X && timeout 150 ctest -L '^gpu$' > /tmp/ctest_$X.txt 2>&1; echo "ctest -L gpu rc $?: $(grep 'tests passed' /tmp/ctest_$X.txt)")
+  (cd /tmp/tree_$X && timeout 150 ctest -R 'test_model_cuda|test_resume_cuda' > /tmp/ctest_$X.txt 2>&1
+   echo "ctest (the layer through the model) rc $?: $(grep 'tests passed' /tmp/ctest_$X.txt)")
 done
 IFS=';' read -ra SH <<< "$SHAPES"
 for S in "${SH[@]}"; do for X in "${TREES[@]}"; do
   echo "-- $X $S"; /tmp/tree_$X/bench_kda $S 2>&1 | grep -E "^\| [0-9]"
 done; done
-for X in "${TREES[@]}"; do  # per kernel, op rows, 8 x 4096: the 6th.. launches of fwd+bwd after the forward's 23 calls
-  echo "-- ncu $X: $(timeout 60 ncu --clock-control none --metrics gpu__time_duration.sum -k regex:kda_ -s 46 -c 6 \
-    /tmp/tree_$X/bench_kda --op 8 4096 16 2>&1 | grep -E "^  [a-z]|gpu__time" |
+for S in "${SH[@]}"; do for X in "${TREES[@]}"; do  # per kernel, op rows: the 6th.. launches of fwd+bwd after the forward's 23 calls
+  echo "-- ncu $X $S: $(timeout 60 ncu --clock-control none --metrics gpu__time_duration.sum -k regex:kda_ -s 46 -c 6 \
+    /tmp/tree_$X/bench_kda --op $S 2>&1 | grep -E "^  [a-z]|gpu__time" |
     sed -E 's/^  (void )?([a-z_]+).*/\2/; s/ +gpu__time_duration.sum +/ /' | paste -sd' ')"
-done
+done; done
 echo "done $SECONDS s"
