@@ -3,7 +3,7 @@
 # kernels/kda_chunk.cu, which kda_ab.sh compares), each a patch applied to a copy of this tree, in one call.
 # A: this tree. For each candidate (T1, T2, .. in argument order): build, test_kda_cuda, ctest of test_model_cuda and test_resume_cuda (the
 # layer's GPU tests through the model), then bench_kda (every kind of inputs) for A and every candidate
-# beside one another at each shape of SHAPES, and per-kernel times (ncu) at each shape, op rows.
+# beside one another at each shape of SHAPES, and per-kernel times (ncu) at each shape of NCU_SHAPES (8 4096 16), op rows.
 # Usage: bash bench/dev/kda_trees_ab.sh bench/dev/a_next.patch bench/dev/b_next.patch
 PATCHES=("$@")
 set --  # .deps/setup.sh reads $1
@@ -38,7 +38,8 @@ IFS=';' read -ra SH <<< "$SHAPES"
 for S in "${SH[@]}"; do for X in "${TREES[@]}"; do
   echo "-- $X $S"; /tmp/tree_$X/bench_kda $S 2>&1 | grep -E "^\| [0-9]"
 done; done
-for S in "${SH[@]}"; do for X in "${TREES[@]}"; do  # per kernel, op rows: the 6th.. launches of fwd+bwd after the forward's 23 calls
+IFS=';' read -ra NSH <<< "${NCU_SHAPES:-8 4096 16}"
+for S in "${NSH[@]}"; do for X in "${TREES[@]}"; do  # per kernel, op rows: the 6th.. launches of fwd+bwd after the forward's 23 calls
   echo "-- ncu $X $S: $(timeout 60 ncu --clock-control none --metrics gpu__time_duration.sum -k regex:kda_ -s 46 -c 6 \
     /tmp/tree_$X/bench_kda --op $S 2>&1 | grep -E "^  [a-z]|gpu__time" |
     sed -E 's/^  (void )?([a-z_]+).*/\2/; s/ +gpu__time_duration.sum +/ /' | paste -sd' ')"
