@@ -133,6 +133,30 @@ static __device__ __forceinline__ void store_c(float *p, int ld, const float (&c
     *(float2 *)(p + (g + 8) * ld + 8 * nt + 2 * t) = make_float2(c[nt][2], c[nt][3]);
   }
 }
+// One 8-deep step of a 64-row product whose warp owns the 8-column tiles warp + 8 nt (nt < 4; those below nn):
+// acc[mt][nt] += M(rows 16 mt.., k slots k0 | k1) B(k0 | k1, the tile's columns), A fragments read straight
+// from M (row pitch lm), B's values from b(k, n), rounded to tf32 here (zeros past the last tile). The intra
+// kernel's W | U = M (beta eg K | V) and the WY backward's Y = M^T dX.
+template <class FB>
+static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][4][4], const float *M, int lm, int k0, int k1,
+                                                         int nn, FB b) {
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
+  float bv[4][2];
+#pragma unroll
+  for (int nt = 0; nt < 4; nt++) {
+    const int n = 8 * (warp + 8 * nt) + g;
+    const bool in = warp + 8 * nt < nn;
+    bv[nt][0] = in ? round_tf32(b(k0, n)) : 0.0f;
+    bv[nt][1] = in ? round_tf32(b(k1, n)) : 0.0f;
+  }
+#pragma unroll
+  for (int mt = 0; mt < 4; mt++) {
+    const float *m0 = M + (16 * mt + g) * lm, *m8 = m0 + 8 * lm;
+    const unsigned a[4] = {tf32_bits(m0[k0]), tf32_bits(m8[k0]), tf32_bits(m0[k1]), tf32_bits(m8[k1])};
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
+  }
+}
 static __device__ __forceinline__ float4 ldg4(const float *p) { return __ldg((const float4 *)p); }
 static __device__ __forceinline__ float4 lds4(const float *p) { return make_float4(p[0], p[1], p[2], p[3]); }
 
@@ -682,21 +706,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
         const int c = 2 * ks + hk;
         r[hk] = 8 * t + (c & 7) + 32 * (c >> 3);
       }
-      float bv[4][2];
-#pragma unroll
-      for (int nt = 0; nt < 4; nt++) {
-        const int n = 8 * (warp + 8 * nt) + g;
-        const bool in = warp + 8 * nt < nn;
-        bv[nt][0] = in ? round_tf32(rhs(r[0], n)) : 0.0f;
-        bv[nt][1] = in ? round_tf32(rhs(r[1], n)) : 0.0f;
-      }
-#pragma unroll
-      for (int mt = 0; mt < 4; mt++) {
-        const float *m0 = Ms + (16 * mt + g) * lm, *m8 = m0 + 8 * lm;
-        const unsigned af[4] = {tf32_bits(m0[r[0]]), tf32_bits(m8[r[0]]), tf32_bits(m0[r[1]]), tf32_bits(m8[r[1]])};
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[mt][nt], af, bv[nt][0], bv[nt][1]);
-      }
+      column_tiles_step(acc, Ms, lm, r[0], r[1], nn, rhs);
     }
     float *Wc = sc.W + (size_t)ch * CH * K, *Uc = sc.U + (size_t)ch * CH * V;
 #pragma unroll
@@ -1034,22 +1044,7 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
       for (int nt = 0; nt < 4; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
 #pragma unroll 2
     for (int ks = 0; ks < CH / 8; ks++) {
-      const int j[2] = {8 * ks + t, 8 * ks + t + 4};
-      float bv[4][2];
-#pragma unroll
-      for (int nt = 0; nt < 4; nt++) {
-        const int n = 8 * (warp + 8 * nt) + g;
-        const bool in = warp + 8 * nt < nn;
-        bv[nt][0] = in ? round_tf32(Ys[j[0] * ly + n]) : 0.0f;
-        bv[nt][1] = in ? round_tf32(Ys[j[1] * ly + n]) : 0.0f;
-      }
-#pragma unroll
-      for (int mt = 0; mt < 4; mt++) {
-        const float *m0 = mts + (16 * mt + g) * MTP, *m8 = m0 + 8 * MTP;
-        const unsigned a[4] = {tf32_bits(m0[j[0]]), tf32_bits(m8[j[0]]), tf32_bits(m0[j[1]]), tf32_bits(m8[j[1]])};
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
-      }
+      column_tiles_step(acc, mts, MTP, 8 * ks + t, 8 * ks + t + 4, nn, [&](int k, int n) { return Ys[k * ly + n]; });
     }
     __syncwarp();  // every lane's reads of the warp's columns are done
     float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // rows 16 mt + g + 8 half
