@@ -4,7 +4,9 @@
 # A: this tree. For each candidate (T1, T2, .. in argument order): build, test_kda_cuda, ctest of test_model_cuda and test_resume_cuda (the
 # layer's GPU tests through the model), then bench_kda (every kind of inputs) for A and every candidate
 # beside one another at each shape of SHAPES, and per-kernel times (ncu) at each shape of NCU_SHAPES (8 4096 16), op rows.
-# Usage: bash bench/dev/kda_trees_ab.sh bench/dev/a_next.patch bench/dev/b_next.patch
+# Usage: bash bench/dev/kda_trees_ab.sh bench/dev/a_next.patch bench/dev/b_next.patch bench/dev/a_next.patch,bench/dev/c.patch
+# (a candidate of several patches: commas, applied in order). SANITIZE="filter ..": racecheck and memcheck of T1's
+# test_kda_cuda on those cases (Criterion filters such as 'kda_cuda/k128_segments').
 PATCHES=("$@")
 set --  # .deps/setup.sh reads $1
 exec > >(tee -a $OUT/trees_log.txt) 2>&1  # everything printed also lands in $OUT, even if the command is cut off
@@ -19,7 +21,8 @@ for p in "${PATCHES[@]}"; do
   echo "$X: $p"
   rm -rf /tmp/src_$X && mkdir -p /tmp/src_$X
   tar --exclude='./build*' --exclude=./.deps --exclude=./.git -cf - . | tar -xf - -C /tmp/src_$X
-  (cd /tmp/src_$X && git apply "$OLDPWD/$p") || { echo "$X: $p does not apply"; exit 1; }
+  IFS=, read -ra group <<< "$p"  # a,b: b applied after a
+  for q in "${group[@]}"; do (cd /tmp/src_$X && git apply "$OLDPWD/$q") || { echo "$X: $q does not apply"; exit 1; }; done
   (cmake -S /tmp/src_$X -B /tmp/tree_$X -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake_$X.log 2>&1 &&
    cmake --build /tmp/tree_$X -j 6 > /tmp/build_$X.log 2>&1 || { echo "$X: build failed"; grep -E "error" -A3 /tmp/build_$X.log | head -20; }) &
   PIDS+=($!)
@@ -44,4 +47,10 @@ for S in "${NSH[@]}"; do for X in "${TREES[@]}"; do  # per kernel, op rows: the 
     /tmp/tree_$X/bench_kda --op $S 2>&1 | grep -E "^  [a-z]|gpu__time" |
     sed -E 's/^  (void )?([a-z_]+).*/\2/; s/ +gpu__time_duration.sum +/ /' | paste -sd' ')"
 done; done
+for f in ${SANITIZE:-}; do
+  timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/tree_T1/test_kda_cuda --jobs 1 --filter "$f" > /tmp/race.log 2>&1
+  echo "T1 racecheck $f rc $? ($SECONDS s): $(tail -1 /tmp/race.log)"
+  timeout 120 compute-sanitizer --error-exitcode 9 /tmp/tree_T1/test_kda_cuda --jobs 1 --filter "$f" > /tmp/mem.log 2>&1
+  echo "T1 memcheck $f rc $? ($SECONDS s): $(tail -1 /tmp/mem.log)"
+done
 echo "done $SECONDS s"
