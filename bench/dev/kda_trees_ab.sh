@@ -3,7 +3,8 @@
 # kernels/kda_chunk.cu, which kda_ab.sh compares), each a patch applied to a copy of this tree, in one call.
 # A: this tree. For each candidate (T1, T2, .. in argument order): build, test_kda_cuda, ctest of test_model_cuda and test_resume_cuda (the
 # layer's GPU tests through the model), then bench_kda (every kind of inputs) for A and every candidate
-# beside one another at each shape of SHAPES, and per-kernel times (ncu) at each shape of NCU_SHAPES (8 4096 16), op rows.
+# beside one another at each shape of SHAPES, and per-kernel times (ncu) at each shape of NCU_SHAPES (8 4096 16;
+# none: no ncu), op rows.
 # Usage: bash bench/dev/kda_trees_ab.sh bench/dev/a_next.patch bench/dev/b_next.patch bench/dev/a_next.patch,bench/dev/c.patch
 # (a candidate of several patches: commas, applied in order). SANITIZE="filter ..": racecheck and memcheck of T1's
 # test_kda_cuda on those cases (Criterion filters such as 'kda_cuda/k128_segments').
@@ -42,15 +43,16 @@ for S in "${SH[@]}"; do for X in "${TREES[@]}"; do
   echo "-- $X $S"; /tmp/tree_$X/bench_kda $S 2>&1 | grep -E "^\| [0-9]"
 done; done
 IFS=';' read -ra NSH <<< "${NCU_SHAPES:-8 4096 16}"
+[[ ${NCU_SHAPES:-} == none ]] && NSH=()
 for S in "${NSH[@]}"; do for X in "${TREES[@]}"; do  # per kernel, op rows: the 6th.. launches of fwd+bwd after the forward's 23 calls
   echo "-- ncu $X $S: $(timeout 60 ncu --clock-control none --metrics gpu__time_duration.sum -k regex:kda_ -s 46 -c 6 \
     /tmp/tree_$X/bench_kda --op $S 2>&1 | grep -E "^  [a-z]|gpu__time" |
     sed -E 's/^  (void )?([a-z_]+).*/\2/; s/ +gpu__time_duration.sum +/ /' | paste -sd' ')"
 done; done
 for f in ${SANITIZE:-}; do
-  timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/tree_T1/test_kda_cuda --jobs 1 --filter "$f" > /tmp/race.log 2>&1
+  timeout 60 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/tree_T1/test_kda_cuda --jobs 1 --filter "$f" > /tmp/race.log 2>&1
   echo "T1 racecheck $f rc $? ($SECONDS s): $(tail -1 /tmp/race.log)"
-  timeout 120 compute-sanitizer --error-exitcode 9 /tmp/tree_T1/test_kda_cuda --jobs 1 --filter "$f" > /tmp/mem.log 2>&1
+  timeout 60 compute-sanitizer --error-exitcode 9 /tmp/tree_T1/test_kda_cuda --jobs 1 --filter "$f" > /tmp/mem.log 2>&1
   echo "T1 memcheck $f rc $? ($SECONDS s): $(tail -1 /tmp/mem.log)"
 done
 echo "done $SECONDS s"
