@@ -34,8 +34,8 @@ done
 cd - > /dev/null
 summ() { tail -1 $1; grep -E "relative error" $1 | awk '{for(i=1;i<=NF;i++) if($i=="error") print $(i+1), $0}' | sort -g | tail -2 | cut -c1-160; grep -E "FAIL|expected|differs" $1 | head -6; }
 BENCH=${BENCH:---op}  # bench_kda arguments: the op alone; BENCH=" " for every kind of inputs
-SHAPE=${SHAPE:-}      # "B T H": one shape (default: all three for the candidates, 8 4096 16 for A)
-echo "== A (this tree)"; /tmp/A/bench_kda $BENCH ${SHAPE:-8 4096 16} 2>&1 | grep -E "^\| [0-9]"
+SHAPE=${SHAPE:-}      # "B T H": one shape (default: all three)
+echo "== A (this tree)"; /tmp/A/bench_kda $BENCH $SHAPE 2>&1 | grep -E "^\| [0-9]"
 PASSED=
 for X in $CANDS; do
   [[ -x /tmp/test_$X ]] || { echo "== $X: not built"; continue; }
@@ -54,6 +54,7 @@ for X in ${SANITIZE:-$PASSED}; do  # SANITIZE="X ..": only those (when they pass
   echo "== sanitizers on $X ($SECONDS s)"
   timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/race_$X.log 2>&1; echo "racecheck k48 rc $?"; tail -1 /tmp/race_$X.log
   timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_many_heads_documents' > /tmp/race2_$X.log 2>&1; echo "racecheck k128 rc $?"; tail -1 /tmp/race2_$X.log
+  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_segments' > /tmp/race3_$X.log 2>&1; echo "racecheck k128_segments rc $?"; tail -1 /tmp/race3_$X.log
   timeout 100 compute-sanitizer --tool synccheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/sync_$X.log 2>&1; echo "synccheck rc $?"; tail -1 /tmp/sync_$X.log
   timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_strong*' > /tmp/mem_$X.log 2>&1; echo "memcheck k128 rc $?"; tail -1 /tmp/mem_$X.log
   timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/mem2_$X.log 2>&1; echo "memcheck k48 rc $?"; tail -1 /tmp/mem2_$X.log
