@@ -3,6 +3,8 @@
 # the same GPU in one command (bench/README "KDA"). fla's package must be in .deps/fla_src and einops in
 # .deps/wheels; .deps/tcache.tgz (a Triton cache this script returned before) skips fla's ~300 s compile and
 # autotune. fla compiles in the background while ours builds; both are timed afterwards on the idle GPU.
+# KDA_FILE=.deps/kda_chunk_D2.cu: ours built with that kernel file in place of kernels/kda_chunk.cu (a kda_ab.sh
+# candidate, so that the fla table need not wait for a merge).
 set --
 exec > >(tee -a $OUT/vs_fla_log.txt) 2>&1  # everything printed also lands in $OUT, even if the command is cut off
 source .deps/setup.sh > /dev/null 2>&1
@@ -13,6 +15,7 @@ pip install --no-index --find-links .deps/wheels einops > /tmp/pip.log 2>&1 || t
  echo "fla warm rc $? at $SECONDS s" >> /tmp/fla_warm.err) &
 FLA=$!
 rm -rf /tmp/V
+if [[ -n "${KDA_FILE:-}" ]]; then cp "$KDA_FILE" kernels/kda_chunk.cu && echo "ours: $KDA_FILE"; fi
 cmake -S . -B /tmp/V -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmakeV.log 2>&1 || { tail -20 /tmp/cmakeV.log; exit 1; }
 cmake --build /tmp/V -j 12 --target bench_kda > /tmp/buildV.log 2>&1 || { grep -E "error" -A3 /tmp/buildV.log | head -40; exit 1; }
 echo "built $SECONDS s; $(nvidia-smi --query-gpu=name --format=csv,noheader)"
