@@ -17,14 +17,17 @@ def rnd(x, bits):  # fp64 -> fp32 -> keep `bits` mantissa bits (nearest even); N
     f = (f + ((1 << (drop - 1)) - 1) + ((f >> drop) & 1)) >> drop << drop
     return f.astype(onp.uint32).view(onp.float32).astype(onp.float64)
 
-BITS = {"intra": None, "state": None}  # the current mode: operand bits of the per-chunk and the state products
-def make_mm(kind):
+# Operand bits (None: exact) of the per-chunk products ("intra": forward and backward) and of the state products:
+# forward ("state"), their gradient to the left operand ("state_dA": dW = -dVp S^T, dQG = dO S^T, dAqk, dKL: the WY
+# backward's per-chunk state products) and to the right one ("state_dB": dS, dVp: the backward state pass).
+BITS = {"intra": None, "state": None, "state_dA": None, "state_dB": None}
+def make_mm(kind, kind_dA, kind_dB):
     @primitive
     def mm(A, B): return rnd(A, BITS[kind]) @ rnd(B, BITS[kind])
-    defvjp(mm, lambda ans, A, B: lambda G: rnd(G, BITS[kind]) @ rnd(B, BITS[kind]).T,
-               lambda ans, A, B: lambda G: rnd(A, BITS[kind]).T @ rnd(G, BITS[kind]))
+    defvjp(mm, lambda ans, A, B: lambda G: rnd(G, BITS[kind_dA]) @ rnd(B, BITS[kind_dA]).T,
+               lambda ans, A, B: lambda G: rnd(A, BITS[kind_dB]).T @ rnd(G, BITS[kind_dB]))
     return mm
-mm_intra, mm_state = make_mm("intra"), make_mm("state")
+mm_intra, mm_state = make_mm("intra", "intra", "intra"), make_mm("state", "state_dA", "state_dB")
 
 def chunked(q, k, v, g, beta, C=64):
     T, K = k.shape; V = v.shape[1]; S = np.zeros((K, V)); outs = []
@@ -68,7 +71,8 @@ def recurrent(q, k, v, g, beta):  # fp64, for the forward check only
 
 rng = onp.random.default_rng(0)
 T, K, V = int(sys.argv[1]) if len(sys.argv) > 1 else 256, 128, 128
-modes = [("tf32 everywhere", 10, 10), ("bf16 per-chunk", 7, 10), ("bf16 state", 10, 7), ("bf16 everywhere", 7, 7)]
+modes = [("tf32 everywhere", 10, 10, 10, 10), ("bf16 per-chunk", 7, 10, 10, 10), ("bf16 per-chunk + WY's state", 7, 10, 7, 10),
+         ("bf16 state", 10, 7, 7, 7), ("bf16 everywhere", 7, 7, 7, 7)]
 names = ["O", "dq", "dk", "dv", "dg", "dbeta"]
 print(f"T {T}, K = V = {K}: relative L2 error against fp64 (inputs and dO bf16; outputs not rounded)")
 print("| decays g | mode | " + " | ".join(names) + " |")
@@ -80,11 +84,11 @@ for lo, hi in [(-8, -2), (-1, -0.01), (-1e-4, -1e-6), (-0.05, -0.001)]:
     dO = rnd(rng.standard_normal((T, V)), 7)
     loss = lambda q, k, v, g, beta: np.sum(chunked(q, k, v, g, beta) * dO)
     gradf = grad(loss, argnum=[0, 1, 2, 3, 4])
-    BITS.update(intra=None, state=None)
+    BITS.update(intra=None, state=None, state_dA=None, state_dB=None)
     ref = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
     assert onp.linalg.norm(ref[0] - recurrent(q, k, v, g, beta)) < 1e-9 * onp.linalg.norm(ref[0])
-    for mode, bi, bs in modes:
-        BITS.update(intra=bi, state=bs)
+    for mode, bi, bs, bsa, bsb in modes:
+        BITS.update(intra=bi, state=bs, state_dA=bsa, state_dB=bsb)
         got = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
         errs = [onp.linalg.norm(a - b) / onp.linalg.norm(b) for a, b in zip(got, ref)]
         print(f"| [{lo}, {hi}] | {mode} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
