@@ -9,6 +9,7 @@ import autograd.numpy as np
 import numpy as onp
 from autograd import grad
 from autograd.extend import primitive, defvjp
+from autograd.tracer import getval
 
 def rnd(x, bits):  # fp64 -> fp32 -> keep `bits` mantissa bits (nearest even); None: exact
     if bits is None: return x
@@ -42,7 +43,7 @@ def chunked(q, k, v, g, beta, C=64):
             for J in range(0, n, 16):
                 if J > I:
                     bk.append(np.zeros((16, 16))); bq.append(np.zeros((16, 16))); continue
-                if J == I and onp.max(gc._value[I] - gc._value[I + 15] if hasattr(gc, "_value") else gc[I] - gc[I + 15]) > 64:
+                if J == I and onp.max(getval(gc)[I] - getval(gc)[I + 15]) > 64:
                     D = np.exp(gc[I:I + 16][:, None, :] - gc[J:J + 16][None, :, :])
                     bk.append(np.einsum('ik,jk,ijk->ij', kc[I:I + 16], kc[J:J + 16], D))
                     bq.append(np.einsum('ik,jk,ijk->ij', qc[I:I + 16], kc[J:J + 16], D))
@@ -71,6 +72,7 @@ def recurrent(q, k, v, g, beta):  # fp64, for the forward check only
 
 rng = onp.random.default_rng(0)
 T, K, V = int(sys.argv[1]) if len(sys.argv) > 1 else 256, 128, 128
+assert T % 64 == 0, "T: whole chunks of 64 (the 16-row blocks assume them)"
 modes = [("tf32 everywhere", 10, 10, 10, 10), ("bf16 per-chunk", 7, 10, 10, 10), ("bf16 per-chunk + WY's state", 7, 10, 7, 10),
          ("bf16 state", 10, 7, 7, 7), ("bf16 everywhere", 7, 7, 7, 7)]
 names = ["O", "dq", "dk", "dv", "dg", "dbeta"]

@@ -50,19 +50,20 @@ for X in $CANDS; do
     env $v /tmp/bench_$X $BENCH $SHAPE 2>&1 | grep -E "^\| [0-9]"
   done
 done
+sanitize() {  # sanitize X TOOL FILTER: one compute-sanitizer run of candidate X's tests on the cases FILTER
+  timeout 100 compute-sanitizer --tool $2 --error-exitcode 9 /tmp/test_$1 --jobs 1 --filter "$3" > /tmp/san.log 2>&1
+  echo "$2 $3 rc $?: $(tail -1 /tmp/san.log)"
+}
 for X in ${SANITIZE:-$PASSED}; do  # SANITIZE="X ..": only those (when they passed)
   [[ $X == D0 || " $PASSED " != *" $X "* ]] && continue  # D0: a copy of this tree, by convention
   echo "== sanitizers on $X ($SECONDS s)"
-  if [[ -n "${SANITIZE_QUICK:-}" ]]; then  # SANITIZE_QUICK=1: the long (segmented) case's racecheck only
-    timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_segments' > /tmp/race3_$X.log 2>&1; echo "racecheck k128_segments rc $?"; tail -1 /tmp/race3_$X.log
-    continue
-  fi
-  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/race_$X.log 2>&1; echo "racecheck k48 rc $?"; tail -1 /tmp/race_$X.log
-  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_many_heads_documents' > /tmp/race2_$X.log 2>&1; echo "racecheck k128 rc $?"; tail -1 /tmp/race2_$X.log
-  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_segments' > /tmp/race3_$X.log 2>&1; echo "racecheck k128_segments rc $?"; tail -1 /tmp/race3_$X.log
-  timeout 100 compute-sanitizer --tool synccheck --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/sync_$X.log 2>&1; echo "synccheck rc $?"; tail -1 /tmp/sync_$X.log
-  timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k128_strong*' > /tmp/mem_$X.log 2>&1; echo "memcheck k128 rc $?"; tail -1 /tmp/mem_$X.log
-  timeout 100 compute-sanitizer --error-exitcode 9 /tmp/test_$X --jobs 1 --filter 'kda_cuda/k48*' > /tmp/mem2_$X.log 2>&1; echo "memcheck k48 rc $?"; tail -1 /tmp/mem2_$X.log
+  sanitize $X racecheck 'kda_cuda/k128_segments'
+  [[ -n "${SANITIZE_QUICK:-}" ]] && continue  # SANITIZE_QUICK=1: the long (segmented) case's racecheck only
+  sanitize $X racecheck 'kda_cuda/k48*'
+  sanitize $X racecheck 'kda_cuda/k128_many_heads_documents'
+  sanitize $X synccheck 'kda_cuda/k48*'
+  sanitize $X memcheck 'kda_cuda/k128_strong*'
+  sanitize $X memcheck 'kda_cuda/k48*'
 done
 # PROFILE=X: ncu (full set, SASS-level source counters) of candidate X's WY and pairwise kernels (or
 # PROFILE_KERNELS="wy_backward intra ...") at 2 x 4096, one
