@@ -57,8 +57,8 @@ sanitize() {  # sanitize X TOOL FILTER: one compute-sanitizer run of candidate X
 for X in ${SANITIZE:-$PASSED}; do  # SANITIZE="X ..": only those (when they passed)
   [[ $X == D0 || " $PASSED " != *" $X "* ]] && continue  # D0: a copy of this tree, by convention
   echo "== sanitizers on $X ($SECONDS s)"
-  sanitize $X racecheck 'kda_cuda/k128_segments'
-  [[ -n "${SANITIZE_QUICK:-}" ]] && continue  # SANITIZE_QUICK=1: the long (segmented) case's racecheck only
+  sanitize $X racecheck "${SANITIZE_FILTER:-kda_cuda/k128_segments}"
+  [[ -n "${SANITIZE_QUICK:-}" ]] && continue  # SANITIZE_QUICK=1: that racecheck only (SANITIZE_FILTER: other cases)
   sanitize $X racecheck 'kda_cuda/k48*'
   sanitize $X racecheck 'kda_cuda/k128_many_heads_documents'
   sanitize $X synccheck 'kda_cuda/k48*'
