@@ -21,7 +21,8 @@
 //           dv, dbeta) and the pairwise backward with the reverse cumulative sum of the gate gradient.
 //
 // Design note (what is fused, where things live, where fp32 is needed, what limits it):
-// - Five kernels, per chunk or per (b, h); nothing between them but fp32 per-chunk buffers: the forward's W U QG
+// - Five kernels, per chunk or per (b, h) (two more where the chunks are cut into segments, last bullet); nothing
+//   between them but fp32 per-chunk buffers: the forward's W U QG
 //   KL (64 x 128), Aqk KK M^T (64 x 64), el, Vp (64 x 128) and S0 (128 x 128) in the caller's `saved` (or
 //   device_scratch slot 2), the backward's dS' (128 x 128), dVp, three partial gradients (dq, dk and its UT
 //   part), the last row's gate term, dL, dAqk in slot 2. The forward's output is fused into its state pass.
@@ -42,32 +43,43 @@
 //   fp32 exponential per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over
 //   four rows; in the pairwise backward on the CUDA cores, a running product along the sub-chunk (one
 //   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
-//   substitution) block row by block row on CUDA cores; W | U = M diag(beta) (eg K | V) by warps that own its
+//   substitution on CUDA cores), the blocks below them on the tensor cores in 3xTF32, one warp per column block
+//   (no block barriers); W | U = M diag(beta) (eg K | V) by warps that own its
 //   column tiles (fragments from shared memory, row order chosen for 32 banks), the backward's dL = -Y X^T
 //   through gemm_nt (staged 64 x 64 tiles). The WY backward reads S0 and dS' once for its
 //   four chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by
 //   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages; Y = M^T dX is
 //   computed in place by warps that own its column tiles (fragments from shared memory, no barrier), and Y's
 //   per-element work (dk's UT part, dv, dbeta's row sums) is done in that product's and dL's epilogues. The
-//   intra kernel fits two blocks per SM (about 100 KB), the two backward kernels one (about 210 and 200 KB).
+//   intra kernel fits two blocks per SM (about 83 KB), the two backward kernels one (about 210 and 200 KB).
 //   Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
 //   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
 // - The gate gradient dg_t = sum_i>=t dgc_i leaves out what cancels exactly (a diagonal pair's q_i dA_ii k_i,
 //   the last row's kl term): with steep decays dg is ~e^-10 of those terms, and their rounding was a 3% error.
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
-//   the cumulative gates and every exponential of them, M (built in fp32; it enters products as tf32), and all
-//   accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
+//   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
+//   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.42 ms, fwd+bwd about 7.65 ms; the L2 norms and the
-//   softplus gate, separate kernels, add about 0.45 / 1.0 ms; fla's Triton chunk_kda, with them inside, 2.53 / 13.00
-//   ms): per kernel (ncu, before the last two changes took ~0.3 ms off the pairwise backward and 0.05 ms off the
-//   intra kernel) intra 1.66, state 0.78, state backward 0.69, WY backward 2.93, pairwise backward 1.96 ms, all far
+// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.23 ms, fwd+bwd about 7.45 ms; the L2 norms and the
+//   softplus gate, separate kernels, add about 0.45 / 0.95 ms; fla's Triton chunk_kda, with them inside, 2.41 / 12.56
+//   ms): per kernel (ncu, before later changes took ~0.3 ms off the pairwise backward and ~0.2 ms off the intra
+//   kernel, M's blocks now on the tensor cores) intra 1.66, state 0.78, state backward 0.69, WY backward 2.93,
+//   pairwise backward 1.96 ms, all far
 //   above their bytes and their arithmetic. The intra kernel issues 2.2 instructions a cycle at two blocks per SM,
 //   spread over all its phases: instruction bound. The WY backward's state products (56% of it) did not speed up when
 //   three slices were in flight instead of one; both backward kernels run one block per SM (shared memory), and each
 //   one's prologue (loads of q, k, gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With
 //   few heads and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-
 //   partition, each instruction waiting on the one before. bench/README has the per-phase tables.
+// - Few (b, h), long sequences (the state passes' blocks on at most a quarter of the SMs, e.g. 1 x 65536 x 16):
+//   the chunks are cut into segments, and the per-chunk kernels of one segment run on a second stream beside the
+//   state pass of another (forward: intra(s + 1) beside state(s); backward: WY and pairwise(s) beside
+//   state_backward(s - 1)); the state crosses segments through memory in fp32 (see segments). With the states
+//   saved (training) the segmented forward's state pass is kda_state_ring_kernel (W, KL, el only, two chunks
+//   in shared memory, the next loading while this one's products run) and the output comes from the saved
+//   S0 and Vp in kda_output_kernel on a third stream, one segment behind. 1 x 65536 x 16 on an H100: fwd 8.05
+//   -> 7.56 ms, fwd+bwd 21.8 -> 18.9 ms; at 2 x 16384 and 4 x 8192 the same cut cost 1 ms of the forward
+//   (not understood yet; bench/README, "Segments"), hence the quarter.
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
@@ -77,6 +89,8 @@
 #define CH 64          // chunk length
 #define NT 256         // threads per block
 #define DIAG_RANGE 64.0f  // the intra kernel's sub-chunk products on the tensor cores: see there
+#define SEGMENTS_MAX 8         // few (b, h): the chunks cut into at most this many segments (see segments),
+#define SEGMENT_CHUNKS_MIN 16  // each of at least this many chunks
 
 #define AT(b, t, h, X) ((((size_t)(b) * T + (t)) * H + (h)) * (X))
 
@@ -112,6 +126,18 @@ static __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&
 static __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c)[4], bool neg = false) {
   const unsigned s = neg ? 0x80000000u : 0u;
   a[0] = tf32_bits(c[0]) ^ s, a[1] = tf32_bits(c[2]) ^ s, a[2] = tf32_bits(c[1]) ^ s, a[3] = tf32_bits(c[3]) ^ s;
+}
+// d += a b at about fp32's accuracy on the tensor cores (3xTF32): a = ah + al, b = bh + bl, each part tf32,
+// al bh + ah bl + ah bh accumulated (the smallest first), al bl dropped. For products whose result is kept
+// in fp32 (M's blocks).
+static __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const float (&a)[4], float b0, float b1) {
+  unsigned ah[4], al[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) ah[r] = tf32_bits(a[r]), al[r] = tf32_bits(a[r] - __uint_as_float(ah[r]));
+  const float b0h = round_tf32(b0), b1h = round_tf32(b1);
+  mma_tf32(d, al, b0h, b1h);
+  mma_tf32(d, ah, round_tf32(b0 - b0h), round_tf32(b1 - b1h));
+  mma_tf32(d, ah, b0h, b1h);
 }
 static __device__ __forceinline__ float4 tf32x4(float4 x) {
   return make_float4(round_tf32(x.x), round_tf32(x.y), round_tf32(x.z), round_tf32(x.w));
@@ -155,6 +181,21 @@ static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][4][4], 
     const unsigned a[4] = {tf32_bits(m0[k0]), tf32_bits(m8[k0]), tf32_bits(m0[k1]), tf32_bits(m8[k1])};
 #pragma unroll
     for (int nt = 0; nt < 4; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
+  }
+}
+// The epilogue of a column_tiles_step product: f(j, i, n, x0, x1) for each of the thread's (row i, columns n,
+// n + 1) pairs of the warp's tiles below nn, x0 and x1 their values, j = 2 mt + hf its row slot (of 8).
+template <class F>
+static __device__ __forceinline__ void column_tiles_epilogue(const float (&acc)[4][4][4], int nn, F f) {
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+  for (int nt = 0; nt < 4; nt++) {
+    if (warp + 8 * nt >= nn) continue;
+    const int n = 8 * (warp + 8 * nt) + 2 * t;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++) f(2 * mt + hf, 16 * mt + g + 8 * hf, n, acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]);
   }
 }
 static __device__ __forceinline__ float4 ldg4(const float *p) { return __ldg((const float4 *)p); }
@@ -464,16 +505,18 @@ template <int KS, int VS>
 static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, const bf16_t *q, const bf16_t *k,
                                                                  const bf16_t *v, const float *g, const float *beta_in,
                                                                  const unsigned char *doc_start, float scale, int T,
-                                                                 int H, int K_, int V_, int NC) {
+                                                                 int H, int K_, int V_, int NC, int c_begin, int c_end) {
   const int K = KS ? KS : K_, V = VS ? VS : V_;
-  // About 100 KB of shared memory at K = V = 128 (q, k, v in bf16; Aqk straight to global memory), so two
+  // About 83 KB of shared memory at K = V = 128 (q, k, v in bf16; Aqk straight to global memory), so two
   // blocks share an SM.
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
-  float *tile = smem, *gc = tile + TILE_FLOATS, *kks = gc + CH * ld, *beta = kks + CH * (CH + 1);
+  float *gc = smem, *kks = gc + CH * ld, *beta = kks + CH * (CH + 1);
   int *seg = (int *)(beta + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + q_region(K);
-  const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
+  // one block per chunk of the range [c_begin, c_end) of every (b, h)
+  const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
+  const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   float *AQ = sc.AQ + (size_t)ch * CH * CH;
   copy_rows_bf16(qh, pl, q, b, h, t0, T, H, K);
   copy_rows_bf16(kh, pl, k, b, h, t0, T, H, K);
@@ -621,8 +664,9 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   }
   if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? __expf(gc[(CH - 1) * ld + tid]) : 0.0f;
   // M = (I + diag(beta) KK)^-1 (unit lower triangular) in 16-row blocks, into Ms over q (free from here on):
-  // the diagonal blocks by forward substitution, one column per thread; then block row I = 1..3 from the
-  // earlier ones, M_IJ = -M_II sum_{J <= P < I} diag(beta_I) KK_IP M_PJ (the sum staged in the tile).
+  // the diagonal blocks D_I by forward substitution, one column per thread; then the blocks below them,
+  // M_IJ = -D_I sum_{J <= P < I} diag(beta_I) KK_IP M_PJ, which need only column block J's earlier blocks:
+  // warp J (< 3) builds column block J top to bottom on its own (no block barrier between the rows).
   // v's rows (bf16, 16 bytes a load) are loaded now and stored over KK once M is built.
   uint4 vx[4];
   const int vrow = V / 8;
@@ -653,23 +697,40 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
     }
   }
   __syncthreads();
-  for (int I = 1; I < 4; I++) {
-    const int I0 = 16 * I;
-    for (int e = tid; e < 16 * I0; e += NT) {  // tmp (16, I0): rows I0.., columns < I0
-      const int r = e / I0, j = e % I0, i = I0 + r;
-      float s = 0.0f;
-      for (int m = j & ~15; m < I0; m++) s = fmaf(kks[i * CH + m], Ms[m * lm + j], s);
-      tile[r * CH + j] = beta[i] * s;
+  if (tid < 96) {
+    // Transposed, so that one product's accumulator tiles are the next one's A fragments (k order 2t, 2t + 1):
+    // T^T = sum_P M_PJ^T (diag(beta_I) KK_IP)^T (16 j x 16 i), then M_IJ^T = -T^T D_I^T, on the tensor cores in
+    // 3xTF32 (M is an fp32 quantity: see the design note).
+    const int J0 = 16 * (tid >> 5), g = (tid & 31) >> 2, t = tid & 3;
+    for (int I0 = J0 + 16; I0 < CH; I0 += 16) {
+      float tt[2][4] = {}, mt[2][4] = {};  // T^T, then M_IJ^T: i columns I0 + 8 nt + ..
+      for (int p0 = J0; p0 < I0; p0 += 8) {
+        const float *m0 = Ms + (p0 + t) * lm + J0 + g, *m4 = m0 + 4 * lm;  // M[p][j], rows p0 + t, + 4
+        const float a[4] = {m0[0], m0[8], m4[0], m4[8]};
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+          const int i = I0 + 8 * nt + g;
+          mma_3xtf32(tt[nt], a, beta[i] * kks[i * CH + p0 + t], beta[i] * kks[i * CH + p0 + t + 4]);
+        }
+      }
+#pragma unroll
+      for (int kt = 0; kt < 2; kt++) {
+        const float a[4] = {-tt[kt][0], -tt[kt][2], -tt[kt][1], -tt[kt][3]};
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+          const float *d = Ms + (I0 + 8 * nt + g) * lm + I0 + 8 * kt + 2 * t;  // D_I[i'][i], i = .. 2t, 2t + 1
+          mma_3xtf32(mt[nt], a, d[0], d[1]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++) {
+        float *o = Ms + (I0 + 8 * nt + 2 * t) * lm + J0 + g;  // M[i'][j], i' = .. 2t, 2t + 1, j = g, g + 8
+        o[0] = mt[nt][0], o[lm] = mt[nt][1], o[8] = mt[nt][2], o[lm + 8] = mt[nt][3];
+      }
+      __syncwarp();
     }
-    __syncthreads();
-    for (int e = tid; e < 16 * I0; e += NT) {
-      const int r = e / I0, j = e % I0, i = I0 + r;
-      float s = 0.0f;
-      for (int m = 0; m <= r; m++) s = fmaf(Ms[i * lm + I0 + m], tile[m * CH + j], s);
-      Ms[i * lm + j] = -s;
-    }
-    __syncthreads();
   }
+  __syncthreads();
   bf16_t *vh = (bf16_t *)kks;  // (64, V + 2): at most 64 * 130 bf16 = 64 * 65 floats
   const int pv = V + 2;
 #pragma unroll
@@ -688,12 +749,8 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // 8-column tiles w, w + 8, w + 16, w + 24 (two of W, two of U at K = V = 128); k slot t (+ 4) of step s takes
   // row r = 8 t + c % 8 + 32 (c / 8), c = 2 s (+ 1), so that the reads of Ms (pitch 65) and gc hit 32 banks.
   {
-    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = (K + V) / 8;
-    float acc[4][4][4];  // (row tile mt, column tile w + 8 nt, fragment element)
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-      for (int nt = 0; nt < 4; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+    const int t = tid & 3, nn = (K + V) / 8;
+    float acc[4][4][4] = {};  // (row tile mt, column tile w + 8 nt, fragment element)
     auto rhs = [&](int r, int n) {  // beta_r (eg_r k_r | v_r)[n]
       if (n < K) return seg[r] == 0 ? beta[r] * __expf(gc[r * ld + n]) * bf(kh + r * pl + n) : 0.0f;
       return beta[r] * bf(vh + r * pv + n - K);
@@ -709,20 +766,10 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       column_tiles_step(acc, Ms, lm, r[0], r[1], nn, rhs);
     }
     float *Wc = sc.W + (size_t)ch * CH * K, *Uc = sc.U + (size_t)ch * CH * V;
-#pragma unroll
-    for (int nt = 0; nt < 4; nt++) {
-      if (warp + 8 * nt >= nn) continue;
-      const int n = 8 * (warp + 8 * nt) + 2 * t;  // and n + 1
-#pragma unroll
-      for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-          const int i = 16 * mt + g + 8 * hf;
-          const float x0 = acc[mt][nt][2 * hf], x1 = acc[mt][nt][2 * hf + 1];
-          if (n < K) *(float2 *)(Wc + i * K + n) = make_float2(round_tf32(x0), round_tf32(x1));
-          else *(float2 *)(Uc + i * V + n - K) = make_float2(x0, x1);
-        }
-    }
+    column_tiles_epilogue(acc, nn, [&](int, int i, int n, float x0, float x1) {
+      if (n < K) *(float2 *)(Wc + i * K + n) = make_float2(round_tf32(x0), round_tf32(x1));
+      else *(float2 *)(Uc + i * V + n - K) = make_float2(x0, x1);
+    });
   }
 }
 
@@ -740,7 +787,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
 template <int NW, int KVS>
 static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, float *final_state, Scratch sc,
                                                                    bool save, const float *initial_state, int T,
-                                                                   int H, int K_, int V_, int NC) {
+                                                                   int H, int K_, int V_, int NC, int c_begin, int c_end) {
   const int K = KVS ? KVS : K_, V = KVS ? KVS : V_;
   extern __shared__ __align__(128) float smem[];
   const int ldw = K + 8, ldk = K + 4, lda = CH + 8, KT = K / 8;
@@ -761,8 +808,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
     if (with_out) tile_async<32 * NW>(QGs, ldw, sc.QG + ch * CH * K, CH, K);
     cp_async_commit();
   };
-  load_wq((size_t)bh * NC);
-  for (int c = 0; c < NC; c++) {
+  load_wq((size_t)bh * NC + c_begin);
+  for (int c = c_begin; c < c_end; c++) {
     const size_t ch = (size_t)bh * NC + c;
     float u[8][4];  // U^T tiles of this chunk, in flight during the first products
 #pragma unroll
@@ -813,7 +860,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
         for (int r = 0; r < 4; r++) sc.VP[(ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = u[n][r];
     cp_async_wait_all();
     __syncthreads();  // KL, Aqk, el are in; W and QG are free
-    if (c + 1 < NC) load_wq(ch + 1);
+    if (c + 1 < c_end) load_wq(ch + 1);
     if (with_out) {
 #pragma unroll
       for (int ks = 0; ks < 8; ks++) {
@@ -856,6 +903,132 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
         if (j < KT) final_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
 }
 
+// Forward state pass without the output (the segmented forward's when the states are saved, and the backward's
+// recomputation): per chunk only Vp^T = U^T - S^T W^T and S^T = S^T diag(el) + Vp^T KL, so W, KL and el fit twice
+// in shared memory (about 138 KB at K = 128) and the next chunk's load into the other half of the ring while this
+// chunk's products run: one barrier a chunk and a whole chunk's time for the loads to land (kda_state_kernel,
+// with QG and Aqk as well, has two, each load hidden behind half a chunk). Layout and fragments as there.
+template <int NW, int KVS>
+static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *final_state, Scratch sc, bool save,
+                                                                        const float *initial_state, int H, int K_,
+                                                                        int V_, int NC, int c_begin, int c_end) {
+  const int K = KVS ? KVS : K_, V = KVS ? KVS : V_;
+  extern __shared__ __align__(128) float smem[];
+  const int ldw = K + 8, ldk = K + 4, KT = K / 8, stage = CH * (ldw + ldk) + K;
+  const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
+  float S[16][4];  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int a = 8 * j + 2 * t + (r & 1), v = v0 + g + 8 * (r >> 1);
+      S[j][r] = j < KT && initial_state ? initial_state[((size_t)bh * K + a) * V + v] : 0.0f;
+    }
+  auto load = [&](int c) {  // W, KL, el of chunk c into ring stage c % 2
+    float *st = smem + (c & 1) * stage;
+    const size_t ch = (size_t)bh * NC + c;
+    tile_async<32 * NW>(st, ldw, sc.W + ch * CH * K, CH, K);
+    tile_async<32 * NW>(st + CH * ldw, ldk, sc.KL + ch * CH * K, CH, K);
+    tile_async<32 * NW>(st + CH * (ldw + ldk), K, sc.EL + ch * K, 1, K);
+    cp_async_commit();
+  };
+  load(c_begin);
+  for (int c = c_begin; c < c_end; c++) {
+    const size_t ch = (size_t)bh * NC + c;
+    const float *Ws = smem + (c & 1) * stage, *KLs = Ws + CH * ldw, *els = KLs + CH * ldk;
+    float u[8][4];  // U^T tiles of this chunk, in flight during the first products
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        u[n][r] = __ldg(sc.U + (ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1));
+    cp_async_wait_all();
+    __syncthreads();  // chunk c's stage is in; every warp is done with the other (chunk c - 1's)
+    if (c + 1 < c_end) load(c + 1);
+    if (save)
+#pragma unroll
+      for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+          if (j < KT) sc.S0[(ch * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
+    float P[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) P[n][r] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < 16; ks++) {
+      if (ks >= KT) break;
+      unsigned a[4];
+      acc_to_a(a, S[ks]);
+#pragma unroll
+      for (int n = 0; n < 8; n++) {
+        const float2 w = *(const float2 *)(Ws + (8 * n + g) * ldw + 8 * ks + 2 * t);
+        mma_tf32(P[n], a, w.x, w.y);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) u[n][r] -= P[n][r];  // u is now Vp^T
+    if (save)
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) sc.VP[(ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = u[n][r];
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+      if (j < KT) {
+        const float e0 = els[8 * j + 2 * t], e1 = els[8 * j + 2 * t + 1];
+        S[j][0] *= e0, S[j][1] *= e1, S[j][2] *= e0, S[j][3] *= e1;
+      }
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++) {
+      unsigned a[4];
+      acc_to_a(a, u[ks]);
+#pragma unroll
+      for (int n = 0; n < 16; n++)
+        if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
+    }
+  }
+  if (final_state)
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        if (j < KT) final_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
+}
+
+// The forward's output from the saved states, one block per chunk (segmented forward with `saved`, so that the
+// state pass, the critical path there, skips QG, Aqk and O): O = QG S0 + Aqk Vp = [QG | Aqk] [S0 ; Vp] (64 x V),
+// tf32 in, fp32 accumulated, the products the state pass would do in another order. [QG | Aqk] in shared
+// memory (pitch K + 68: the A fragments' rows g and columns t on 32 banks); S0 and Vp read from global memory
+// as B values; warps own 8-column tiles of O (column_tiles_step).
+static __global__ void __launch_bounds__(NT) kda_output_kernel(bf16_t *out, Scratch sc, int T, int H, int K, int V,
+                                                               int NC, int c_begin, int c_end) {
+  extern __shared__ __align__(128) float smem[];
+  const int lm = K + CH + 4;
+  float *As = smem;
+  // one block per chunk of the range [c_begin, c_end) of every (b, h)
+  const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
+  const int b = bh / H, h = bh % H, t0 = c * CH, t = threadIdx.x & 3;
+  tile_async<NT>(As, lm, sc.QG + (size_t)ch * CH * K, CH, K);
+  tile_async<NT>(As + K, lm, sc.AQ + (size_t)ch * CH * CH, CH, CH);
+  cp_async_commit();
+  const float *S0 = sc.S0 + (size_t)ch * K * V, *VP = sc.VP + (size_t)ch * CH * V;
+  auto rhs = [&](int k, int n) { return k < K ? __ldg(S0 + (size_t)k * V + n) : __ldg(VP + (size_t)(k - K) * V + n); };
+  float acc[4][4][4] = {};
+  cp_async_wait_all();
+  __syncthreads();
+  const int nn = V / 8;
+#pragma unroll 4
+  for (int ks = 0; ks < (K + CH) / 8; ks++) column_tiles_step(acc, As, lm, 8 * ks + t, 8 * ks + t + 4, nn, rhs);
+  column_tiles_epilogue(acc, nn, [&](int, int i, int n, float x0, float x1) {
+    if (t0 + i < T) *(__nv_bfloat162 *)(out + AT(b, t0 + i, h, V) + n) = __floats2bfloat162_rn(x0, x1);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Backward state pass on the tensor cores: chunks in reverse, the warp keeping dS^T (the gradient of the
 // state leaving the chunk, its 16 columns x K) in registers; per chunk:
@@ -868,7 +1041,7 @@ template <int NW, int KVS>
 static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(float *dinitial_state, Scratch sc,
                                                                             const bf16_t *dout,
                                                                             const float *dfinal_state, int T, int H,
-                                                                            int K_, int V_, int NC) {
+                                                                            int K_, int V_, int NC, int c_begin, int c_end) {
   const int K = KVS ? KVS : K_, V = KVS ? KVS : V_;
   extern __shared__ __align__(128) float smem[];
   const int ldw = K + 8, ldk = K + 4, lda = CH + 4, KT = K / 8;
@@ -902,9 +1075,9 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
     }
     cp_async_commit();
   };
-  load_ak(NC - 1);
+  load_ak(c_end - 1);
   const bf16_t *dOw = DOs + 16 * (threadIdx.x >> 5);  // this warp's 16 columns
-  for (int c = NC - 1; c >= 0; c--) {
+  for (int c = c_end - 1; c >= c_begin; c--) {
     const size_t ch = (size_t)bh * NC + c;
     cp_async_wait_all();
     __syncthreads();
@@ -956,7 +1129,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
       }
     cp_async_wait_all();
     __syncthreads();  // QG, W are in; Aqk, KL, el are free
-    if (c > 0) load_ak(c - 1);
+    if (c > c_begin) load_ak(c - 1);
 #pragma unroll
     for (int ks = 0; ks < 8; ks++) {
       unsigned a[4];
@@ -990,7 +1163,7 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
                                                                     const bf16_t *v, const float *g,
                                                                     const float *beta_in,
                                                                     const unsigned char *doc_start, int T, int H,
-                                                                    int K_, int V_, int NC) {
+                                                                    int K_, int V_, int NC, int c_begin, int c_end) {
   const int K = KS ? KS : K_, V = VS ? VS : V_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
@@ -1003,7 +1176,9 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   float *delS = Ys + CH * ly;
   float *rowpart = delS + K, *ypart = rowpart + 16 * CH, *beta = ypart + 8 * CH;
   int *seg = (int *)(beta + CH);
-  const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
+  // one block per chunk of the range [c_begin, c_end) of every (b, h)
+  const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
+  const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
@@ -1037,41 +1212,27 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   __syncthreads();  // Ys, KK, M^T and k | v are complete
   {
     const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = KV / 8;
-    float acc[4][4][4];  // (row tile mt, column tile w + 8 nt, fragment element)
-#pragma unroll
-    for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-      for (int nt = 0; nt < 4; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+    float acc[4][4][4] = {};  // (row tile mt, column tile w + 8 nt, fragment element)
 #pragma unroll 2
     for (int ks = 0; ks < CH / 8; ks++) {
       column_tiles_step(acc, mts, MTP, 8 * ks + t, 8 * ks + t + 4, nn, [&](int k, int n) { return Ys[k * ly + n]; });
     }
     __syncwarp();  // every lane's reads of the warp's columns are done
     float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // rows 16 mt + g + 8 half
-#pragma unroll
-    for (int nt = 0; nt < 4; nt++) {
-      if (warp + 8 * nt >= nn) continue;
-      const int n = 8 * (warp + 8 * nt) + 2 * t;  // and n + 1
-#pragma unroll
-      for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-          const int i = 16 * mt + g + 8 * hf;
-          const float y0 = acc[mt][nt][2 * hf], y1 = acc[mt][nt][2 * hf + 1];
-          Ys[i * ly + n] = y0, Ys[i * ly + n + 1] = y1;
-          const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KV + n);
-          float r0 = __low2float(r2), r1 = __high2float(r2);
-          if (n < K) {
-            const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
-            const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
-            r0 *= e0, r1 *= e1;
-            *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
-          } else if (t0 + i < T) {
-            *(__nv_bfloat162 *)(dv + AT(b, t0 + i, h, V) + n - K) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
-          }
-          part[2 * mt + hf] = fmaf(y0, r0, fmaf(y1, r1, part[2 * mt + hf]));
-        }
-    }
+    column_tiles_epilogue(acc, nn, [&](int j, int i, int n, float y0, float y1) {
+      Ys[i * ly + n] = y0, Ys[i * ly + n + 1] = y1;
+      const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KV + n);
+      float r0 = __low2float(r2), r1 = __high2float(r2);
+      if (n < K) {
+        const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
+        const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
+        r0 *= e0, r1 *= e1;
+        *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
+      } else if (t0 + i < T) {
+        *(__nv_bfloat162 *)(dv + AT(b, t0 + i, h, V) + n - K) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
+      }
+      part[j] = fmaf(y0, r0, fmaf(y1, r1, part[j]));
+    });
 #pragma unroll
     for (int u = 0; u < 8; u++) {
       part[u] += __shfl_xor_sync(0xffffffffu, part[u], 1);
@@ -1132,7 +1293,8 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
                                                                           const bf16_t *k, const float *g,
                                                                           const float *beta_in,
                                                                           const unsigned char *doc_start, float scale,
-                                                                          int T, int H, int K_, int NC) {
+                                                                          int T, int H, int K_, int NC, int c_begin,
+                                                                          int c_end) {
   const int K = KS ? KS : K_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
@@ -1141,7 +1303,9 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   float *beta = (float *)(wa + CH * WAP);
   int *seg = (int *)(beta + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + CH * pl;
-  const int ch = blockIdx.x, c = ch % NC, bh = ch / NC, b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
+  // one block per chunk of the range [c_begin, c_end) of every (b, h)
+  const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
+  const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cC = (size_t)ch * CH * CH;
   // dL and dA come by cp.async into wa's space (as two 64 x 64 arrays) while q, k and the gates load.
   float *raw = (float *)wa;
@@ -1341,7 +1505,7 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved
 }
 
 static size_t intra_smem(int K, int V) {
-  return (TILE_FLOATS + (size_t)CH * (K + 1) + CH * (CH + 1) + 2 * CH) * sizeof(float) +
+  return ((size_t)CH * (K + 1) + CH * (CH + 1) + 2 * CH) * sizeof(float) +
          ((size_t)q_region(K) + CH * QK_PITCH(K)) * sizeof(bf16_t);
 }
 // The state kernels' shared memory: W, QG (K + 8), KL (K + 4), Aqk (72), el forward; KL (K + 8), QG, W
@@ -1356,14 +1520,17 @@ static size_t state_backward_smem(int K, int NW) {
 // (fwd+bwd ms, 8 / 4 / 2 / 1 warps): B x H = 128 (8 x 4096 x 16): 9.99 / 11.66 / 17.70 / 37.24; B x H = 32:
 // 16.37 / 15.66 / 17.73 / 37.33; B x H = 16: 49.92 / 47.49 / 55.77 / 74.66 (fewer warps a block: more blocks,
 // but each streams the whole chunk's operands for fewer columns).
-static int state_warps(int B, int H, int V) {
+static int sm_count() {
   static int sms = 0;  // one GPU per process
   if (!sms) {
     int dev;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   }
-  if (V % 128 == 0 && 2 * (size_t)B * H * (V / 128) > (size_t)sms) return 8;
+  return sms;
+}
+static int state_warps(int B, int H, int V) {
+  if (V % 128 == 0 && 2 * (size_t)B * H * (V / 128) > (size_t)sm_count()) return 8;
   return V % 64 == 0 ? 4 : 1;
 }
 static size_t wy_smem(int K, int V) {
@@ -1382,51 +1549,149 @@ static void allow_smem(F *kernel, size_t bytes) {
 // The compile-time shape: K = V = 128 (the default models'; it folds the kernels' index arithmetic), else general.
 static bool fixed_shape(int K, int V) { return K == 128 && V == 128; }
 
+// Which chunks a launch covers ([begin, end) of every (b, h)) and on which stream.
+struct Range {
+  int begin, end;
+  cudaStream_t stream;
+};
+
 template <int NW, int KVS>
 static void launch_state(bool backward, bf16 *out, float *state_out, const Scratch &sc, bool save,
-                         const float *state_in, const bf16 *dout, int B, int T, int H, int K, int V, int NC) {
+                         const float *state_in, const bf16 *dout, int B, int T, int H, int K, int V, int NC, Range r) {
   const int blocks = B * H * (V / (16 * NW));
-  if (!backward) {
+  if (!backward && !out) {
+    const size_t smem = 2 * ((size_t)CH * (2 * K + 12) + K) * sizeof(float);
+    allow_smem(kda_state_ring_kernel<NW, KVS>, smem);
+    kda_state_ring_kernel<NW, KVS><<<blocks, 32 * NW, smem, r.stream>>>(state_out, sc, save, state_in, H, K, V, NC,
+                                                                        r.begin, r.end);
+  } else if (!backward) {
     const size_t smem = state_smem(K);
     allow_smem(kda_state_kernel<NW, KVS>, smem);
-    kda_state_kernel<NW, KVS><<<blocks, 32 * NW, smem, device_stream()>>>((bf16_t *)out, state_out, sc, save,
-                                                                          state_in, T, H, K, V, NC);
+    kda_state_kernel<NW, KVS><<<blocks, 32 * NW, smem, r.stream>>>((bf16_t *)out, state_out, sc, save, state_in, T,
+                                                                   H, K, V, NC, r.begin, r.end);
   } else {
     const size_t smem = state_backward_smem(K, NW);
     allow_smem(kda_state_backward_kernel<NW, KVS>, smem);
-    kda_state_backward_kernel<NW, KVS><<<blocks, 32 * NW, smem, device_stream()>>>(
-        state_out, sc, (const bf16_t *)dout, state_in, T, H, K, V, NC);
+    kda_state_backward_kernel<NW, KVS><<<blocks, 32 * NW, smem, r.stream>>>(
+        state_out, sc, (const bf16_t *)dout, state_in, T, H, K, V, NC, r.begin, r.end);
   }
   CUDA_CHECK_LAUNCH();
 }
 template <int NW>
 static void launch_state(bool backward, bf16 *out, float *state_out, const Scratch &sc, bool save,
-                         const float *state_in, const bf16 *dout, int B, int T, int H, int K, int V, int NC) {
+                         const float *state_in, const bf16 *dout, int B, int T, int H, int K, int V, int NC, Range r) {
   if constexpr (NW > 1)  // (one warp a block only when V is not a multiple of 64)
     if (fixed_shape(K, V))
-      return launch_state<NW, 128>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
-  launch_state<NW, 0>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
+      return launch_state<NW, 128>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC, r);
+  launch_state<NW, 0>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC, r);
 }
-// Forward: (out, final state) from the initial state; backward: dinitial_state from dout, dfinal_state.
+// Forward: (out, final state) from the initial state; backward: dinitial_state from dout, dfinal_state; over the
+// chunks of r (state_in: the state entering r.begin, state_out: leaving r.end - 1, or their gradients).
 static void state_pass(bool backward, bf16 *out, float *state_out, const Scratch &sc, bool save, const float *state_in,
-                       const bf16 *dout, int B, int T, int H, int K, int V, int NC) {
+                       const bf16 *dout, int B, int T, int H, int K, int V, int NC, Range r) {
   switch (state_warps(B, H, V)) {
-    case 8: launch_state<8>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC); break;
-    case 4: launch_state<4>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC); break;
-    default: launch_state<1>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC);
+    case 8: launch_state<8>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC, r); break;
+    case 4: launch_state<4>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC, r); break;
+    default: launch_state<1>(backward, out, state_out, sc, save, state_in, dout, B, T, H, K, V, NC, r);
   }
 }
 
+// Few (b, h), long sequences: the state passes then run on a fraction of the SMs (B x H x V / 64 blocks), each
+// chunk after the one before, while the per-chunk kernels could use the rest. So the chunks are cut into
+// segments, and the per-chunk kernels of one segment run on a second stream beside the state pass of another:
+// forward, intra(s + 1) beside state(s); backward, WY and pairwise(s) beside state_backward(s - 1). The state
+// passes get the higher stream priority (their blocks go first when SMs free up). The state (or its gradient)
+// crosses a segment boundary through memory in fp32, exactly what the registers held: results are bitwise those
+// of one pass.
+static int segments(int B, int H, int V, int NC) {
+  // Only where the state passes' blocks hold at most a quarter of the SMs. Measured on an H100 (bench/README,
+  // "Segments"): 32 blocks on 132 SMs (1 x 65536 x 16) gain 14% of fwd+bwd; 64 (2 x 16384) and 128 (4 x 8192)
+  // lose 1 ms of the forward, whatever the segment count.
+  const int warps = state_warps(B, H, V);
+  const size_t blocks = (size_t)B * H * ((V + 16 * warps - 1) / (16 * warps));
+  if (4 * blocks > (size_t)sm_count()) return 1;
+  const int n = NC / SEGMENT_CHUNKS_MIN;
+  return n < 1 ? 1 : n > SEGMENTS_MAX ? SEGMENTS_MAX : n;
+}
+static Range segment(int s, int n, int NC, cudaStream_t stream) {
+  return {(int)((long)s * NC / n), (int)((long)(s + 1) * NC / n), stream};
+}
+struct SegmentStreams {
+  cudaStream_t state, chunks, outputs;
+  cudaEvent_t events[2 * SEGMENTS_MAX + 2];
+};
+static SegmentStreams &segment_streams() {
+  static SegmentStreams s;
+  static bool made = false;  // one GPU per process
+  if (!made) {
+    int least, greatest;
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&s.state, cudaStreamNonBlocking, greatest));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&s.chunks, cudaStreamNonBlocking, least));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&s.outputs, cudaStreamNonBlocking, least));
+    for (cudaEvent_t &e : s.events) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    made = true;
+  }
+  return s;
+}
+// `waiter` waits for what `stream` has queued so far.
+static void wait_for(cudaStream_t waiter, cudaStream_t stream, cudaEvent_t e) {
+  CUDA_CHECK(cudaEventRecord(e, stream));
+  CUDA_CHECK(cudaStreamWaitEvent(waiter, e, 0));
+}
+// The state (or gradient) between segments: two (B, H, K, V) buffers, alternating.
+static float *segment_states(int B, int H, int K, int V) {
+  return (float *)device_scratch(3, 2 * (size_t)B * H * K * V * sizeof(float));
+}
 
-static void forward_pieces(const Scratch &sc, const bf16 *q, const bf16 *k, const bf16 *v, const float *g,
-                           const float *beta, const unsigned char *doc_start, float scale, int B, int T, int H, int K,
-                           int V, int NC) {
+
+static void intra(const Scratch &sc, const bf16 *q, const bf16 *k, const bf16 *v, const float *g, const float *beta,
+                  const unsigned char *doc_start, float scale, int B, int T, int H, int K, int V, int NC, Range r) {
   const size_t smem = intra_smem(K, V);
   auto kernel = fixed_shape(K, V) ? kda_intra_kernel<128, 128> : kda_intra_kernel<0, 0>;
   allow_smem(kernel, smem);
-  kernel<<<B * H * NC, NT, smem, device_stream()>>>(sc, (const bf16_t *)q, (const bf16_t *)k, (const bf16_t *)v, g,
-                                                    beta, doc_start, scale, T, H, K, V, NC);
+  kernel<<<B * H * (r.end - r.begin), NT, smem, r.stream>>>(sc, (const bf16_t *)q, (const bf16_t *)k,
+                                                            (const bf16_t *)v, g, beta, doc_start, scale, T, H, K, V,
+                                                            NC, r.begin, r.end);
   CUDA_CHECK_LAUNCH();
+}
+// The whole forward: the intra kernel, then the state pass (out, final_state; with save, S0 and Vp).
+static void forward_all(bf16 *out, float *final_state, const Scratch &sc, bool save, const bf16 *q, const bf16 *k,
+                        const bf16 *v, const float *g, const float *beta, const float *initial_state,
+                        const unsigned char *doc_start, float scale, int B, int T, int H, int K, int V, int NC) {
+  const int n = segments(B, H, V, NC);
+  if (n == 1) {
+    const Range all = {0, NC, device_stream()};
+    intra(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC, all);
+    state_pass(false, out, final_state, sc, save, initial_state, NULL, B, T, H, K, V, NC, all);
+    return;
+  }
+  SegmentStreams &st = segment_streams();
+  float *states = segment_states(B, H, K, V);
+  const size_t ns = (size_t)B * H * K * V;
+  // With the states saved, the output comes from them on a third stream (kda_output_kernel), after each
+  // segment's state pass, which then skips QG, Aqk and O.
+  const bool outputs_apart = save && out;
+  const size_t out_smem = (size_t)CH * (K + CH + 4) * sizeof(float);
+  if (outputs_apart) allow_smem(kda_output_kernel, out_smem);
+  wait_for(st.chunks, device_stream(), st.events[0]);
+  CUDA_CHECK(cudaStreamWaitEvent(st.state, st.events[0], 0));
+  CUDA_CHECK(cudaStreamWaitEvent(st.outputs, st.events[0], 0));
+  for (int s = 0; s < n; s++) {
+    intra(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC, segment(s, n, NC, st.chunks));
+    wait_for(st.state, st.chunks, st.events[1 + s]);
+    const Range r = segment(s, n, NC, st.state);
+    state_pass(false, outputs_apart ? NULL : out, s == n - 1 ? final_state : states + ns * (s & 1), sc, save,
+               s == 0 ? initial_state : states + ns * ((s - 1) & 1), NULL, B, T, H, K, V, NC, r);
+    if (outputs_apart) {
+      wait_for(st.outputs, st.state, st.events[1 + n + s]);
+      kda_output_kernel<<<B * H * (r.end - r.begin), NT, out_smem, st.outputs>>>((bf16_t *)out, sc, T, H, K, V, NC,
+                                                                                r.begin, r.end);
+      CUDA_CHECK_LAUNCH();
+    }
+  }
+  // (the state stream waited for all of the chunk stream's work, the output stream for all of the state stream's)
+  wait_for(device_stream(), outputs_apart ? st.outputs : st.state, st.events[2 * n + 1]);
 }
 
 extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16 *q, const bf16 *k, const bf16 *v,
@@ -1439,8 +1704,8 @@ extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16
         "KDA on the GPU needs q, k and v 16-byte aligned (their rows are read 16 bytes at a time)");
   const int NC = (T + CH - 1) / CH;
   Scratch sc = scratch_get((size_t)B * H * NC, K, V, false, saved);
-  forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
-  state_pass(false, out, final_state, sc, saved != NULL, initial_state, NULL, B, T, H, K, V, NC);
+  forward_all(out, final_state, sc, saved != NULL, q, k, v, g, beta, initial_state, doc_start, scale, B, T, H, K, V,
+              NC);
 }
 
 extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg, float *dbeta, float *dinitial_state,
@@ -1454,22 +1719,41 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   CHECK(((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)dout) % 16 == 0,
         "KDA backward on the GPU needs q, k, v and dout 16-byte aligned (their rows are read 16 bytes at a time)");
   Scratch sc = scratch_get((size_t)chunks, K, V, true, (float *)saved);  // the backward only reads saved
-  if (!saved) {  // what the forward would have kept: its per-chunk results, then Vp and S0 from its state pass
-    forward_pieces(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC);
-    state_pass(false, NULL, NULL, sc, true, initial_state, NULL, B, T, H, K, V, NC);
-  }
-  state_pass(true, NULL, dinitial_state, sc, false, dfinal_state, dout, B, T, H, K, V, NC);
+  if (!saved)  // what the forward would have kept: its per-chunk results, then Vp and S0 from its state pass
+    forward_all(NULL, NULL, sc, true, q, k, v, g, beta, initial_state, doc_start, scale, B, T, H, K, V, NC);
   const bool fixed = fixed_shape(K, V);
-  size_t smem = wy_smem(K, V);
+  const size_t wy_bytes = wy_smem(K, V), pair_bytes = pair_smem(K);
   auto wy = fixed ? kda_wy_backward_kernel<128, 128> : kda_wy_backward_kernel<0, 0>;
-  allow_smem(wy, smem);
-  wy<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,
-                                            (const bf16_t *)v, g, beta, doc_start, T, H, K, V, NC);
-  CUDA_CHECK_LAUNCH();
-  smem = pair_smem(K);
   auto pair = fixed ? kda_pairwise_backward_kernel<128> : kda_pairwise_backward_kernel<0>;
-  allow_smem(pair, smem);
-  pair<<<chunks, NT, smem, device_stream()>>>((bf16_t *)dq, (bf16_t *)dk, dg, sc, (const bf16_t *)q, (const bf16_t *)k,
-                                              g, beta, doc_start, scale, T, H, K, NC);
-  CUDA_CHECK_LAUNCH();
+  allow_smem(wy, wy_bytes);
+  allow_smem(pair, pair_bytes);
+  auto per_chunk = [&](Range r) {  // the WY and pairwise backward of the chunks of r
+    const int blocks = B * H * (r.end - r.begin);
+    wy<<<blocks, NT, wy_bytes, r.stream>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,
+                                           (const bf16_t *)v, g, beta, doc_start, T, H, K, V, NC, r.begin, r.end);
+    CUDA_CHECK_LAUNCH();
+    pair<<<blocks, NT, pair_bytes, r.stream>>>((bf16_t *)dq, (bf16_t *)dk, dg, sc, (const bf16_t *)q,
+                                               (const bf16_t *)k, g, beta, doc_start, scale, T, H, K, NC, r.begin,
+                                               r.end);
+    CUDA_CHECK_LAUNCH();
+  };
+  const int n = segments(B, H, V, NC);
+  if (n == 1) {
+    const Range all = {0, NC, device_stream()};
+    state_pass(true, NULL, dinitial_state, sc, false, dfinal_state, dout, B, T, H, K, V, NC, all);
+    per_chunk(all);
+    return;
+  }
+  SegmentStreams &st = segment_streams();
+  float *states = segment_states(B, H, K, V);
+  const size_t ns = (size_t)B * H * K * V;
+  wait_for(st.state, device_stream(), st.events[0]);
+  for (int s = n - 1; s >= 0; s--) {  // chunks in reverse; segment s's per-chunk kernels beside state_backward(s - 1)
+    state_pass(true, NULL, s == 0 ? dinitial_state : states + ns * (s & 1), sc, false,
+               s == n - 1 ? dfinal_state : states + ns * ((s + 1) & 1), dout, B, T, H, K, V, NC,
+               segment(s, n, NC, st.state));
+    wait_for(st.chunks, st.state, st.events[1 + s]);
+    per_chunk(segment(s, n, NC, st.chunks));
+  }
+  wait_for(device_stream(), st.chunks, st.events[n + 1]);  // (the chunk stream waited for all of the other's work)
 }

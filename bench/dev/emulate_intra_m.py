@@ -1,4 +1,5 @@
-# numpy emulation of kda_intra_m_tensor_next.patch: the intra kernel's blocks of M below the diagonal, built by
+# numpy emulation of the intra kernel's blocks of M below the diagonal (kda_intra_m_tensor_next.patch, merged in
+# session 18 into kernels/kda_chunk.cu), built by
 # warps 0..2 with the exact m16n8k8 fragment maps of every lane, against numpy's inverse of I + diag(beta) KK:
 # in fp64 (the maps: errors ~1e-14 expected), then with each product's operands split and rounded as mma_3xtf32
 # does and the accumulators in fp32 (the accuracy), and with plain tf32 operands for comparison.
