@@ -2,7 +2,8 @@
 # Device-tool script, run from the repo root (carry .deps/debs and .deps/setup.sh): where the segmented forward
 # loses its time at 2 x 16384 x 16 (bench/README, "Next": segments at 64 and 128 state blocks). Builds bench_kda
 # with a copy of this tree's kernel file whose segments() obeys KDA_SEGMENTS_DEV (a development override, never
-# committed to the kernel), then: the op rows at 1 and 2 segments; ncu's duration, grid and shared-memory
+# committed to the kernel; KDA_OUTPUTS_FUSED_DEV keeps the fused state pass when cut), then: the op rows at 1 and 2
+# segments, and at 2 and 8 with the output fused; ncu's duration, grid and shared-memory
 # occupancy limit of the first 24 launches at each (kernels in isolation); and, if nsys is installed, a
 # timeline of the 2-segment run (cuda_gpu_trace, gzipped CSV in $OUT: streams, starts and ends, to see what
 # overlaps). About 100 s.
@@ -17,12 +18,18 @@ assert head in s, "segments() not found"
 s = s.replace(head, head + '  if (const char *e = getenv("KDA_SEGMENTS_DEV"))\n'
               '    return std::max(1, std::min(std::min(atoi(e), NC), SEGMENTS_MAX));\n')
 s = s.replace("#include <type_traits>", "#include <type_traits>\n#include <cstdlib>\n#include <algorithm>", 1)
+apart = "const bool outputs_apart = save && out;"
+assert apart in s, "outputs_apart not found"
+s = s.replace(apart, 'const bool outputs_apart = save && out && !getenv("KDA_OUTPUTS_FUSED_DEV");')
 open("kernels/kda_chunk.cu", "w").write(s)  # the device's copy of the tree only
 PY
 cmake -S . -B /tmp/P -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /dev/null 2>&1
 cmake --build /tmp/P -j 16 --target bench_kda > /tmp/bP.log 2>&1 || { grep -E "error" -A3 /tmp/bP.log | head -30; exit 1; }
 echo "built $SECONDS s; $(nvidia-smi --query-gpu=name --format=csv,noheader); nsys: $(command -v nsys)"
 for n in 1 2; do echo "segments $n: $(KDA_SEGMENTS_DEV=$n /tmp/P/bench_kda --op $SHAPE 2>&1 | grep -E '^\| [0-9]')"; done
+for n in 2 8; do  # the segments with the fused state pass (output inside, no ring or output kernel)
+  echo "segments $n, output fused: $(KDA_OUTPUTS_FUSED_DEV=1 KDA_SEGMENTS_DEV=$n /tmp/P/bench_kda --op $SHAPE 2>&1 | grep -E '^\| [0-9]')"
+done
 for n in 1 2; do
   echo "== ncu, segments $n (kernels in isolation, first 24 launches)"
   KDA_SEGMENTS_DEV=$n timeout 100 ncu --metrics gpu__time_duration.sum,launch__grid_size,launch__occupancy_limit_shared_mem \
