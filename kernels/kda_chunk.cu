@@ -60,7 +60,7 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.23 ms, fwd+bwd about 7.45 ms; the L2 norms and the
+// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.15 ms, fwd+bwd about 7.15 ms; the L2 norms and the
 //   softplus gate, separate kernels, add about 0.45 / 0.95 ms; fla's Triton chunk_kda, with them inside, 2.41 / 12.56
 //   ms): per kernel (ncu, before later changes took ~0.3 ms off the pairwise backward and ~0.2 ms off the intra
 //   kernel, M's blocks now on the tensor cores) intra 1.66, state 0.78, state backward 0.69, WY backward 2.93,
@@ -93,6 +93,8 @@
 #define SEGMENT_CHUNKS_MIN 16  // each of at least this many chunks
 
 #define AT(b, t, h, X) ((((size_t)(b) * T + (t)) * H + (h)) * (X))
+// In unrolled loops over rows, address row t0 + i as p + AT(b, t0, h, X) + i * (H X): one multiply-add an
+// address instead of AT's whole index arithmetic (about 17 instructions a row in the per-chunk kernels' SASS).
 
 // Per-chunk scratch, chunk index ch = (b * H + h) * NC + c.
 struct Scratch {
@@ -446,9 +448,12 @@ static __device__ void load_gates(float *gc, int ldg, float *beta, int *seg, con
                                   const unsigned char *doc_start, int b, int h, int t0, int T, int H, int K) {
   const int tid = threadIdx.x;
   if (tid < K) {
+    const size_t row = (size_t)H * K;
+    const float *gp = g + AT(b, t0, h, K) + tid;  // (t0 + i, tid), i going up (read only while t0 + i < T)
+    const int rows = min(CH, T - t0);
     float gv[CH];
 #pragma unroll
-    for (int i = 0; i < CH; i++) gv[i] = t0 + i < T ? __ldg(g + AT(b, t0 + i, h, K) + tid) : 0.0f;
+    for (int i = 0; i < CH; i++, gp += row) gv[i] = i < rows ? __ldg(gp) : 0.0f;
     float acc = 0.0f;
 #pragma unroll
     for (int i = 0; i < CH; i++) {
@@ -478,12 +483,14 @@ static __device__ void load_gates(float *gc, int ldg, float *beta, int *seg, con
 static __device__ void copy_rows_bf16(bf16_t *dst, int pitch, const bf16_t *src, int b, int h, int t0, int T, int H,
                                       int K) {
   const int per_row = K / 8, n = CH * per_row;
+  const bf16_t *base = src + AT(b, t0, h, K);
+  const size_t row = (size_t)H * K;
   uint4 x[4];
 #pragma unroll
   for (int u = 0; u < 4; u++) {
     const int e = threadIdx.x + u * NT, i = e / per_row;
     x[u] = make_uint4(0u, 0u, 0u, 0u);
-    if (e < n && t0 + i < T) x[u] = __ldg((const uint4 *)(src + AT(b, t0 + i, h, K) + (e % per_row) * 8));
+    if (e < n && t0 + i < T) x[u] = __ldg((const uint4 *)(base + i * row + (e % per_row) * 8));
   }
 #pragma unroll
   for (int u = 0; u < 4; u++) {
@@ -670,11 +677,12 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // v's rows (bf16, 16 bytes a load) are loaded now and stored over KK once M is built.
   uint4 vx[4];
   const int vrow = V / 8;
+  const bf16_t *vb = v + AT(b, t0, h, V);
 #pragma unroll
   for (int u = 0; u < 4; u++) {
     const int e = tid + u * NT, i = e / vrow;
     vx[u] = make_uint4(0u, 0u, 0u, 0u);
-    if (e < CH * vrow && t0 + i < T) vx[u] = __ldg((const uint4 *)(v + AT(b, t0 + i, h, V) + (e % vrow) * 8));
+    if (e < CH * vrow && t0 + i < T) vx[u] = __ldg((const uint4 *)(vb + i * ((size_t)H * V) + (e % vrow) * 8));
   }
   __syncthreads();  // every thread is past its reads of q
   float *Ms = (float *)qh;  // (64, 65): 64 * 65 floats = 64 * QK_PITCH(128) bf16 at K = 128, less otherwise
@@ -774,6 +782,39 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// A warp's accumulator tiles X[j] (j < n) against a row-major array p of row pitch V, as the state passes hold
+// S^T (their 16 state columns from v0; tile j: rows 8 j .. 8 j + 7 of the (K, V) state) and a chunk's U^T, Vp^T
+// (tile j: rows 8 j .. of its (64, V) rows): element r of tile j is p[(8 j + 2 t + (r & 1)) V + v0 + g + 8 (r >> 1)].
+template <int N>
+static __device__ __forceinline__ void tiles_load(float (&X)[N][4], const float *p, int n, int V, int v0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const float *q = p + 2 * t * V + v0 + g;  // element 0 of the thread's first tile
+#pragma unroll
+  for (int j = 0; j < N; j++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) X[j][r] = j < n ? __ldg(q + (8 * j + (r & 1)) * V + 8 * (r >> 1)) : 0.0f;
+}
+template <int N>
+static __device__ __forceinline__ void tiles_store(float *p, const float (&X)[N][4], int n, int V, int v0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  float *q = p + 2 * t * V + v0 + g;
+#pragma unroll
+  for (int j = 0; j < N; j++)
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+      if (j < n) q[(8 * j + (r & 1)) * V + 8 * (r >> 1)] = X[j][r];
+}
+// S^T <- S^T diag(el): tile j's columns are the state rows 8 j + 2 t and 8 j + 2 t + 1.
+static __device__ __forceinline__ void decay_tiles(float (&S)[16][4], const float *els, int KT) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+    if (j < KT) {
+      const float e0 = els[8 * j + 2 * t], e1 = els[8 * j + 2 * t + 1];
+      S[j][0] *= e0, S[j][1] *= e1, S[j][2] *= e0, S[j][3] *= e1;
+    }
+}
+
 // Forward state pass on the tensor cores: one block per (b, h, slice of 16 NW state columns), warp w owning
 // columns v0 = col0 + 16 w .. v0 + 15, chunks in order. The warp keeps S^T (its 16 columns x K) in
 // registers as K / 8 accumulator tiles; per chunk (all products tf32 in, fp32 accumulated):
@@ -795,14 +836,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
   const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
   const bool with_out = out != NULL;
-  float S[16][4];  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
-#pragma unroll
-  for (int j = 0; j < 16; j++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int a = 8 * j + 2 * t + (r & 1), v = v0 + g + 8 * (r >> 1);
-      S[j][r] = j < KT && initial_state ? initial_state[((size_t)bh * K + a) * V + v] : 0.0f;
-    }
+  float S[16][4] = {};  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
+  if (initial_state) tiles_load(S, initial_state + (size_t)bh * K * V, KT, V, v0);
   auto load_wq = [&](size_t ch) {
     tile_async<32 * NW>(Ws, ldw, sc.W + ch * CH * K, CH, K);
     if (with_out) tile_async<32 * NW>(QGs, ldw, sc.QG + ch * CH * K, CH, K);
@@ -812,23 +847,14 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
   for (int c = c_begin; c < c_end; c++) {
     const size_t ch = (size_t)bh * NC + c;
     float u[8][4];  // U^T tiles of this chunk, in flight during the first products
-#pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        u[n][r] = __ldg(sc.U + (ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1));
+    tiles_load(u, sc.U + ch * CH * V, 8, V, v0);
     cp_async_wait_all();
     __syncthreads();
     tile_async<32 * NW>(KLs, ldk, sc.KL + ch * CH * K, CH, K);
     if (with_out) tile_async<32 * NW>(AQs, lda, sc.AQ + ch * CH * CH, CH, CH);
     tile_async<32 * NW>(els, K, sc.EL + ch * K, 1, K);
     cp_async_commit();
-    if (save)
-#pragma unroll
-      for (int j = 0; j < 16; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-          if (j < KT) sc.S0[(ch * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
+    if (save) tiles_store(sc.S0 + ch * K * V, S, KT, V, v0);
     float P[8][4], O[8][4];
 #pragma unroll
     for (int n = 0; n < 8; n++)
@@ -853,11 +879,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
     for (int n = 0; n < 8; n++)
 #pragma unroll
       for (int r = 0; r < 4; r++) u[n][r] -= P[n][r];  // u is now Vp^T
-    if (save)
-#pragma unroll
-      for (int n = 0; n < 8; n++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) sc.VP[(ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = u[n][r];
+    if (save) tiles_store(sc.VP + ch * CH * V, u, 8, V, v0);
     cp_async_wait_all();
     __syncthreads();  // KL, Aqk, el are in; W and QG are free
     if (c + 1 < c_end) load_wq(ch + 1);
@@ -872,20 +894,16 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
           mma_tf32(O[n], a, x.x, x.y);
         }
       }
+      const size_t row = (size_t)H * V;
+      size_t o = AT(b, c * CH + 2 * t, h, V) + v0 + g;  // rows c CH + 8 n + 2 t (+ 1), column v0 + g
+      const int rows = T - (c * CH + 2 * t);
 #pragma unroll
-      for (int n = 0; n < 8; n++)
+      for (int n = 0; n < 8; n++, o += 8 * row)
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-          const int tt = c * CH + 8 * n + 2 * t + (r & 1);
-          if (tt < T) out[AT(b, tt, h, V) + v0 + g + 8 * (r >> 1)] = __float2bfloat16(O[n][r]);
-        }
+        for (int r = 0; r < 4; r++)
+          if (8 * n + (r & 1) < rows) out[o + (r & 1) * row + 8 * (r >> 1)] = __float2bfloat16(O[n][r]);
     }
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-      if (j < KT) {
-        const float e0 = els[8 * j + 2 * t], e1 = els[8 * j + 2 * t + 1];
-        S[j][0] *= e0, S[j][1] *= e1, S[j][2] *= e0, S[j][3] *= e1;
-      }
+    decay_tiles(S, els, KT);
 #pragma unroll
     for (int ks = 0; ks < 8; ks++) {
       unsigned a[4];
@@ -895,12 +913,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
         if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
     }
   }
-  if (final_state)
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        if (j < KT) final_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
+  if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
 }
 
 // Forward state pass without the output (the segmented forward's when the states are saved, and the backward's
@@ -917,14 +930,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
   const int ldw = K + 8, ldk = K + 4, KT = K / 8, stage = CH * (ldw + ldk) + K;
   const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
-  float S[16][4];  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
-#pragma unroll
-  for (int j = 0; j < 16; j++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int a = 8 * j + 2 * t + (r & 1), v = v0 + g + 8 * (r >> 1);
-      S[j][r] = j < KT && initial_state ? initial_state[((size_t)bh * K + a) * V + v] : 0.0f;
-    }
+  float S[16][4] = {};  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
+  if (initial_state) tiles_load(S, initial_state + (size_t)bh * K * V, KT, V, v0);
   auto load = [&](int c) {  // W, KL, el of chunk c into ring stage c % 2
     float *st = smem + (c & 1) * stage;
     const size_t ch = (size_t)bh * NC + c;
@@ -938,20 +945,11 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
     const size_t ch = (size_t)bh * NC + c;
     const float *Ws = smem + (c & 1) * stage, *KLs = Ws + CH * ldw, *els = KLs + CH * ldk;
     float u[8][4];  // U^T tiles of this chunk, in flight during the first products
-#pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        u[n][r] = __ldg(sc.U + (ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1));
+    tiles_load(u, sc.U + ch * CH * V, 8, V, v0);
     cp_async_wait_all();
     __syncthreads();  // chunk c's stage is in; every warp is done with the other (chunk c - 1's)
     if (c + 1 < c_end) load(c + 1);
-    if (save)
-#pragma unroll
-      for (int j = 0; j < 16; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-          if (j < KT) sc.S0[(ch * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
+    if (save) tiles_store(sc.S0 + ch * K * V, S, KT, V, v0);
     float P[8][4];
 #pragma unroll
     for (int n = 0; n < 8; n++)
@@ -972,17 +970,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
     for (int n = 0; n < 8; n++)
 #pragma unroll
       for (int r = 0; r < 4; r++) u[n][r] -= P[n][r];  // u is now Vp^T
-    if (save)
-#pragma unroll
-      for (int n = 0; n < 8; n++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) sc.VP[(ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = u[n][r];
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-      if (j < KT) {
-        const float e0 = els[8 * j + 2 * t], e1 = els[8 * j + 2 * t + 1];
-        S[j][0] *= e0, S[j][1] *= e1, S[j][2] *= e0, S[j][3] *= e1;
-      }
+    if (save) tiles_store(sc.VP + ch * CH * V, u, 8, V, v0);
+    decay_tiles(S, els, KT);
 #pragma unroll
     for (int ks = 0; ks < 8; ks++) {
       unsigned a[4];
@@ -992,12 +981,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
         if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
     }
   }
-  if (final_state)
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        if (j < KT) final_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = S[j][r];
+  if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
 }
 
 // The forward's output from the saved states, one block per chunk (segmented forward with `saved`, so that the
@@ -1025,7 +1009,8 @@ static __global__ void __launch_bounds__(NT) kda_output_kernel(bf16_t *out, Scra
 #pragma unroll 4
   for (int ks = 0; ks < (K + CH) / 8; ks++) column_tiles_step(acc, As, lm, 8 * ks + t, 8 * ks + t + 4, nn, rhs);
   column_tiles_epilogue(acc, nn, [&](int, int i, int n, float x0, float x1) {
-    if (t0 + i < T) *(__nv_bfloat162 *)(out + AT(b, t0 + i, h, V) + n) = __floats2bfloat162_rn(x0, x1);
+    if (t0 + i < T)
+      *(__nv_bfloat162 *)(out + AT(b, t0, h, V) + i * ((size_t)H * V) + n) = __floats2bfloat162_rn(x0, x1);
   });
 }
 
@@ -1048,14 +1033,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
   float *KLs = smem, *QGs = KLs + CH * ldw, *Ws = QGs + CH * ldk, *AQs = Ws + CH * ldk, *els = AQs + CH * lda;
   const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
-  float dS[16][4];
-#pragma unroll
-  for (int j = 0; j < 16; j++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int a = 8 * j + 2 * t + (r & 1), v = v0 + g + 8 * (r >> 1);
-      dS[j][r] = j < KT && dfinal_state ? dfinal_state[((size_t)bh * K + a) * V + v] : 0.0f;
-    }
+  float dS[16][4] = {};
+  if (dfinal_state) tiles_load(dS, dfinal_state + (size_t)bh * K * V, KT, V, v0);
   // dO of the chunk (its 64 rows, the block's 16 NW columns, bf16) comes with Aqk and KL; the row pitch's 16
   // bytes of padding make the fragment reads conflict-free.
   const int dop = 16 * NW + 8;
@@ -1090,11 +1069,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
     tile_async<32 * NW>(QGs, ldk, sc.QG + ch * CH * K, CH, K);
     tile_async<32 * NW>(Ws, ldk, sc.W + ch * CH * K, CH, K);
     cp_async_commit();
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        if (j < KT) sc.DS[(ch * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dS[j][r];
+    tiles_store(sc.DS + ch * K * V, dS, KT, V, v0);
     float dVp[8][4];
 #pragma unroll
     for (int n = 0; n < 8; n++)
@@ -1116,17 +1091,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
         mma_tf32(dVp[n], a, x.x, x.y);
       }
     }
-#pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        sc.DVP[(ch * CH + 8 * n + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dVp[n][r];
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-      if (j < KT) {
-        const float e0 = els[8 * j + 2 * t], e1 = els[8 * j + 2 * t + 1];
-        dS[j][0] *= e0, dS[j][1] *= e1, dS[j][2] *= e0, dS[j][3] *= e1;
-      }
+    tiles_store(sc.DVP + ch * CH * V, dVp, 8, V, v0);
+    decay_tiles(dS, els, KT);
     cp_async_wait_all();
     __syncthreads();  // QG, W are in; Aqk, KL, el are free
     if (c > c_begin) load_ak(c - 1);
@@ -1143,12 +1109,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
         }
     }
   }
-  if (dinitial_state)
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        if (j < KT) dinitial_state[((size_t)bh * K + 8 * j + 2 * t + (r & 1)) * V + v0 + g + 8 * (r >> 1)] = dS[j][r];
+  if (dinitial_state) tiles_store(dinitial_state + (size_t)bh * K * V, dS, KT, V, v0);
 }
 // ---------------------------------------------------------------------------------------------------------
 #define WY_TILE SP_FLOATS  // the stages, 128-byte aligned
@@ -1202,10 +1163,14 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   // so no copy straddles k and v; rows past T are zeroed).
   for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
   for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
-  for (int e = tid; e < CH * KV / 8; e += NT) {
-    const int i = 8 * e / KV, a = 8 * e % KV;
-    if (t0 + i >= T) *(uint4 *)(kvs + 8 * e) = make_uint4(0u, 0u, 0u, 0u);
-    else cp_async16(kvs + 8 * e, a < K ? (const void *)(k + AT(b, t0 + i, h, K) + a) : (const void *)(v + AT(b, t0 + i, h, V) + a - K));
+  {
+    const bf16_t *kb = k + AT(b, t0, h, K), *vb = v + AT(b, t0, h, V);
+    for (int e = tid; e < CH * KV / 8; e += NT) {
+      const int i = 8 * e / KV, a = 8 * e % KV;
+      if (t0 + i >= T) *(uint4 *)(kvs + 8 * e) = make_uint4(0u, 0u, 0u, 0u);
+      else cp_async16(kvs + 8 * e, a < K ? (const void *)(kb + i * ((size_t)H * K) + a)
+                                         : (const void *)(vb + i * ((size_t)H * V) + (a - K)));
+    }
   }
   cp_async_commit();
   cp_async_wait_all();
@@ -1219,6 +1184,7 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
     }
     __syncwarp();  // every lane's reads of the warp's columns are done
     float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // rows 16 mt + g + 8 half
+    bf16_t *dvb = dv + AT(b, t0, h, V);
     column_tiles_epilogue(acc, nn, [&](int j, int i, int n, float y0, float y1) {
       Ys[i * ly + n] = y0, Ys[i * ly + n + 1] = y1;
       const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KV + n);
@@ -1229,7 +1195,7 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
         r0 *= e0, r1 *= e1;
         *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
       } else if (t0 + i < T) {
-        *(__nv_bfloat162 *)(dv + AT(b, t0 + i, h, V) + n - K) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
+        *(__nv_bfloat162 *)(dvb + i * ((size_t)H * V) + (n - K)) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
       }
       part[j] = fmaf(y0, r0, fmaf(y1, r1, part[j]));
     });
@@ -1434,14 +1400,16 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
     // The WY backward's parts: dk = PDK + PDK2 (+ P + R), dqs = PDQ (+ Q), and the gate's
     // dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...). The PDK_i k_i also reach gc_last, so dg_t gets
     // sum_i<t PDK_i k_i from them: a prefix sum, kept in Qs (this thread's own elements, read above).
+    const size_t row = (size_t)H * K;
+    size_t o = AT(b, t0, h, K) + I0 * row + a;  // (t0 + I0 + r, a) of dk and dq
 #pragma unroll
-    for (int r = 0; r < 16; r++) {
+    for (int r = 0; r < 16; r++, o += row) {
       const int i = I0 + r, t = t0 + i;
       Ps[i * ld + a] = fmaf(pq[r], qv[r], k2[r] * kv[r]) + kv[r] * (P[r] - R[r]) + qv[r] * Q[r];  // dgc
       Qs[i * ld + a] = k1[r] * kv[r];
       if (t < T) {
-        dk[AT(b, t, h, K) + a] = __float2bfloat16(k1[r] + k2[r] + P[r] + fmaf(dd[r], qv[r], R[r]));
-        dq[AT(b, t, h, K) + a] = __float2bfloat16(scale * (pq[r] + fmaf(dd[r], kv[r], Q[r])));
+        dk[o] = __float2bfloat16(k1[r] + k2[r] + P[r] + fmaf(dd[r], qv[r], R[r]));
+        dq[o] = __float2bfloat16(scale * (pq[r] + fmaf(dd[r], kv[r], Q[r])));
       }
     }
   }
@@ -1455,9 +1423,11 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
       pre += x;
     }
     float acc = __ldg(sc.DGL + (size_t)ch * K + tid);
-    for (int i = CH - 1; i >= 0; i--) {
+    const size_t row = (size_t)H * K;
+    size_t o = AT(b, t0, h, K) + (CH - 1) * row + tid;  // row t0 + i of dg, i going down
+    for (int i = CH - 1; i >= 0; i--, o -= row) {
       acc += Ps[i * ld + tid];
-      if (t0 + i < T) dg[AT(b, t0 + i, h, K) + tid] = acc + Qs[i * ld + tid];
+      if (t0 + i < T) dg[o] = acc + Qs[i * ld + tid];
     }
   }
 }
