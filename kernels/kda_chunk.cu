@@ -21,8 +21,8 @@
 //           dv, dbeta) and the pairwise backward with the reverse cumulative sum of the gate gradient.
 //
 // Design note (what is fused, where things live, where fp32 is needed, what limits it):
-// - Five kernels, per chunk or per (b, h) (two more where the chunks are cut into segments, last bullet); nothing
-//   between them but fp32 per-chunk buffers: the forward's W U QG
+// - Five kernels, per chunk or per (b, h) (a sixth, the forward state pass without the output, recomputes what a
+//   backward without `saved` needs); nothing between them but fp32 per-chunk buffers: the forward's W U QG
 //   KL (64 x 128), Aqk KK M^T (64 x 64), el, Vp (64 x 128) and S0 (128 x 128) in the caller's `saved` (or
 //   device_scratch slot 2), the backward's dS' (128 x 128), dVp, three partial gradients (dq, dk and its UT
 //   part), the last row's gate term, dL, dAqk in slot 2. The forward's output is fused into its state pass.
@@ -71,15 +71,14 @@
 //   one's prologue (loads of q, k, gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With
 //   few heads and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-
 //   partition, each instruction waiting on the one before. bench/README has the per-phase tables.
-// - Few (b, h), long sequences (the state passes' blocks on at most a quarter of the SMs, e.g. 1 x 65536 x 16):
-//   the chunks are cut into segments, and the per-chunk kernels of one segment run on a second stream beside the
-//   state pass of another (forward: intra(s + 1) beside state(s); backward: WY and pairwise(s) beside
-//   state_backward(s - 1)); the state crosses segments through memory in fp32 (see segments). With the states
-//   saved (training) the segmented forward's state pass is kda_state_ring_kernel (W, KL, el only, two chunks
-//   in shared memory, the next loading while this one's products run) and the output comes from the saved
-//   S0 and Vp in kda_output_kernel on a third stream, one segment behind. 1 x 65536 x 16 on an H100: fwd 8.05
-//   -> 7.56 ms, fwd+bwd 21.8 -> 18.9 ms; at 2 x 16384 and 4 x 8192 the same cut cost 1 ms of the forward
-//   (not understood yet; bench/README, "Segments"), hence the quarter.
+// - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
+//   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
+//   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
+//   pass as uncut; backward: WY and pairwise(s) beside state_backward(s - 1)); the state crosses segments through
+//   memory in fp32 (see segments). On an H100: 1 x 65536 x 16 fwd 7.93 -> 6.04 ms, fwd+bwd 21.5 -> 16.9 ms;
+//   2 x 16384 x 16 fwd+bwd 8.24 -> 7.63 ms. (Until session 19 the cut forward moved the output to a separate
+//   kernel after the saved states, one segment behind, so that the state pass was shorter: that kernel ran at a
+//   fifth of its byte floor and cost 1 ms of the forward at 64 and 128 state blocks; removed.)
 // Sums are in a fixed order (deterministic).
 #include "kernels/cuda_common.cuh"
 #include "kernels/kda.h"
@@ -90,7 +89,7 @@
 #define NT 256         // threads per block
 #define DIAG_RANGE 64.0f  // the intra kernel's sub-chunk products on the tensor cores: see there
 #define SEGMENTS_MAX 8         // few (b, h): the chunks cut into at most this many segments (see segments),
-#define SEGMENT_CHUNKS_MIN 16  // each of at least this many chunks
+#define SEGMENT_CHUNKS_MIN 64  // each of at least this many chunks
 
 #define AT(b, t, h, X) ((((size_t)(b) * T + (t)) * H + (h)) * (X))
 // In unrolled loops over rows, address row t0 + i as p + AT(b, t0, h, X) + i * (H X): one multiply-add an
@@ -916,8 +915,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
   if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
 }
 
-// Forward state pass without the output (the segmented forward's when the states are saved, and the backward's
-// recomputation): per chunk only Vp^T = U^T - S^T W^T and S^T = S^T diag(el) + Vp^T KL, so W, KL and el fit twice
+// Forward state pass without the output (the backward's recomputation of what a forward without `saved` did not
+// keep): per chunk only Vp^T = U^T - S^T W^T and S^T = S^T diag(el) + Vp^T KL, so W, KL and el fit twice
 // in shared memory (about 138 KB at K = 128) and the next chunk's load into the other half of the ring while this
 // chunk's products run: one barrier a chunk and a whole chunk's time for the loads to land (kda_state_kernel,
 // with QG and Aqk as well, has two, each load hidden behind half a chunk). Layout and fragments as there.
@@ -982,36 +981,6 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
     }
   }
   if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
-}
-
-// The forward's output from the saved states, one block per chunk (segmented forward with `saved`, so that the
-// state pass, the critical path there, skips QG, Aqk and O): O = QG S0 + Aqk Vp = [QG | Aqk] [S0 ; Vp] (64 x V),
-// tf32 in, fp32 accumulated, the products the state pass would do in another order. [QG | Aqk] in shared
-// memory (pitch K + 68: the A fragments' rows g and columns t on 32 banks); S0 and Vp read from global memory
-// as B values; warps own 8-column tiles of O (column_tiles_step).
-static __global__ void __launch_bounds__(NT) kda_output_kernel(bf16_t *out, Scratch sc, int T, int H, int K, int V,
-                                                               int NC, int c_begin, int c_end) {
-  extern __shared__ __align__(128) float smem[];
-  const int lm = K + CH + 4;
-  float *As = smem;
-  // one block per chunk of the range [c_begin, c_end) of every (b, h)
-  const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
-  const int b = bh / H, h = bh % H, t0 = c * CH, t = threadIdx.x & 3;
-  tile_async<NT>(As, lm, sc.QG + (size_t)ch * CH * K, CH, K);
-  tile_async<NT>(As + K, lm, sc.AQ + (size_t)ch * CH * CH, CH, CH);
-  cp_async_commit();
-  const float *S0 = sc.S0 + (size_t)ch * K * V, *VP = sc.VP + (size_t)ch * CH * V;
-  auto rhs = [&](int k, int n) { return k < K ? __ldg(S0 + (size_t)k * V + n) : __ldg(VP + (size_t)(k - K) * V + n); };
-  float acc[4][4][4] = {};
-  cp_async_wait_all();
-  __syncthreads();
-  const int nn = V / 8;
-#pragma unroll 4
-  for (int ks = 0; ks < (K + CH) / 8; ks++) column_tiles_step(acc, As, lm, 8 * ks + t, 8 * ks + t + 4, nn, rhs);
-  column_tiles_epilogue(acc, nn, [&](int, int i, int n, float x0, float x1) {
-    if (t0 + i < T)
-      *(__nv_bfloat162 *)(out + AT(b, t0, h, V) + i * ((size_t)H * V) + n) = __floats2bfloat162_rn(x0, x1);
-  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1574,12 +1543,13 @@ static void state_pass(bool backward, bf16 *out, float *state_out, const Scratch
 // crosses a segment boundary through memory in fp32, exactly what the registers held: results are bitwise those
 // of one pass.
 static int segments(int B, int H, int V, int NC) {
-  // Only where the state passes' blocks hold at most a quarter of the SMs. Measured on an H100 (bench/README,
-  // "Segments"): 32 blocks on 132 SMs (1 x 65536 x 16) gain 14% of fwd+bwd; 64 (2 x 16384) and 128 (4 x 8192)
-  // lose 1 ms of the forward, whatever the segment count.
+  // Only where the state passes' blocks hold at most half of the SMs; segments of at least 64 chunks, at most 8.
+  // Measured on an H100 (bench/README, session 19's scan, fwd+bwd ms at 1 / 2 / 4 / 8 segments): 32 blocks on 132
+  // SMs (1 x 65536 x 16) 21.50 / 18.68 / 17.30 / 16.86; 64 (2 x 16384) 8.24 / 7.75 / 7.63 / 7.75; 128 (4 x 8192)
+  // 7.21 / 7.27 / 7.54 / 7.72.
   const int warps = state_warps(B, H, V);
   const size_t blocks = (size_t)B * H * ((V + 16 * warps - 1) / (16 * warps));
-  if (4 * blocks > (size_t)sm_count()) return 1;
+  if (2 * blocks > (size_t)sm_count()) return 1;
   const int n = NC / SEGMENT_CHUNKS_MIN;
   return n < 1 ? 1 : n > SEGMENTS_MAX ? SEGMENTS_MAX : n;
 }
@@ -1587,8 +1557,8 @@ static Range segment(int s, int n, int NC, cudaStream_t stream) {
   return {(int)((long)s * NC / n), (int)((long)(s + 1) * NC / n), stream};
 }
 struct SegmentStreams {
-  cudaStream_t state, chunks, outputs;
-  cudaEvent_t events[2 * SEGMENTS_MAX + 2];
+  cudaStream_t state, chunks;
+  cudaEvent_t events[SEGMENTS_MAX + 2];
 };
 static SegmentStreams &segment_streams() {
   static SegmentStreams s;
@@ -1598,7 +1568,6 @@ static SegmentStreams &segment_streams() {
     CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     CUDA_CHECK(cudaStreamCreateWithPriority(&s.state, cudaStreamNonBlocking, greatest));
     CUDA_CHECK(cudaStreamCreateWithPriority(&s.chunks, cudaStreamNonBlocking, least));
-    CUDA_CHECK(cudaStreamCreateWithPriority(&s.outputs, cudaStreamNonBlocking, least));
     for (cudaEvent_t &e : s.events) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     made = true;
   }
@@ -1639,29 +1608,16 @@ static void forward_all(bf16 *out, float *final_state, const Scratch &sc, bool s
   SegmentStreams &st = segment_streams();
   float *states = segment_states(B, H, K, V);
   const size_t ns = (size_t)B * H * K * V;
-  // With the states saved, the output comes from them on a third stream (kda_output_kernel), after each
-  // segment's state pass, which then skips QG, Aqk and O.
-  const bool outputs_apart = save && out;
-  const size_t out_smem = (size_t)CH * (K + CH + 4) * sizeof(float);
-  if (outputs_apart) allow_smem(kda_output_kernel, out_smem);
   wait_for(st.chunks, device_stream(), st.events[0]);
   CUDA_CHECK(cudaStreamWaitEvent(st.state, st.events[0], 0));
-  CUDA_CHECK(cudaStreamWaitEvent(st.outputs, st.events[0], 0));
   for (int s = 0; s < n; s++) {
     intra(sc, q, k, v, g, beta, doc_start, scale, B, T, H, K, V, NC, segment(s, n, NC, st.chunks));
     wait_for(st.state, st.chunks, st.events[1 + s]);
-    const Range r = segment(s, n, NC, st.state);
-    state_pass(false, outputs_apart ? NULL : out, s == n - 1 ? final_state : states + ns * (s & 1), sc, save,
-               s == 0 ? initial_state : states + ns * ((s - 1) & 1), NULL, B, T, H, K, V, NC, r);
-    if (outputs_apart) {
-      wait_for(st.outputs, st.state, st.events[1 + n + s]);
-      kda_output_kernel<<<B * H * (r.end - r.begin), NT, out_smem, st.outputs>>>((bf16_t *)out, sc, T, H, K, V, NC,
-                                                                                r.begin, r.end);
-      CUDA_CHECK_LAUNCH();
-    }
+    state_pass(false, out, s == n - 1 ? final_state : states + ns * (s & 1), sc, save,
+               s == 0 ? initial_state : states + ns * ((s - 1) & 1), NULL, B, T, H, K, V, NC,
+               segment(s, n, NC, st.state));
   }
-  // (the state stream waited for all of the chunk stream's work, the output stream for all of the state stream's)
-  wait_for(device_stream(), outputs_apart ? st.outputs : st.state, st.events[2 * n + 1]);
+  wait_for(device_stream(), st.state, st.events[n + 1]);  // (the state stream waited for all of the chunk stream's)
 }
 
 extern "C" void kda_chunk_forward_cuda(bf16 *out, float *final_state, const bf16 *q, const bf16 *k, const bf16 *v,

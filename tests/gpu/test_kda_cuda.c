@@ -128,7 +128,8 @@ Test(kda_cuda, k32_v128_short) { check_shape(1, 40, 2, 32, 128, -0.3, -0.01, tru
 Test(kda_cuda, k128_many_heads_documents) { check_shape(2, 130, 64, 128, 128, -1.0, -0.01, true, DOCS, 11); }
 Test(kda_cuda, k128_many_heads_strong_decays) { check_shape(1, 100, 64, 128, 128, -8, -2, true, DOCS, 12); }
 Test(kda_cuda, k128_16_heads_near_zero_decays) { check_shape(2, 192, 16, 128, 128, -1e-4, -1e-6, true, NO_DOCS, 13); }
-// Long sequences with few (b, h): 32 and 49 chunks, the state carried over many of them (mild decays); the
-// cases a segmented schedule of the passes cuts into 2 and 3 (unequal) segments.
-Test(kda_cuda, k128_segments) { check_shape(1, 2000, 2, 128, 128, -1.0, -0.01, true, DOCS, 18); }
-Test(kda_cuda, k64_v32_segments) { check_shape(1, 3100, 2, 64, 32, -0.5, -0.001, true, DOCS, 19); }
+// Long sequences with few (b, h): 130 and 200 chunks, the state carried over many of them (mild decays); the
+// cases the segmented schedule of the passes (segments() in kernels/kda_chunk.cu: at least 64 chunks a segment)
+// cuts into 2 and 3 (unequal: 66, 67, 67 chunks) segments.
+Test(kda_cuda, k128_segments) { check_shape(1, 8300, 2, 128, 128, -1.0, -0.01, true, DOCS, 18); }
+Test(kda_cuda, k64_v32_segments) { check_shape(1, 12750, 2, 64, 32, -0.5, -0.001, true, DOCS, 19); }
