@@ -12,6 +12,8 @@
 //   bench_kda [--op]                   B x T x H x K = 8x4096x16x128, 2x16384x16x128, 1x65536x16x128
 //   bench_kda [--op] B T H [K [DOC_LEN]]   one shape (V = K); DOC_LEN > 0 starts a document every DOC_LEN tokens
 // --op: only the "op" rows (kernel A/B comparisons, bench/dev/kda_ab.sh).
+// --profile (before --op, if both): after each row's timing, one more forward+backward between
+//   cudaProfilerStart and Stop, for `ncu --profile-from-start off` (bench/dev/kda_kernel_times.sh).
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -19,6 +21,8 @@
 #include <string.h>
 
 #ifdef KLT_HAVE_CUDA
+#include <cuda_profiler_api.h>
+
 #include "kernels/activation.h"
 #include "kernels/kda.h"
 #include "kernels/norm.h"
@@ -127,6 +131,7 @@ static float time_median(void (*fn)(const struct buffers *), const struct buffer
 }
 
 static const char *INPUTS[] = {"op", "softplus", "bounded"};
+static bool profile;  // --profile
 
 // inputs: 0 the op alone, 1 softplus gate and L2 norms inside, 2 bounded gate and L2 norms inside.
 static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
@@ -166,6 +171,13 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
   }
   const float fwd_ms = time_median(run_forward, &x);
   const float both_ms = time_median(run_both, &x);
+  if (profile) {
+    device_synchronize();
+    CUDA_CHECK(cudaProfilerStart());
+    run_both(&x);
+    device_synchronize();
+    CUDA_CHECK(cudaProfilerStop());
+  }
   // Forward: q k v out (bf16), g (fp32; inside: f bf16), beta, initial and final state, document starts.
   const double gate = x.inside ? 2.0 : 4.0;  // bytes per gate element
   const double doc_bytes = x.doc ? (double)B * T : 0;
@@ -193,6 +205,8 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
 }
 
 int main(int argc, char **argv) {
+  profile = argc >= 2 && strcmp(argv[1], "--profile") == 0;
+  if (profile) argc--, argv++;
   const bool op_only = argc >= 2 && strcmp(argv[1], "--op") == 0;
   if (op_only) argc--, argv++;
   device_select(0);
