@@ -60,16 +60,16 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.15 ms, fwd+bwd about 7.15 ms; the L2 norms and the
-//   softplus gate, separate kernels, add about 0.45 / 0.95 ms; fla's Triton chunk_kda, with them inside, 2.41 / 12.56
-//   ms): per kernel (ncu, before later changes took ~0.3 ms off the pairwise backward and ~0.2 ms off the intra
-//   kernel, M's blocks now on the tensor cores) intra 1.66, state 0.78, state backward 0.69, WY backward 2.93,
-//   pairwise backward 1.96 ms, all far
-//   above their bytes and their arithmetic. The intra kernel issues 2.2 instructions a cycle at two blocks per SM,
-//   spread over all its phases: instruction bound. The WY backward's state products (56% of it) did not speed up when
-//   three slices were in flight instead of one; both backward kernels run one block per SM (shared memory), and each
-//   one's prologue (loads of q, k, gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With
-//   few heads and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-
+// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.13 ms, fwd+bwd 7.15 ms; the L2 norms and the
+//   softplus gate, separate kernels near the bandwidth, add about 0.45 / 1.0 ms; fla's Triton chunk_kda, with them
+//   inside, 2.40 / 12.44 ms). Per kernel (ncu, kernels serialized; ms, DRAM GB, TB/s): intra 1.36-1.42, 2.14, 1.5;
+//   state 0.78, 2.15, 2.75; state backward 0.69, 1.88, 2.73; WY backward 2.82, 4.33, 1.54; pairwise backward 1.53,
+//   2.15, 1.40. So the state passes stream near what the GPU gives; the three per-chunk kernels, 5.8 of the 7.1 ms,
+//   run at half of it. The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its
+//   phases: instruction bound. The WY backward's state products (56% of it) did not speed up when three slices were
+//   in flight instead of one; both backward kernels run one block per SM (shared memory), and each one's prologue
+//   (loads of q, k, gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With few heads
+//   and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-
 //   partition, each instruction waiting on the one before. bench/README has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
