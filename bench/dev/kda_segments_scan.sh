@@ -7,6 +7,8 @@
 # rows of each shape at each segment count (fused, and apart where that exists), then runs test_kda_cuda with
 # every case cut into 4 segments (the cut paths on all test shapes). About 120 s.
 #   SHAPES="B T H;..." (default: the four of bench/README)   SEGS="1 2 4 8"   APART=1: also the separate output
+#   SEGMENTS_MAX_DEV=16: a higher cap on the segment count in the device's copy (SEGS may then go past 8)
+#   NO_TESTS=1: skip the tests
 set --
 exec > >(tee -a $OUT/scan_log.txt) 2>&1
 source .deps/setup.sh > /dev/null 2>&1
@@ -22,6 +24,11 @@ s = s.replace("#include <type_traits>", "#include <type_traits>\n#include <cstdl
 apart = "const bool outputs_apart = save && out;"
 if apart in s:
     s = s.replace(apart, 'const bool outputs_apart = save && out && !getenv("KDA_OUTPUTS_FUSED_DEV");')
+import os
+if os.environ.get("SEGMENTS_MAX_DEV"):
+    cap = "#define SEGMENTS_MAX 8 "
+    assert cap in s, "SEGMENTS_MAX not found"
+    s = s.replace(cap, "#define SEGMENTS_MAX %d " % int(os.environ["SEGMENTS_MAX_DEV"]))
 open("kernels/kda_chunk.cu", "w").write(s)  # the device's copy of the tree only
 PY
 cmake -S . -B /tmp/P -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /dev/null 2>&1
@@ -36,6 +43,7 @@ for shape in "${shapes[@]}"; do
       echo "$shape segments $n apart: $(KDA_SEGMENTS_DEV=$n /tmp/P/bench_kda --op $shape 2>&1 | grep -E '^\| [0-9]')"
   done
 done
+[[ -n "${NO_TESTS:-}" ]] && { echo "done $SECONDS s"; exit 0; }
 echo "== test_kda_cuda, every case cut into 4 segments, output fused ($SECONDS s)"
 KDA_OUTPUTS_FUSED_DEV=1 KDA_SEGMENTS_DEV=4 timeout 120 /tmp/P/test_kda_cuda --jobs 8 --verbose > /tmp/t.txt 2>&1; echo "rc $?"
 tail -1 /tmp/t.txt; grep -E "FAIL|expected|differs" /tmp/t.txt | head -6
