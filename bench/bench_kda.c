@@ -1,13 +1,13 @@
-// Benchmark of the CUDA chunkwise KDA (bf16 q, k, v, out; fp32 g, beta, states): forward and
-// forward+backward, median of 20 timed calls after 3 warm-ups (CUDA events), with the bytes each must move
-// at least (inputs and outputs at their dtypes, each once: q k v bf16, g fp32 (or the raw gate f bf16),
-// beta fp32, out bf16, initial and final state fp32; the backward adds dout, dfinal_state and every
+// Benchmark of the CUDA chunkwise KDA (bf16 q, k, v, out; fp32 g, beta, states; the L2 norms of q and k inside
+// the op): forward and forward+backward, median of 20 timed calls after 3 warm-ups (CUDA events), with the bytes
+// each must move at least (inputs and outputs at their dtypes, each once: q k v bf16, g fp32 (or the raw gate f
+// bf16), beta fp32, out bf16, initial and final state fp32; the backward adds dout, dfinal_state and every
 // gradient), the time that floor takes at 3.35 TB/s (H100 SXM HBM3) and the bandwidth achieved against it.
 // Each shape runs with three kinds of inputs (column "inputs"):
-//   op        the chunkwise op alone: q, k already L2-normalized, g already the log decay, U(-1, -0.01);
-//   softplus  as fla's chunk_kda is timed (bench/fla_kda.py): raw q, k and the raw gate f in, the L2 norms and
-//             the gate g = -exp(A_log) softplus(f + dt_bias) (A = exp(A_log) ~ U(1, 16) per head) timed with
-//             the op, forward and backward, as the model's layer runs them;
+//   op        the chunkwise op alone: q, k of unit norm, g already the log decay, U(-1, -0.01);
+//   softplus  as fla's chunk_kda is timed (bench/fla_kda.py): raw q, k and the raw gate f in, the gate
+//             g = -exp(A_log) softplus(f + dt_bias) (A = exp(A_log) ~ U(1, 16) per head) timed with the op,
+//             forward and backward, as the model's layer runs it;
 //   bounded   the same with fla's bounded gate g = -5 sigmoid(exp(A_log) (f + dt_bias)).
 //   bench_kda [--op]                   B x T x H x K = 8x4096x16x128, 2x16384x16x128, 1x65536x16x128
 //   bench_kda [--op] B T H [K [DOC_LEN]]   one shape (V = K); DOC_LEN > 0 starts a document every DOC_LEN tokens
@@ -25,7 +25,6 @@
 
 #include "kernels/activation.h"
 #include "kernels/kda.h"
-#include "kernels/norm.h"
 
 #define HBM_TBS 3.35
 #define REPS 20
@@ -66,7 +65,6 @@ static float *random_float(size_t n, double lo, double hi, uint64_t *state) {
 }
 
 #define GATE_LOWER_BOUND -5.0f  // fla's lower_bound in bench/fla_kda.py
-#define L2NORM_EPS 1e-6f
 
 struct buffers {
   int B, T, H, K, V;
@@ -75,34 +73,28 @@ struct buffers {
   float *g, *beta, *s0, *sT, *dsT, *dg, *dbeta, *ds0;
   float *saved;  // the forward's per-chunk results, used by the backward (as in training)
   unsigned char *doc;
-  // With the L2 norms and the gate inside (`inside`): raw q, k, the raw gate f and the gate's parameters in,
-  // their gradients out; q, k, g above are then the op's inputs, computed in each call.
+  // With the gate inside (`inside`): the raw gate f and the gate's parameters in, their gradients out; g above
+  // is then the op's input, computed in each call (q and k are raw then).
   bool inside;
   KdaGateForm form;
-  bf16 *q_raw, *k_raw, *f, *dq_raw, *dk_raw, *df;
-  float *q_inv, *k_inv, *A_log, *dt_bias, *dA_log, *ddt_bias;
+  bf16 *f, *df;
+  float *A_log, *dt_bias, *dA_log, *ddt_bias;
 };
 
 static void run_forward(const struct buffers *x) {
-  const int rows = x->B * x->T * x->H;
   if (x->inside) {
-    l2norm_forward_cuda(x->q, x->q_inv, x->q_raw, L2NORM_EPS, rows, x->K);
-    l2norm_forward_cuda(x->k, x->k_inv, x->k_raw, L2NORM_EPS, rows, x->K);
     kda_gate_forward_cuda(x->g, x->f, x->A_log, x->dt_bias, x->form, GATE_LOWER_BOUND, x->B * x->T, x->H, x->K);
   }
   kda_chunk_forward_cuda(x->out, x->sT, x->q, x->k, x->v, x->g, x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H,
                          x->K, x->V, x->saved);
 }
 static void run_both(const struct buffers *x) {
-  const int rows = x->B * x->T * x->H;
   run_forward(x);
   kda_chunk_backward_cuda(x->dq, x->dk, x->dv, x->dg, x->dbeta, x->ds0, x->dout, x->dsT, x->q, x->k, x->v, x->g,
                           x->beta, x->s0, x->doc, x->scale, x->B, x->T, x->H, x->K, x->V, x->saved);
   if (x->inside) {
     kda_gate_backward_cuda(x->df, x->dA_log, x->ddt_bias, x->dg, x->f, x->A_log, x->dt_bias, x->form,
                            GATE_LOWER_BOUND, x->B * x->T, x->H, x->K);
-    l2norm_backward_cuda(x->dq_raw, x->dq, x->q_raw, x->q_inv, rows, x->K);
-    l2norm_backward_cuda(x->dk_raw, x->dk, x->k_raw, x->k_inv, rows, x->K);
   }
 }
 
@@ -140,7 +132,7 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
   const size_t rows = (size_t)B * T * H, nk = rows * K, nv = rows * V, ns = (size_t)B * H * K * V;
   struct buffers x = {.B = B, .T = T, .H = H, .K = K, .V = V, .scale = 1.0f / sqrtf((float)K)};
   x.inside = inputs > 0, x.form = inputs == 2 ? KDA_GATE_BOUNDED : KDA_GATE_SOFTPLUS;
-  x.q = random_bf16(rows, K, true, &state), x.k = random_bf16(rows, K, true, &state);
+  x.q = random_bf16(rows, K, !x.inside, &state), x.k = random_bf16(rows, K, !x.inside, &state);
   x.v = random_bf16(rows, V, false, &state), x.dout = random_bf16(rows, V, false, &state);
   x.g = random_float(nk, -1.0, -0.01, &state), x.beta = random_float(rows, 0.05, 0.95, &state);
   x.s0 = random_float(ns, -0.5, 0.5, &state), x.dsT = random_float(ns, -0.5, 0.5, &state);
@@ -149,7 +141,6 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
   x.saved = device_alloc(kda_chunk_saved_floats(B, T, H, K, K) * 4);
   x.dbeta = device_alloc(rows * 4);
   if (x.inside) {
-    x.q_raw = random_bf16(rows, K, false, &state), x.k_raw = random_bf16(rows, K, false, &state);
     x.f = random_bf16(rows, K, false, &state);  // U(-1.7, 1.7): about unit variance, as fla_kda.py's randn
     float *A_log = malloc(H * sizeof(float));
     for (int h = 0; h < H; h++) A_log[h] = (float)log(1.0 + 15.0 * uniform(&state));
@@ -157,8 +148,7 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
     device_upload(x.A_log, A_log, H * sizeof(float));
     free(A_log);
     x.dt_bias = random_float((size_t)H * K, -0.17, 0.17, &state);  // sd 0.1
-    x.dq_raw = device_alloc(nk * 2), x.dk_raw = device_alloc(nk * 2), x.df = device_alloc(nk * 2);
-    x.q_inv = device_alloc(rows * 4), x.k_inv = device_alloc(rows * 4);
+    x.df = device_alloc(nk * 2);
     x.dA_log = device_alloc(H * 4), x.ddt_bias = device_alloc((size_t)H * K * 4);
   }
   x.doc = NULL;
@@ -197,8 +187,7 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
   device_free(x.s0), device_free(x.sT), device_free(x.dsT), device_free(x.ds0), device_free(x.dg);
   device_free(x.dbeta), device_free(x.saved);
   if (x.inside) {
-    device_free(x.q_raw), device_free(x.k_raw), device_free(x.f), device_free(x.A_log), device_free(x.dt_bias);
-    device_free(x.dq_raw), device_free(x.dk_raw), device_free(x.df), device_free(x.q_inv), device_free(x.k_inv);
+    device_free(x.f), device_free(x.A_log), device_free(x.dt_bias), device_free(x.df);
     device_free(x.dA_log), device_free(x.ddt_bias);
   }
   if (x.doc) device_free(x.doc);

@@ -41,18 +41,20 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
                         int B, int T, int H, int K, int V, int chunk_size);
 
 #ifdef KLT_HAVE_CUDA
-/* CUDA: bf16 q, k, v, out; fp32 g, beta and states. The chunkwise algorithm above with fixed 64-token
- * chunks; a document start inside a chunk is handled by masking (no pairwise term crosses it, the state
- * entering it is zero), so T need not be a multiple of 64 and chunks need not align with documents. Forward:
- * a parallel kernel per chunk (pairwise decays, the UT transform's (I + A)^-1 explicitly, W, U and the decayed q
- * and k), then one sequential pass per (row, head) (or per slice of its state columns: few heads, or V not a
- * multiple of 128) that carries the fp32 state in registers and writes the output. Backward: the state pass
- * again (saving the state entering each chunk) unless the forward kept it in `saved`, a reverse state pass,
- * then two parallel kernels per chunk (the WY/UT backward; the pairwise backward with the gate's reverse
- * cumulative sum). fp32 arithmetic except the matrix products,
- * which take tf32 operands on the tensor cores (fp32 accumulation); fixed summation order (deterministic).
- * K and V multiples of 16 up to 128; q, k, v and dout 16-byte aligned (as cudaMalloc gives). All gradients are
- * overwritten; dinitial_state, dfinal_state and the state pointers may be NULL.
+/* CUDA: bf16 q, k, v, out; fp32 g, beta and states; q and k raw: the op L2-normalizes each (b, t, h) row of q and
+ * k, x / sqrt(|x|^2 + KDA_L2NORM_EPS) rounded to bf16 (l2norm_forward of norm.h), and its dq, dk are the
+ * gradients of the raw q, k (l2norm_backward of norm.h). The chunkwise algorithm above with fixed
+ * 64-token chunks; a document start inside a chunk is handled by masking (no pairwise term crosses it, the state
+ * entering it is zero), so T need not be a multiple of 64 and chunks need not align with documents. Forward: a
+ * parallel kernel per chunk (pairwise decays, the UT transform's (I + A)^-1 explicitly, W, U and the decayed q and
+ * k), then one sequential pass per (row, head) (or per slice of its state columns: few heads, or V not a multiple
+ * of 128) that carries the fp32 state in registers and writes the output. Backward: the state pass again (saving
+ * the state entering each chunk) unless the forward kept it in `saved`, a reverse state pass, then two parallel
+ * kernels per chunk (the WY/UT backward; the pairwise backward with the gate's reverse cumulative sum). fp32
+ * arithmetic except the matrix products, which take tf32 operands on the tensor cores (fp32 accumulation); fixed
+ * summation order (deterministic). K and V multiples of 16 up to 128; q, k, v and dout 16-byte aligned (as
+ * cudaMalloc gives). All gradients are overwritten; dinitial_state, dfinal_state and the state pointers may be
+ * NULL.
  *
  * `saved` (kda_chunk_saved_floats floats, fp32; 272 KB per 64-token chunk and head at K = V = 128, i.e.
  * 34 bytes per token and channel) keeps from the forward, for the backward of the same inputs, the per-chunk
@@ -65,6 +67,7 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
 
 #include "kernels/device.h"
 KLT_C_BEGIN
+#define KDA_L2NORM_EPS 1e-6f  // the L2 norms of q and k inside the CUDA op
 size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V);
 void kda_chunk_forward_cuda(bf16 *out /*(B,T,H,V)*/, float *final_state /*(B,H,K,V)*/, const bf16 *q /*(B,T,H,K)*/,
                             const bf16 *k, const bf16 *v /*(B,T,H,V)*/, const float *g /*(B,T,H,K)*/,

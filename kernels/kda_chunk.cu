@@ -54,6 +54,13 @@
 //   intra kernel fits two blocks per SM (about 83 KB), the two backward kernels one (about 210 and 200 KB).
 //   Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
 //   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
+// - The L2 norms of q and k are inside: the intra and pairwise kernels normalize the rows as they load them
+//   (load_rows_l2norm, four threads a row), the WY backward scales its raw k by the inverse norms the intra
+//   kernel saved (64 floats a chunk), and the pairwise kernel ends with the norms' backward (its upper four
+//   warps, while the lower ones run the gate's reverse sum). Measured on an H100 at 8 x 4096 x 16 (session 19):
+//   with the softplus gate fwd 2.59 -> 2.43 ms, fwd+bwd 8.11 -> 7.91 (bounded 8.09 -> 7.83) against the norms as
+//   separate kernels; unit-norm inputs (bench_kda's op rows) pay the norms now: 7.12 -> 7.37. The per-kernel
+//   times below were measured before, with the norms as separate kernels.
 // - The gate gradient dg_t = sum_i>=t dgc_i leaves out what cancels exactly (a diagonal pair's q_i dA_ii k_i,
 //   the last row's kl term): with steep decays dg is ~e^-10 of those terms, and their rounding was a 3% error.
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
@@ -61,16 +68,16 @@
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
 // - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.13 ms, fwd+bwd 7.15 ms; the L2 norms and the
-//   softplus gate, separate kernels near the bandwidth, add about 0.45 / 1.0 ms; fla's Triton chunk_kda, with them
-//   inside, 2.40 / 12.44 ms). Per kernel (ncu, kernels serialized; ms, DRAM GB, TB/s): intra 1.36-1.42, 2.14, 1.5;
+//   softplus gate, then separate kernels near the bandwidth, added about 0.45 / 1.0 ms; fla's Triton chunk_kda, with
+//   them inside, 2.40 / 12.44 ms). Per kernel (ncu, kernels serialized; ms, DRAM GB, TB/s): intra 1.36-1.42, 2.14, 1.5;
 //   state 0.78, 2.15, 2.75; state backward 0.69, 1.88, 2.73; WY backward 2.82, 4.33, 1.54; pairwise backward 1.53,
-//   2.15, 1.40. So the state passes stream near what the GPU gives; the three per-chunk kernels, 5.8 of the 7.1 ms,
-//   run at half of it. The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its
-//   phases: instruction bound. The WY backward's state products (56% of it) did not speed up when three slices were
-//   in flight instead of one; both backward kernels run one block per SM (shared memory), and each one's prologue
-//   (loads of q, k, gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With few heads
-//   and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-
-//   partition, each instruction waiting on the one before. bench/README has the per-phase tables.
+//   2.15, 1.40. So the state passes stream near what the GPU gives; the three per-chunk kernels, 5.8 of the 7.1 ms, run
+//   at half of it. The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
+//   instruction bound. The WY backward's state products (56% of it) did not speed up when three slices were in flight
+//   instead of one; both backward kernels run one block per SM (shared memory), and each one's prologue (loads of q, k,
+//   gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With few heads and long sequences
+//   (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-partition, each instruction
+//   waiting on the one before. bench/README has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
 //   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
@@ -98,6 +105,7 @@
 // Per-chunk scratch, chunk index ch = (b * H + h) * NC + c.
 struct Scratch {
   float *W, *U, *QG, *KL, *EL, *AQ, *KK, *MT;  // (64,K) (64,V) (64,K) (64,K) (K) (64,64) x3
+  float *RK;                                   // (64): k's inverse L2 norms
   float *VP, *S0, *DVP, *DS;              // (64,V) (K,V) (64,V) (K,V)
   float *PDQ, *PDK, *PDK2, *DGL, *DL, *DA;  // (64,K) x3, (K), (64,64) x2: partial gradients
 };
@@ -474,30 +482,50 @@ static __device__ void load_gates(float *gc, int ldg, float *beta, int *seg, con
   }
 }
 
-// q and k rows kept in shared memory as they are, bf16 (exact for k; q is scaled when read), with a row pitch of
-// K + 2 so that the rows of one channel spread over the banks.
+// q and k rows kept in shared memory L2-normalized, in bf16 (q is scaled when read), with a row pitch of K + 2
+// so that the rows of one channel spread over the banks.
 #define QK_PITCH(K) ((K) + 2)
-// Rows of a (64, K) bf16 tile into shared memory unchanged (row pitch `pitch`, even), zero past T: 16-byte
-// loads, all of a thread's (at most 4, K <= 128) in flight together, 4-byte stores.
-static __device__ void copy_rows_bf16(bf16_t *dst, int pitch, const bf16_t *src, int b, int h, int t0, int T, int H,
-                                      int K) {
-  const int per_row = K / 8, n = CH * per_row;
-  const bf16_t *base = src + AT(b, t0, h, K);
-  const size_t row = (size_t)H * K;
-  uint4 x[4];
+// Rows t0 .. t0 + 63 of a (B, T, H, K) bf16 tensor into shared memory (row pitch `pitch`, even), each row
+// x / sqrt(|x|^2 + KDA_L2NORM_EPS) rounded to bf16 (l2norm_forward of kernels/norm.h), zero past T; the
+// inverse norms into inv[64] (global or shared memory) when inv is not NULL. Four threads a row: thread r of
+// the quad loads the 8-byte pieces r, r + 4, .. (all of them in flight together), the sum of squares meets by
+// two shuffles. Every kernel normalizes with this one function, so they all see the same bits.
+static_assert(NT == 4 * CH, "load_rows_l2norm takes four threads a row");
+static __device__ void load_rows_l2norm(bf16_t *dst, int pitch, float *inv, const bf16_t *src, int b, int h, int t0,
+                                        int T, int H, int K) {
+  const int i = threadIdx.x >> 2, r = threadIdx.x & 3, n = K / 16;  // n <= 8 pieces a thread (K <= 128)
+  const uint2 *row = (const uint2 *)(src + AT(b, t0, h, K) + i * (size_t)H * K) + r;  // read only while t0 + i < T
+  uint2 x[8];
+  float ss = 0.0f;
 #pragma unroll
-  for (int u = 0; u < 4; u++) {
-    const int e = threadIdx.x + u * NT, i = e / per_row;
-    x[u] = make_uint4(0u, 0u, 0u, 0u);
-    if (e < n && t0 + i < T) x[u] = __ldg((const uint4 *)(base + i * row + (e % per_row) * 8));
+  for (int u = 0; u < 8; u++) {
+    x[u] = make_uint2(0u, 0u);
+    if (u < n && t0 + i < T) x[u] = __ldg(row + 4 * u);
   }
 #pragma unroll
-  for (int u = 0; u < 4; u++) {
-    const int e = threadIdx.x + u * NT;
-    if (e >= n) break;
-    unsigned *d = (unsigned *)(dst + (e / per_row) * pitch + (e % per_row) * 8);
-    d[0] = x[u].x, d[1] = x[u].y, d[2] = x[u].z, d[3] = x[u].w;
+  for (int u = 0; u < 8; u++) {
+    if (u >= n) break;
+    const float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&x[u].x);
+    const float2 hi = __bfloat1622float2(*(const __nv_bfloat162 *)&x[u].y);
+    ss = fmaf(lo.x, lo.x, fmaf(lo.y, lo.y, fmaf(hi.x, hi.x, fmaf(hi.y, hi.y, ss))));
   }
+  ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+  ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+  const float s = rsqrtf(ss + KDA_L2NORM_EPS);
+  if (inv && r == 0) inv[i] = s;
+#pragma unroll
+  for (int u = 0; u < 8; u++) {
+    if (u >= n) break;
+    const float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&x[u].x);
+    const float2 hi = __bfloat1622float2(*(const __nv_bfloat162 *)&x[u].y);
+    __nv_bfloat162 *d = (__nv_bfloat162 *)(dst + i * pitch + 4 * (r + 4 * u));
+    d[0] = __floats2bfloat162_rn(lo.x * s, lo.y * s);
+    d[1] = __floats2bfloat162_rn(hi.x * s, hi.y * s);
+  }
+}
+// x * s rounded to bf16, as load_rows_l2norm stores a normalized element.
+static __device__ __forceinline__ float l2norm_bf16(float x, float s) {
+  return __bfloat162float(__float2bfloat16(x * s));
 }
 static __device__ __forceinline__ float bf(const bf16_t *p) { return __bfloat162float(*p); }
 
@@ -524,8 +552,8 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
   const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   float *AQ = sc.AQ + (size_t)ch * CH * CH;
-  copy_rows_bf16(qh, pl, q, b, h, t0, T, H, K);
-  copy_rows_bf16(kh, pl, k, b, h, t0, T, H, K);
+  load_rows_l2norm(qh, pl, NULL, q, b, h, t0, T, H, K);
+  load_rows_l2norm(kh, pl, sc.RK + (size_t)ch * CH, k, b, h, t0, T, H, K);  // k's inverse norms for the WY backward
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
   // Pairwise products inside the 16-row sub-chunks (KK and Aqk for j <= i). Entries above the sub-chunk diagonal
@@ -1104,12 +1132,13 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   float *tile = smem, *kks = tile + TILE_FLOATS, *mts = kks + CH * CH, *gc = tile + WY_TILE, *Ys = gc + CH * ld;
   bf16_t *kvs = (bf16_t *)(mts + CH * MTP);
   float *delS = Ys + CH * ly;
-  float *rowpart = delS + K, *ypart = rowpart + 16 * CH, *beta = ypart + 8 * CH;
-  int *seg = (int *)(beta + CH);
+  float *rowpart = delS + K, *ypart = rowpart + 16 * CH, *beta = ypart + 8 * CH, *rk = beta + CH;
+  int *seg = (int *)(rk + CH);
   // one block per chunk of the range [c_begin, c_end) of every (b, h)
   const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
   const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
+  if (tid < CH) rk[tid] = __ldg(sc.RK + (size_t)ch * CH + tid);  // k arrives raw: normalized where it is read
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
   const int last = seg[CH - 1];
@@ -1161,7 +1190,7 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
       if (n < K) {
         const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
         const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
-        r0 *= e0, r1 *= e1;
+        r0 = l2norm_bf16(r0, rk[i]) * e0, r1 = l2norm_bf16(r1, rk[i]) * e1;
         *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
       } else if (t0 + i < T) {
         *(__nv_bfloat162 *)(dvb + i * ((size_t)H * V) + (n - K)) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
@@ -1235,8 +1264,8 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   const int ld = K + 1, pl = QK_PITCH(K);
   float *gc = smem, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
   float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64 at pitch WAP, 16-byte aligned
-  float *beta = (float *)(wa + CH * WAP);
-  int *seg = (int *)(beta + CH);
+  float *beta = (float *)(wa + CH * WAP), *rq = beta + CH, *rk = rq + CH;  // rq, rk: q's and k's inverse norms
+  int *seg = (int *)(rk + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + CH * pl;
   // one block per chunk of the range [c_begin, c_end) of every (b, h)
   const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
@@ -1249,8 +1278,8 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
     cp_async16(raw + CH * CH + 4 * e, sc.DA + cC + 4 * e);
   }
   cp_async_commit();
-  copy_rows_bf16(qh, pl, q, b, h, t0, T, H, K);
-  copy_rows_bf16(kh, pl, k, b, h, t0, T, H, K);
+  load_rows_l2norm(qh, pl, rq, q, b, h, t0, T, H, K);
+  load_rows_l2norm(kh, pl, rk, k, b, h, t0, T, H, K);
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   for (int e = tid; e < 3 * CH * ld; e += NT) Ps[e] = 0.0f;  // Ps, Qs, Rs
   cp_async_wait_all();
@@ -1369,17 +1398,15 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
     // The WY backward's parts: dk = PDK + PDK2 (+ P + R), dqs = PDQ (+ Q), and the gate's
     // dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...). The PDK_i k_i also reach gc_last, so dg_t gets
     // sum_i<t PDK_i k_i from them: a prefix sum, kept in Qs (this thread's own elements, read above).
-    const size_t row = (size_t)H * K;
-    size_t o = AT(b, t0, h, K) + I0 * row + a;  // (t0 + I0 + r, a) of dk and dq
 #pragma unroll
-    for (int r = 0; r < 16; r++, o += row) {
-      const int i = I0 + r, t = t0 + i;
+    for (int r = 0; r < 16; r++) {
+      const int i = I0 + r;
       Ps[i * ld + a] = fmaf(pq[r], qv[r], k2[r] * kv[r]) + kv[r] * (P[r] - R[r]) + qv[r] * Q[r];  // dgc
       Qs[i * ld + a] = k1[r] * kv[r];
-      if (t < T) {
-        dk[o] = __float2bfloat16(k1[r] + k2[r] + P[r] + fmaf(dd[r], qv[r], R[r]));
-        dq[o] = __float2bfloat16(scale * (pq[r] + fmaf(dd[r], kv[r], Q[r])));
-      }
+      // The gradients of the normalized q and k, in bf16 (as they would leave a kernel of their own), wait in
+      // this thread's own element of Rs for the norms' backward below.
+      ((__nv_bfloat162 *)Rs)[i * ld + a] = __floats2bfloat162_rn(scale * (pq[r] + fmaf(dd[r], kv[r], Q[r])),
+                                                                 k1[r] + k2[r] + P[r] + fmaf(dd[r], qv[r], R[r]));
     }
   }
   __syncthreads();
@@ -1398,6 +1425,28 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
       acc += Ps[i * ld + tid];
       if (t0 + i < T) dg[o] = acc + Qs[i * ld + tid];
     }
+  } else if (tid >= NT / 2) {
+    // Meanwhile the L2 norms' backward (kernels/norm.h's l2norm_backward) in the upper four warps (all their threads
+    // are >= K): with xn a normalized row and s its inverse norm, dx = s (dxn - xn (xn . dxn)). Warp w takes rows
+    // w - 4, w, w + 4, .. of q and k.
+    const int lane = tid & 31;
+    const __nv_bfloat162 *dn = (const __nv_bfloat162 *)Rs;  // (dqn, dkn) of element (i, a) at i * ld + a
+    const size_t row = (size_t)H * K, o0 = AT(b, t0, h, K);  // row t0 + i of dq and dk at o0 + i * row
+    for (int i = (tid >> 5) - NT / 64; i < CH && t0 + i < T; i += NT / 64) {
+      float dotq = 0.0f, dotk = 0.0f;
+      for (int a = lane; a < K; a += 32) {
+        const float2 d = __bfloat1622float2(dn[i * ld + a]);
+        dotq = fmaf(bf(qh + i * pl + a), d.x, dotq);
+        dotk = fmaf(bf(kh + i * pl + a), d.y, dotk);
+      }
+      dotq = warp_sum(dotq), dotk = warp_sum(dotk);
+      const size_t o = o0 + i * row;
+      for (int a = lane; a < K; a += 32) {
+        const float2 d = __bfloat1622float2(dn[i * ld + a]);
+        dq[o + a] = __float2bfloat16(rq[i] * fmaf(-bf(qh + i * pl + a), dotq, d.x));
+        dk[o + a] = __float2bfloat16(rk[i] * fmaf(-bf(kh + i * pl + a), dotk, d.y));
+      }
+    }
   }
 }
 
@@ -1408,8 +1457,9 @@ static void check_shape(int K, int V) {
 }
 
 // The forward's per-chunk intermediates, floats per chunk: W, QG, KL (64 x K), U (64 x V), Aqk, KK, M^T (64 x 64),
-// el (K); then what its state pass gives the backward: Vp (64 x V) and the entering state S0 (K x V).
-static size_t intra_per_chunk(int K, int V) { return 3 * (size_t)CH * K + (size_t)CH * V + 3 * CH * CH + K; }
+// el (K), k's inverse norms (64); then what its state pass gives the backward: Vp (64 x V) and the entering state
+// S0 (K x V).
+static size_t intra_per_chunk(int K, int V) { return 3 * (size_t)CH * K + (size_t)CH * V + 3 * CH * CH + K + CH; }
 static size_t saved_per_chunk(int K, int V) { return intra_per_chunk(K, V) + (size_t)CH * V + (size_t)K * V; }
 
 extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
@@ -1432,7 +1482,7 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved
   };
   float *in = saved ? saved : p;  // every size is a multiple of 16 floats: all stay 64-byte aligned
   s.W = take(in, cK), s.U = take(in, cV), s.QG = take(in, cK), s.KL = take(in, cK), s.AQ = take(in, cC);
-  s.KK = take(in, cC), s.MT = take(in, cC), s.EL = take(in, K);
+  s.KK = take(in, cC), s.MT = take(in, cC), s.EL = take(in, K), s.RK = take(in, CH);
   if (saved || backward) s.VP = take(in, cV), s.S0 = take(in, kv);
   if (!saved) p = in;
   if (backward) {
@@ -1473,10 +1523,10 @@ static int state_warps(int B, int H, int V) {
   return V % 64 == 0 ? 4 : 1;
 }
 static size_t wy_smem(int K, int V) {
-  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 24 * CH + 2 * CH) * sizeof(float);
+  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 24 * CH + 3 * CH) * sizeof(float);
 }
 static size_t pair_smem(int K) {
-  return (4 * (size_t)CH * (K + 1) + 2 * CH * WAP + 2 * CH) * sizeof(float) +
+  return (4 * (size_t)CH * (K + 1) + 2 * CH * WAP + 4 * CH) * sizeof(float) +
          2 * CH * QK_PITCH(K) * sizeof(bf16_t);
 }
 

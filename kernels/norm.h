@@ -44,7 +44,5 @@ void gated_rmsnorm_forward_cuda(bf16 *out /*(N,H,D)*/, float *rstd /*(N,H)*/, co
                                 const float *weight /*(D)*/, float eps, int N, int H, int D);
 void gated_rmsnorm_backward_cuda(bf16 *do_, bf16 *dgate, float *dweight, const bf16 *dout, const bf16 *o,
                                  const bf16 *gate, const float *weight, const float *rstd, int N, int H, int D);
-void l2norm_forward_cuda(bf16 *out /*(rows,D)*/, float *inv_norm /*(rows)*/, const bf16 *inp, float eps, int rows, int D);
-void l2norm_backward_cuda(bf16 *dinp, const bf16 *dout, const bf16 *inp, const float *inv_norm, int rows, int D);
 KLT_C_END
 #endif

@@ -37,9 +37,8 @@ typedef struct {
   const bf16 *x;                   // (N, d) the layer's input, kept by the model
   const unsigned char *doc_start;  // (B, T) on the device
   bf16 *qp, *kp, *vp;              // (N, H*K) projections before the convolution
-  bf16 *q_act, *k_act;             // (N, H*K) after conv + SiLU, before the L2 norm
-  bf16 *q, *k, *v;                 // (N, H, K) KDA inputs
-  float *q_inv_norm, *k_inv_norm;  // (N, H)
+  bf16 *q_act, *k_act;             // (N, H*K) after conv + SiLU: the KDA op's q, k (it L2-normalizes them)
+  bf16 *v;                         // (N, H, K)
   bf16 *f_low, *f;                 // (N, K), (N, H*K)
   float *g;                        // (N, H, K) log decay
   bf16 *b_logit;                   // (N, H)
@@ -108,7 +107,7 @@ typedef struct {
 
 // Backward scratch shared by all layers (sized for the largest layer).
 typedef struct {
-  bf16 *wide[8];      // (N, max(H*K, H*(Dn+Dr), H*(Dn+Dv))) each
+  bf16 *wide[7];      // (N, max(H*K, H*(Dn+Dr), H*(Dn+Dv))) each
   bf16 *narrow[3];    // (N, max(K, R+Dr))
   float *g_wide;      // (N, H*K) fp32
   float *h_float[2];  // (N, max(H, E)) fp32

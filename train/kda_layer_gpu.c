@@ -11,8 +11,6 @@
 #include "kernels/norm.h"
 #include "train/gpu_layers.h"
 
-#define L2NORM_EPS 1e-6f
-
 GpuTensor gpu_param(const GpuParams *p, int layer, const char *suffix) {
   char name[160];
   if (layer >= 0) snprintf(name, sizeof name, "model.layers.%d.%s", layer, suffix);
@@ -52,11 +50,9 @@ void gpu_kda_init(GpuKda *L, const ModelConfig *m, const GpuParams *p, int l, in
   L->o_norm = gpu_param(p, l, "self_attn.o_norm.weight");
   L->o_proj = gpu_param(p, l, "self_attn.o_proj.weight");
   const size_t N = (size_t)max_rows, HK = (size_t)L->H * L->K, H = L->H, K = L->K;
-  bf16 **wide[] = {&L->qp, &L->kp, &L->vp, &L->q_act, &L->k_act, &L->q, &L->k, &L->v, &L->f, &L->o, &L->gate, &L->y};
+  bf16 **wide[] = {&L->qp, &L->kp, &L->vp, &L->q_act, &L->k_act, &L->v, &L->f, &L->o, &L->gate, &L->y};
   for (size_t i = 0; i < sizeof wide / sizeof wide[0]; i++) *wide[i] = alloc_bf16(N * HK);
   L->g = alloc_float(N * HK);
-  L->q_inv_norm = alloc_float(N * H);
-  L->k_inv_norm = alloc_float(N * H);
   L->beta = alloc_float(N * H);
   L->o_rstd = alloc_float(N * H);
   L->b_logit = alloc_bf16(N * H);
@@ -65,8 +61,8 @@ void gpu_kda_init(GpuKda *L, const ModelConfig *m, const GpuParams *p, int l, in
 }
 
 void gpu_kda_free(GpuKda *L) {
-  void *buffers[] = {L->qp, L->kp, L->vp, L->q_act, L->k_act, L->q, L->k, L->v, L->f, L->o, L->gate, L->y, L->g,
-                     L->q_inv_norm, L->k_inv_norm, L->beta, L->o_rstd, L->b_logit, L->f_low, L->g_low, L->kda_saved};
+  void *buffers[] = {L->qp, L->kp, L->vp, L->q_act, L->k_act, L->v, L->f, L->o, L->gate, L->y, L->g, L->beta,
+                     L->o_rstd, L->b_logit, L->f_low, L->g_low, L->kda_saved};
   for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) device_free(buffers[i]);
 }
 
@@ -84,8 +80,6 @@ void gpu_kda_forward(GpuKda *L, bf16 *out, const bf16 *x, const unsigned char *d
   short_conv_silu_forward_cuda(L->q_act, L->qp, L->q_conv.master, doc_start, B, T, HK, L->W);
   short_conv_silu_forward_cuda(L->k_act, L->kp, L->k_conv.master, doc_start, B, T, HK, L->W);
   short_conv_silu_forward_cuda(L->v, L->vp, L->v_conv.master, doc_start, B, T, HK, L->W);
-  l2norm_forward_cuda(L->q, L->q_inv_norm, L->q_act, L2NORM_EPS, N * H, K);
-  l2norm_forward_cuda(L->k, L->k_inv_norm, L->k_act, L2NORM_EPS, N * H, K);
   matmul_forward_cuda(L->f_low, x, L->f_a.w, N, d, K);
   matmul_forward_cuda(L->f, L->f_low, L->f_b.w, N, K, HK);
   kda_gate_forward_cuda(L->g, L->f, L->A_log.master, L->dt_bias.master, gate_form(L), L->gate_lower_bound, N, H, K);
@@ -98,8 +92,9 @@ void gpu_kda_forward(GpuKda *L, bf16 *out, const bf16 *x, const unsigned char *d
     L->kda_saved = alloc_float(saved);
     L->kda_saved_floats = saved;
   }
-  kda_chunk_forward_cuda(L->o, NULL, L->q, L->k, L->v, L->g, L->beta, NULL, doc_start, scale, B, T, H, K, K,
-                         L->kda_saved);
+  // q and k enter raw: the op L2-normalizes them.
+  kda_chunk_forward_cuda(L->o, NULL, L->q_act, L->k_act, L->v, L->g, L->beta, NULL, doc_start, scale, B, T, H, K,
+                         K, L->kda_saved);
   matmul_forward_cuda(L->g_low, x, L->g_a.w, N, d, K);
   matmul_forward_cuda(L->gate, L->g_low, L->g_b.w, N, K, HK);
   gated_rmsnorm_forward_cuda(L->y, L->o_rstd, L->o, L->gate, L->o_norm.master, L->eps, N, H, K);
@@ -109,7 +104,7 @@ void gpu_kda_forward(GpuKda *L, bf16 *out, const bf16 *x, const unsigned char *d
 void gpu_kda_backward(GpuKda *L, bf16 *dx, const bf16 *dout, GpuScratch *s) {
   const int B = L->B, T = L->T, N = B * T, H = L->H, K = L->K, HK = H * K, d = L->d;
   bf16 *dy = s->wide[0], *do_ = s->wide[1], *dgate = s->wide[2], *dq = s->wide[3], *dk = s->wide[4],
-       *dv = s->wide[5], *dact = s->wide[6], *dproj = s->wide[7];
+       *dv = s->wide[5], *dproj = s->wide[6];
   bf16 *dlow = s->narrow[0];
   float *dg = s->g_wide, *dbeta = s->h_float[0];
   matmul_backward_cuda(dy, L->o_proj.grad, dout, L->y, L->o_proj.w, N, HK, d, false);
@@ -118,7 +113,7 @@ void gpu_kda_backward(GpuKda *L, bf16 *dx, const bf16 *dout, GpuScratch *s) {
   matmul_backward_cuda(dx, L->g_a.grad, dlow, L->x, L->g_a.w, N, d, K, false);
 
   float scale = 1.0f / sqrtf((float)K);
-  kda_chunk_backward_cuda(dq, dk, dv, dg, dbeta, NULL, do_, NULL, L->q, L->k, L->v, L->g, L->beta, NULL,
+  kda_chunk_backward_cuda(dq, dk, dv, dg, dbeta, NULL, do_, NULL, L->q_act, L->k_act, L->v, L->g, L->beta, NULL,
                           L->doc_start, scale, B, T, H, K, K, L->kda_saved);
 
   sigmoid_backward_cuda(s->h_bf16, dbeta, L->beta, (size_t)N * H);
@@ -130,11 +125,9 @@ void gpu_kda_backward(GpuKda *L, bf16 *dx, const bf16 *dout, GpuScratch *s) {
   matmul_backward_cuda(dlow, L->f_b.grad, df, L->f_low, L->f_b.w, N, K, HK, false);
   matmul_backward_cuda(dx, L->f_a.grad, dlow, L->x, L->f_a.w, N, d, K, true);
 
-  l2norm_backward_cuda(dact, dq, L->q_act, L->q_inv_norm, N * H, K);
-  short_conv_silu_backward_cuda(dproj, L->q_conv.grad, dact, L->qp, L->q_conv.master, L->doc_start, B, T, HK, L->W);
+  short_conv_silu_backward_cuda(dproj, L->q_conv.grad, dq, L->qp, L->q_conv.master, L->doc_start, B, T, HK, L->W);
   matmul_backward_cuda(dx, L->q_proj.grad, dproj, L->x, L->q_proj.w, N, d, HK, true);
-  l2norm_backward_cuda(dact, dk, L->k_act, L->k_inv_norm, N * H, K);
-  short_conv_silu_backward_cuda(dproj, L->k_conv.grad, dact, L->kp, L->k_conv.master, L->doc_start, B, T, HK, L->W);
+  short_conv_silu_backward_cuda(dproj, L->k_conv.grad, dk, L->kp, L->k_conv.master, L->doc_start, B, T, HK, L->W);
   matmul_backward_cuda(dx, L->k_proj.grad, dproj, L->x, L->k_proj.w, N, d, HK, true);
   short_conv_silu_backward_cuda(dproj, L->v_conv.grad, dv, L->vp, L->v_conv.master, L->doc_start, B, T, HK, L->W);
   matmul_backward_cuda(dx, L->v_proj.grad, dproj, L->x, L->v_proj.w, N, d, HK, true);

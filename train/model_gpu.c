@@ -90,7 +90,8 @@ static void scratch_init(GpuScratch *s, const ModelConfig *c, size_t N) {
   size_t rows = max_size(N * k * max_size((size_t)c->hidden_size, 2 * (size_t)c->expert_intermediate_size),
                          N * 2 * max_size((size_t)c->dense_intermediate_size,
                                           (size_t)c->expert_intermediate_size * c->num_shared_experts));
-  for (int i = 0; i < 8; i++) s->wide[i] = device_alloc(N * wide * sizeof(bf16));
+  for (size_t i = 0; i < sizeof s->wide / sizeof s->wide[0]; i++)
+    s->wide[i] = device_alloc(N * wide * sizeof(bf16));
   for (int i = 0; i < 3; i++) s->narrow[i] = device_alloc(N * narrow * sizeof(bf16));
   s->g_wide = device_alloc(N * c->kda_heads * c->kda_head_dim * sizeof(float));
   for (int i = 0; i < 2; i++) s->h_float[i] = device_alloc(N * heads * sizeof(float));
@@ -100,7 +101,7 @@ static void scratch_init(GpuScratch *s, const ModelConfig *c, size_t N) {
 }
 
 static void scratch_free(GpuScratch *s) {
-  for (int i = 0; i < 8; i++) device_free(s->wide[i]);
+  for (size_t i = 0; i < sizeof s->wide / sizeof s->wide[0]; i++) device_free(s->wide[i]);
   for (int i = 0; i < 3; i++) device_free(s->narrow[i]);
   device_free(s->g_wide);
   for (int i = 0; i < 2; i++) device_free(s->h_float[i]);

@@ -1,7 +1,7 @@
-// The CUDA chunkwise KDA against the CPU chunkwise reference in fp64 (itself checked against the
-// recurrence): head dims 128, 64, 32 (and V != K), decays near 0, strong, steep and the model's softplus gate,
-// documents starting inside chunks, at chunk boundaries and at t = 0, T not a multiple of 64, initial state and
-// dfinal_state.
+// The CUDA chunkwise KDA, with its L2 norms, against the CPU chunkwise reference in fp64 (itself checked against
+// the recurrence) composed with the CPU norms: head dims 128, 64, 32 (and V != K), decays near 0, strong, steep
+// and the model's softplus gate, documents starting inside chunks, at chunk boundaries and at t = 0, T not a
+// multiple of 64, initial state and dfinal_state.
 #include <math.h>
 #include <string.h>
 
@@ -19,10 +19,19 @@ static void check_gates(int B, int T, int H, int K, int V, enum GateFill fill, d
   uint64_t rng = seed;
   const size_t nk = (size_t)B * T * H * K, nv = (size_t)B * T * H * V, nb = (size_t)B * T * H, ns = (size_t)B * H * K * V;
   real *q = test_alloc(nk), *k = test_alloc(nk), *v = test_alloc(nv), *g = test_alloc(nk), *beta = test_alloc(nb);
-  real *dout = test_alloc(nv), *s0 = test_alloc(ns), *dsT = test_alloc(ns), *inv = test_alloc(nb);
-  test_fill_normal(q, nk, 1, &rng), test_fill_normal(k, nk, 1, &rng);
-  l2norm_forward(q, inv, q, 1e-6, B * T * H, K);
-  l2norm_forward(k, inv, k, 1e-6, B * T * H, K);
+  real *dout = test_alloc(nv), *s0 = test_alloc(ns), *dsT = test_alloc(ns);
+  real *q_raw = test_alloc(nk), *k_raw = test_alloc(nk), *q_inv = test_alloc(nb), *k_inv = test_alloc(nb);
+  // The op L2-normalizes q and k itself: raw rows of norms spread over [0.2, 20] in, the reference normalizes
+  // them in fp64 and rounds to bf16 as the op does.
+  test_fill_normal(q_raw, nk, 1, &rng), test_fill_normal(k_raw, nk, 1, &rng);
+  for (size_t r = 0; r < nb; r++) {
+    const double mq = exp(log(0.2 / sqrt((double)K)) + log(100.0) * (double)((r * 7919) % 101) / 100);
+    const double mk = exp(log(0.2 / sqrt((double)K)) + log(100.0) * (double)((r * 104729) % 103) / 102);
+    for (int c = 0; c < K; c++) q_raw[r * K + c] *= mq, k_raw[r * K + c] *= mk;
+  }
+  gpu_round_bf16(q_raw, nk), gpu_round_bf16(k_raw, nk);
+  l2norm_forward(q, q_inv, q_raw, KDA_L2NORM_EPS, B * T * H, K);
+  l2norm_forward(k, k_inv, k_raw, KDA_L2NORM_EPS, B * T * H, K);
   test_fill_normal(v, nv, 1, &rng), test_fill_normal(dout, nv, 1, &rng);
   if (fill == UNIFORM) test_fill_uniform(g, nk, g_lo, g_hi, &rng);
   else {
@@ -53,8 +62,11 @@ static void check_gates(int B, int T, int H, int K, int V, enum GateFill fill, d
   kda_chunk_forward(out, sT, q, k, v, g, beta, states ? s0 : NULL, doc, scale, B, T, H, K, V, 64);
   kda_chunk_backward(dq, dk, dv, dg, dbeta, ds0, dout, states ? dsT : NULL, q, k, v, g, beta, states ? s0 : NULL, doc,
                      scale, B, T, H, K, V, 64);
+  real *dq_raw = test_alloc(nk), *dk_raw = test_alloc(nk);  // through the norms
+  l2norm_backward(dq_raw, dq, q_raw, q_inv, B * T * H, K);
+  l2norm_backward(dk_raw, dk, k_raw, k_inv, B * T * H, K);
 
-  bf16 *g_q = gpu_upload_bf16(q, nk), *g_k = gpu_upload_bf16(k, nk), *g_v = gpu_upload_bf16(v, nv);
+  bf16 *g_q = gpu_upload_bf16(q_raw, nk), *g_k = gpu_upload_bf16(k_raw, nk), *g_v = gpu_upload_bf16(v, nv);
   bf16 *g_dout = gpu_upload_bf16(dout, nv), *g_out = device_alloc(nv * 2);
   bf16 *g_dq = device_alloc(nk * 2), *g_dk = device_alloc(nk * 2), *g_dv = device_alloc(nv * 2);
   float *g_g = gpu_upload_float(g, nk), *g_beta = gpu_upload_float(beta, nb), *g_s0 = gpu_upload_float(s0, ns);
@@ -89,8 +101,8 @@ static void check_gates(int B, int T, int H, int K, int V, enum GateFill fill, d
               fill == UNIFORM ? "g in" : "g = -A softplus(N(0, 1)), A by head in", g_lo, g_hi, states, docs);
   gpu_expect_close("out", gpu_download_bf16(g_out, nv), out, nv, GPU_TOLERANCE);
   gpu_expect_close("final state", gpu_download_float(g_sT, ns), sT, ns, GPU_TOLERANCE);
-  gpu_expect_close("dq", gpu_download_bf16(g_dq, nk), dq, nk, GPU_TOLERANCE);
-  gpu_expect_close("dk", gpu_download_bf16(g_dk, nk), dk, nk, GPU_TOLERANCE);
+  gpu_expect_close("dq", gpu_download_bf16(g_dq, nk), dq_raw, nk, GPU_TOLERANCE);
+  gpu_expect_close("dk", gpu_download_bf16(g_dk, nk), dk_raw, nk, GPU_TOLERANCE);
   gpu_expect_close("dv", gpu_download_bf16(g_dv, nv), dv, nv, GPU_TOLERANCE);
   gpu_expect_close("dg", gpu_download_float(g_dg, nk), dg, nk, GPU_TOLERANCE);
   gpu_expect_close("dbeta", gpu_download_float(g_dbeta, nb), dbeta, nb, GPU_TOLERANCE);

@@ -174,30 +174,6 @@ Test(pointwise_cuda, gated_rmsnorm) {
   }
 }
 
-Test(pointwise_cuda, l2norm) {
-  const int shapes[][2] = {{37 * 8, 128}, {1024, 128}, {11, 100}, {3, 7}};
-  uint64_t rng = 5;
-  const float eps = 1e-6f;
-  for (int s = 0; s < 4; s++) {
-    const int rows = shapes[s][0], D = shapes[s][1];
-    const size_t n = (size_t)rows * D;
-    real *inp = random_bf16(n, 1.0, &rng), *dout = random_bf16(n, 1.0, &rng);
-    real *out = test_alloc(n), *inv = test_alloc(rows), *dinp = test_alloc(n);
-    l2norm_forward(out, inv, inp, eps, rows, D);
-    l2norm_backward(dinp, dout, inp, inv, rows, D);
-    bf16 *d_inp = gpu_upload_bf16(inp, n), *d_dout = gpu_upload_bf16(dout, n);
-    bf16 *d_out = garbage_bf16(n, &rng), *d_dinp = garbage_bf16(n, &rng);
-    float *d_inv = (float *)device_alloc(rows * sizeof(float));
-    l2norm_forward_cuda(d_out, d_inv, d_inp, eps, rows, D);
-    l2norm_backward_cuda(d_dinp, d_dout, d_inp, d_inv, rows, D);
-    expect_bf16("l2norm out", d_out, out, n, GPU_TOLERANCE);
-    expect_float("inv_norm", d_inv, inv, rows, 1e-5);
-    expect_bf16("l2norm dinp", d_dinp, dinp, n, GPU_TOLERANCE);
-    device_free(d_inp), device_free(d_dout), device_free(d_out), device_free(d_dinp), device_free(d_inv);
-    free(inp), free(dout), free(out), free(inv), free(dinp);
-  }
-}
-
 Test(pointwise_cuda, short_conv_silu) {
   const int shapes[][4] = {{2, 70, 200, 4}, {2, 256, 1024, 4}, {3, 37, 9, 3}, {1, 5, 16, 4}};  // B, T, C, W
   uint64_t rng = 6;
