@@ -1,12 +1,11 @@
 #!/bin/bash
-# Device-tool script, run from the repo root (carry .deps/debs and .deps/setup.sh): the segment count and the
-# forward's output placement scanned over shapes, to choose segments()' rule by measurement. Builds bench_kda and
-# test_kda_cuda from a copy of this tree's kernel file (the device's copy only) whose segments() obeys
-# KDA_SEGMENTS_DEV (a development override, never committed) and, where the tree still has the separate output
-# kernel, whose forward keeps the output fused into the state pass under KDA_OUTPUTS_FUSED_DEV. Prints the op
-# rows of each shape at each segment count (fused, and apart where that exists), then runs test_kda_cuda with
-# every case cut into 4 segments (the cut paths on all test shapes). About 120 s.
-#   SHAPES="B T H;..." (default: the four of bench/README)   SEGS="1 2 4 8"   APART=1: also the separate output
+# Device-tool script, run from the repo root (carry .deps/debs and .deps/setup.sh): the segment count scanned
+# over shapes, to choose segments()' rule by measurement. Builds bench_kda and test_kda_cuda from a copy of this
+# tree's kernel file (the device's copy only) whose segments() obeys KDA_SEGMENTS_DEV (a development override,
+# never committed). Prints the op rows of each shape at each segment count, then runs test_kda_cuda with every
+# case cut into 4 segments (the cut paths on all test shapes). About 120 s. (Session 19's scan also placed the
+# forward's output apart, in a kernel since removed: bench/README.)
+#   SHAPES="B T H;..." (default: the four of bench/README)   SEGS="1 2 4 8"
 #   SEGMENTS_MAX_DEV=16: a higher cap on the segment count in the device's copy (SEGS may then go past 8)
 #   NO_TESTS=1: skip the tests
 set --
@@ -15,16 +14,13 @@ source .deps/setup.sh > /dev/null 2>&1
 SHAPES=${SHAPES:-8 4096 16;4 8192 16;2 16384 16;1 65536 16}
 SEGS=${SEGS:-1 2 4 8}
 python3 - <<'PY'
+import os
 s = open("kernels/kda_chunk.cu").read()
 head = "static int segments(int B, int H, int V, int NC) {\n"
 assert head in s, "segments() not found"
 s = s.replace(head, head + '  if (const char *e = getenv("KDA_SEGMENTS_DEV"))\n'
               '    return std::max(1, std::min(std::min(atoi(e), NC), SEGMENTS_MAX));\n')
 s = s.replace("#include <type_traits>", "#include <type_traits>\n#include <cstdlib>\n#include <algorithm>", 1)
-apart = "const bool outputs_apart = save && out;"
-if apart in s:
-    s = s.replace(apart, 'const bool outputs_apart = save && out && !getenv("KDA_OUTPUTS_FUSED_DEV");')
-import os
 if os.environ.get("SEGMENTS_MAX_DEV"):
     cap = "#define SEGMENTS_MAX 8 "
     assert cap in s, "SEGMENTS_MAX not found"
@@ -38,13 +34,11 @@ echo "built $SECONDS s; $(nvidia-smi --query-gpu=name --format=csv,noheader)"
 IFS=';' read -ra shapes <<< "$SHAPES"
 for shape in "${shapes[@]}"; do
   for n in $SEGS; do
-    echo "$shape segments $n fused: $(KDA_OUTPUTS_FUSED_DEV=1 KDA_SEGMENTS_DEV=$n /tmp/P/bench_kda --op $shape 2>&1 | grep -E '^\| [0-9]')"
-    [[ -n "${APART:-}" && $n != 1 ]] &&
-      echo "$shape segments $n apart: $(KDA_SEGMENTS_DEV=$n /tmp/P/bench_kda --op $shape 2>&1 | grep -E '^\| [0-9]')"
+    echo "$shape segments $n: $(KDA_SEGMENTS_DEV=$n /tmp/P/bench_kda --op $shape 2>&1 | grep -E '^\| [0-9]')"
   done
 done
 [[ -n "${NO_TESTS:-}" ]] && { echo "done $SECONDS s"; exit 0; }
-echo "== test_kda_cuda, every case cut into 4 segments, output fused ($SECONDS s)"
-KDA_OUTPUTS_FUSED_DEV=1 KDA_SEGMENTS_DEV=4 timeout 120 /tmp/P/test_kda_cuda --jobs 8 --verbose > /tmp/t.txt 2>&1; echo "rc $?"
+echo "== test_kda_cuda, every case cut into 4 segments ($SECONDS s)"
+KDA_SEGMENTS_DEV=4 timeout 120 /tmp/P/test_kda_cuda --jobs 8 --verbose > /tmp/t.txt 2>&1; echo "rc $?"
 tail -1 /tmp/t.txt; grep -E "FAIL|expected|differs" /tmp/t.txt | head -6
 echo "done $SECONDS s"
