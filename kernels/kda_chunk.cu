@@ -841,6 +841,21 @@ static __device__ __forceinline__ void decay_tiles(float (&S)[16][4], const floa
       S[j][0] *= e0, S[j][1] *= e1, S[j][2] *= e0, S[j][3] *= e1;
     }
 }
+// The forward state passes' update once the chunk's products have read S: S^T <- S^T diag(el) + Vp^T KL, with
+// Vp^T's tiles (accumulators, u) as A fragments and KL (64 x K, pitch ldk) in shared memory as B.
+static __device__ __forceinline__ void update_state(float (&S)[16][4], const float (&u)[8][4], const float *KLs,
+                                                    int ldk, const float *els, int KT) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  decay_tiles(S, els, KT);
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++) {
+    unsigned a[4];
+    acc_to_a(a, u[ks]);
+#pragma unroll
+    for (int n = 0; n < 16; n++)
+      if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
+  }
+}
 
 // Forward state pass on the tensor cores: one block per (b, h, slice of 16 NW state columns), warp w owning
 // columns v0 = col0 + 16 w .. v0 + 15, chunks in order. The warp keeps S^T (its 16 columns x K) in
@@ -930,15 +945,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
         for (int r = 0; r < 4; r++)
           if (8 * n + (r & 1) < rows) out[o + (r & 1) * row + 8 * (r >> 1)] = __float2bfloat16(O[n][r]);
     }
-    decay_tiles(S, els, KT);
-#pragma unroll
-    for (int ks = 0; ks < 8; ks++) {
-      unsigned a[4];
-      acc_to_a(a, u[ks]);
-#pragma unroll
-      for (int n = 0; n < 16; n++)
-        if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
-    }
+    update_state(S, u, KLs, ldk, els, KT);
   }
   if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
 }
@@ -998,15 +1005,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
 #pragma unroll
       for (int r = 0; r < 4; r++) u[n][r] -= P[n][r];  // u is now Vp^T
     if (save) tiles_store(sc.VP + ch * CH * V, u, 8, V, v0);
-    decay_tiles(S, els, KT);
-#pragma unroll
-    for (int ks = 0; ks < 8; ks++) {
-      unsigned a[4];
-      acc_to_a(a, u[ks]);
-#pragma unroll
-      for (int n = 0; n < 16; n++)
-        if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
-    }
+    update_state(S, u, KLs, ldk, els, KT);
   }
   if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
 }
