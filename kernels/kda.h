@@ -56,7 +56,7 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * cudaMalloc gives). All gradients are overwritten; dinitial_state, dfinal_state and the state pointers may be
  * NULL.
  *
- * `saved` (kda_chunk_saved_floats floats, fp32; 272 KB per 64-token chunk and head at K = V = 128, i.e.
+ * `saved` (kda_chunk_saved_floats floats, fp32; about 273 KB per 64-token chunk and head at K = V = 128, i.e.
  * 34 bytes per token and channel) keeps from the forward, for the backward of the same inputs, the per-chunk
  * kernel's results and the state entering each chunk with its Vp; the backward then skips recomputing them
  * (its first two kernels).
