@@ -51,7 +51,8 @@
 //   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages; Y = M^T dX is
 //   computed in place by warps that own its column tiles (fragments from shared memory, no barrier), and Y's
 //   per-element work (dk's UT part, dv, dbeta's row sums) is done in that product's and dL's epilogues. The
-//   intra kernel fits two blocks per SM (about 83 KB), the two backward kernels one (about 210 and 200 KB).
+//   intra kernel fits two blocks per SM (about 83 KB), the two backward kernels one (about 210 and 200 KB; the WY
+//   backward's block is 16 warps, the other per-chunk kernels' 8).
 //   Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
 //   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
 // - The L2 norms of q and k are inside: the intra and pairwise kernels normalize the rows as they load them
@@ -75,7 +76,11 @@
 //   at half of it. The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
 //   instruction bound. The WY backward's state products (56% of it) did not speed up when three slices were in flight
 //   instead of one; both backward kernels run one block per SM (shared memory), and each one's prologue (loads of q, k,
-//   gates) is a serial memory latency with nothing to overlap it: 10-20% of them. With few heads and long sequences
+//   gates) is a serial memory latency with nothing to overlap it: 10-20% of them. Neither more warps nor an earlier
+//   start of the loads changes that much (session 20, H100, two samples each: the WY backward at 16 warps instead of
+//   8 about 1% faster over all shapes, kept; its gates loaded beside the first state slices, no gain): its phases
+//   run one after another, and what would overlap them is a second block per SM (shared memory: about 215 KB now)
+//   or the next chunk's loads during this one's products. With few heads and long sequences
 //   (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-partition, each instruction
 //   waiting on the one before. bench/README has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
@@ -93,7 +98,8 @@
 #include <type_traits>
 
 #define CH 64          // chunk length
-#define NT 256         // threads per block
+#define NT 256         // threads per block (the WY backward: WY_NT)
+#define WY_NT 512      // the WY backward's threads per block: 16 warps in its one block per SM
 #define DIAG_RANGE 64.0f  // the intra kernel's sub-chunk products on the tensor cores: see there
 #define SEGMENTS_MAX 8         // few (b, h): the chunks cut into at most this many segments (see segments),
 #define SEGMENT_CHUNKS_MIN 64  // each of at least this many chunks
@@ -158,29 +164,32 @@ static __device__ __forceinline__ void frag_a(unsigned (&a)[4], const float *p, 
   a[0] = __float_as_uint(p[0]), a[1] = __float_as_uint(p[8 * ld]), a[2] = __float_as_uint(p[4]);
   a[3] = __float_as_uint(p[8 * ld + 4]);
 }
-// A warp's 16 x 32 output block (four 16 x 8 C fragments) into the output tile Cs (row pitch ld) at p = Cs +
-// 16 wm ld + 32 wn: thread (g, t) writes (g, 8 nt + 2t .. + 1) and (g + 8, ..).
-static __device__ __forceinline__ void store_c(float *p, int ld, const float (&c)[4][4]) {
+// A warp's 16 x 8 NTL output block (NTL 16 x 8 C fragments) into the output tile Cs (row pitch ld) at p = Cs +
+// 16 wm ld + 8 NTL wn: thread (g, t) writes (g, 8 nt + 2t .. + 1) and (g + 8, ..).
+template <int NTL>
+static __device__ __forceinline__ void store_c(float *p, int ld, const float (&c)[NTL][4]) {
   const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
-  for (int nt = 0; nt < 4; nt++) {
+  for (int nt = 0; nt < NTL; nt++) {
     *(float2 *)(p + g * ld + 8 * nt + 2 * t) = make_float2(c[nt][0], c[nt][1]);
     *(float2 *)(p + (g + 8) * ld + 8 * nt + 2 * t) = make_float2(c[nt][2], c[nt][3]);
   }
 }
-// One 8-deep step of a 64-row product whose warp owns the 8-column tiles warp + 8 nt (nt < 4; those below nn):
-// acc[mt][nt] += M(rows 16 mt.., k slots k0 | k1) B(k0 | k1, the tile's columns), A fragments read straight
-// from M (row pitch lm), B's values from b(k, n), rounded to tf32 here (zeros past the last tile). The intra
-// kernel's W | U = M (beta eg K | V) and the WY backward's Y = M^T dX.
-template <class FB>
-static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][4][4], const float *M, int lm, int k0, int k1,
-                                                         int nn, FB b) {
+// One 8-deep step of a 64-row product over at most 32 8-column tiles, by a block of NW warps, warp owning the
+// tiles warp + NW nt (nt < NTW = 32 / NW; those below nn): acc[mt][nt] += M(rows 16 mt.., k slots k0 | k1)
+// B(k0 | k1, the tile's columns), A fragments read straight from M (row pitch lm), B's values from b(k, n),
+// rounded to tf32 here (zeros past the last tile). The intra kernel's W | U = M (beta eg K | V) (8 warps) and
+// the WY backward's Y = M^T dX (16 warps: tiles w, w + 16).
+template <int NW = 8, int NTW, class FB>
+static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][NTW][4], const float *M, int lm, int k0,
+                                                         int k1, int nn, FB b) {
+  static_assert(NW * NTW == 32, "the warps' tiles cover 32 column tiles");
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
-  float bv[4][2];
+  float bv[NTW][2];
 #pragma unroll
-  for (int nt = 0; nt < 4; nt++) {
-    const int n = 8 * (warp + 8 * nt) + g;
-    const bool in = warp + 8 * nt < nn;
+  for (int nt = 0; nt < NTW; nt++) {
+    const int n = 8 * (warp + NW * nt) + g;
+    const bool in = warp + NW * nt < nn;
     bv[nt][0] = in ? round_tf32(b(k0, n)) : 0.0f;
     bv[nt][1] = in ? round_tf32(b(k1, n)) : 0.0f;
   }
@@ -189,18 +198,20 @@ static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][4][4], 
     const float *m0 = M + (16 * mt + g) * lm, *m8 = m0 + 8 * lm;
     const unsigned a[4] = {tf32_bits(m0[k0]), tf32_bits(m8[k0]), tf32_bits(m0[k1]), tf32_bits(m8[k1])};
 #pragma unroll
-    for (int nt = 0; nt < 4; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
+    for (int nt = 0; nt < NTW; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
   }
 }
-// The epilogue of a column_tiles_step product: f(j, i, n, x0, x1) for each of the thread's (row i, columns n,
-// n + 1) pairs of the warp's tiles below nn, x0 and x1 their values, j = 2 mt + hf its row slot (of 8).
-template <class F>
-static __device__ __forceinline__ void column_tiles_epilogue(const float (&acc)[4][4][4], int nn, F f) {
+// The epilogue of a column_tiles_step product (NW warps, as there): f(j, i, n, x0, x1) for each of the thread's
+// (row i, columns n, n + 1) pairs of the warp's tiles below nn, x0 and x1 their values, j = 2 mt + hf its row
+// slot (of 8).
+template <int NW = 8, int NTW, class F>
+static __device__ __forceinline__ void column_tiles_epilogue(const float (&acc)[4][NTW][4], int nn, F f) {
+  static_assert(NW * NTW == 32, "the warps' tiles cover 32 column tiles");
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
-  for (int nt = 0; nt < 4; nt++) {
-    if (warp + 8 * nt >= nn) continue;
-    const int n = 8 * (warp + 8 * nt) + 2 * t;
+  for (int nt = 0; nt < NTW; nt++) {
+    if (warp + NW * nt >= nn) continue;
+    const int n = 8 * (warp + NW * nt) + 2 * t;
 #pragma unroll
     for (int mt = 0; mt < 4; mt++)
 #pragma unroll
@@ -211,33 +222,38 @@ static __device__ __forceinline__ float4 ldg4(const float *p) { return __ldg((co
 static __device__ __forceinline__ float4 lds4(const float *p) { return make_float4(p[0], p[1], p[2], p[3]); }
 
 // C (M, N) = A (M, KC) B (N, KC)^T for the per-chunk kernels on the tensor cores (mma.sync m16n8k8, tf32
-// inputs, fp32 accumulation; each warp a 16 x 32 block), staged through shared memory `tile` (TILE_FLOATS,
-// 128-byte aligned) 32 steps of KC at a time; la(m, k) and lb(n, k) return the four values at k..k+3 (k a
-// multiple of 4; KC a multiple of 16). Each 64 x 64 output tile goes through shared memory to epi(m, n, value),
-// thread (tx, ty) = (tid % 16, tid / 16) getting rows ty + 16 r and columns tx + 16 s, so two products of the
-// same shape give every element to the same thread (epilogues may read-modify-write what they own); an
-// epilogue taking (r, m, n, value) also gets r (0..3, a constant once unrolled: it may index a register
+// inputs, fp32 accumulation) by a block of NTH threads (256 or 512), staged through shared memory `tile`
+// (TILE_FLOATS, 128-byte aligned) 32 steps of KC at a time; la(m, k) and lb(n, k) return the four values at
+// k..k+3 (k a multiple of 4; KC a multiple of 16). Each 64 x 64 output tile: warp w a 16 x 8 CT block, rows
+// 16 wm.., columns 8 CT wn.. (wm = w / WN, wn = w % WN, WN warps a 16-row tile: 8 warps 16 x 32 blocks, 16
+// warps 16 x 16). It goes through shared memory to epi(m, n, value), thread (tx, ty) = (tid % 16, tid / 16)
+// getting rows ty + RS r (RS = NTH / 16: r < 4 at 256 threads, r < 2 at 512) and columns tx + 16 q, so two
+// products of the same shape give every element to the same thread (epilogues may read-modify-write what they
+// own); an epilogue taking (r, m, n, value) also gets r (a constant once unrolled: it may index a register
 // array). Synchronizes the block: every thread must call it.
 #define TLD 36
 #define CLD 68
 #define TILE_FLOATS (2 * 64 * TLD)  // >= 64 * CLD: the output tile Cs overlays As and Bs
-template <class LA, class LB, class FE>
+template <int NTH, class LA, class LB, class FE>
 static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile, LA la, LB lb, FE epi) {
+  static_assert(NTH == 256 || NTH == 512, "gemm_nt's maps are for 8 or 16 warps");
+  constexpr int WN = NTH / 128, CT = 8 / WN;  // warps a 16-row tile; the 8-column tiles of a warp
+  constexpr int RS = NTH / 16, NR = 64 / RS;  // the epilogue's row step, rows a thread
   float *As = tile, *Bs = tile + 64 * TLD, *Cs = tile;
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
   const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   for (int m0 = 0; m0 < M; m0 += 64)
     for (int n0 = 0; n0 < N; n0 += 64) {
       const int rows = min(64, M - m0), cols = min(64, N - n0);
-      float c[4][4] = {};  // the warp's 16 x 32 block: rows 16 wm.., columns 32 wn + 8 nt..
+      float c[CT][4] = {};  // the warp's 16 x 8 CT block: rows 16 wm.., columns 8 CT wn + 8 nt..
       // The next 32 steps of KC are loaded into registers while the tensor cores work on these.
-      float4 av[64 * 8 / NT], bv[64 * 8 / NT];
+      float4 av[64 * 8 / NTH], bv[64 * 8 / NTH];
       auto fetch = [&](int k0) {
         const int kw = min(32, KC - k0);
         const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-        for (int u = 0; u < 64 * 8 / NT; u++) {
-          const int e = threadIdx.x + u * NT, r = e >> 3, kk = (e & 7) * 4;
+        for (int u = 0; u < 64 * 8 / NTH; u++) {
+          const int e = threadIdx.x + u * NTH, r = e >> 3, kk = (e & 7) * 4;
           av[u] = r < rows && kk < kw ? la(m0 + r, k0 + kk) : zero;
           bv[u] = r < cols && kk < kw ? lb(n0 + r, k0 + kk) : zero;
         }
@@ -246,35 +262,35 @@ static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile
       for (int k0 = 0; k0 < KC; k0 += 32) {
         __syncthreads();
 #pragma unroll
-        for (int u = 0; u < 64 * 8 / NT; u++) {
-          const int e = threadIdx.x + u * NT, r = e >> 3, kk = (e & 7) * 4;
+        for (int u = 0; u < 64 * 8 / NTH; u++) {
+          const int e = threadIdx.x + u * NTH, r = e >> 3, kk = (e & 7) * 4;
           *(float4 *)(As + r * TLD + kk) = tf32x4(av[u]);
           *(float4 *)(Bs + r * TLD + kk) = tf32x4(bv[u]);
         }
         __syncthreads();
         if (k0 + 32 < KC) fetch(k0 + 32);
-        if (16 * wm < rows && 32 * wn < cols) {
-          const float *Aw = As + (16 * wm + g) * TLD + t, *Bw = Bs + (32 * wn + g) * TLD + t;
+        if (16 * wm < rows && 8 * CT * wn < cols) {
+          const float *Aw = As + (16 * wm + g) * TLD + t, *Bw = Bs + (8 * CT * wn + g) * TLD + t;
 #pragma unroll
           for (int ks = 0; ks < 32; ks += 8) {
             unsigned a[4];
             frag_a(a, Aw + ks, TLD);
 #pragma unroll
-            for (int nt = 0; nt < 4; nt++) mma_tf32(c[nt], a, Bw[8 * nt * TLD + ks], Bw[8 * nt * TLD + ks + 4]);
+            for (int nt = 0; nt < CT; nt++) mma_tf32(c[nt], a, Bw[8 * nt * TLD + ks], Bw[8 * nt * TLD + ks + 4]);
           }
         }
       }
       __syncthreads();  // every warp is done with As and Bs
-      store_c(Cs + 16 * wm * CLD + 32 * wn, CLD, c);
+      store_c(Cs + 16 * wm * CLD + 8 * CT * wn, CLD, c);
       __syncthreads();
 #pragma unroll
-      for (int r = 0; r < 4; r++)
+      for (int r = 0; r < NR; r++)
 #pragma unroll
         for (int q = 0; q < 4; q++)
-          if (ty + 16 * r < rows && tx + 16 * q < cols) {
-            const float v = Cs[(ty + 16 * r) * CLD + tx + 16 * q];
-            if constexpr (std::is_invocable_v<FE, int, int, int, float>) epi(r, m0 + ty + 16 * r, n0 + tx + 16 * q, v);
-            else epi(m0 + ty + 16 * r, n0 + tx + 16 * q, v);
+          if (ty + RS * r < rows && tx + 16 * q < cols) {
+            const float v = Cs[(ty + RS * r) * CLD + tx + 16 * q];
+            if constexpr (std::is_invocable_v<FE, int, int, int, float>) epi(r, m0 + ty + RS * r, n0 + tx + 16 * q, v);
+            else epi(m0 + ty + RS * r, n0 + tx + 16 * q, v);
           }
     }
 }
@@ -313,11 +329,14 @@ static __device__ __forceinline__ void tile_async(float *dst, int ld, const floa
 // the fp32 values, and dVp itself (fp32, unrounded) into dvp_out (64, ld_out) on the first pass.
 // The operands stream by cp.async through SP_STAGES shared-memory stages, 16 columns a slice, the slices in
 // order over (n0, k0), SP_STAGES - 1 of them in flight while one is used (the kernel has one block per SM:
-// only bytes in flight hide the memory's latency). A thread copies one 16-byte piece of each fp32 operand
-// (below: pr, pc) and, for tid < 128, eight bf16 of dO (row tid / 2), and once they are
-// there rounds its own pieces to tf32 in place (dO into its fp32 tile). epi(p, i, a, value) gets thread
-// (tx, ty) the rows ty + 16 r and columns tx + 16 q of each tile, as gemm_nt; the output tile overlays the
-// stage just used. Synchronizes the block; `stages` (SP_FLOATS) is free again when it returns.
+// only bytes in flight hide the memory's latency). The block's WY_NT = 512 threads: a thread copies one 16-byte
+// piece of two fp32 operands (warps 0..7 Vp and dVp, warps 8..15 S0 and dS'; below: half, pr, pc) and, for
+// tid < 128, eight bf16 of dO (row tid / 2), and once they are there rounds its own pieces to tf32 in place (dO
+// into its fp32 tile); warps 8..15 sum del from their S0 and dS' pieces, warps 0..7 copy their dVp pieces out.
+// Warp w computes a 16 x 16 block of each product, rows 16 (w / 4).., columns 16 (w % 4)... epi(p, i, a, value)
+// gets thread (tx, ty) = (tid % 16, tid / 16) the rows ty + 32 r (r < 2) and columns tx + 16 q of each tile, as
+// gemm_nt at 512 threads; the output tile overlays the stage just used. Synchronizes the block; `stages`
+// (SP_FLOATS) is free again when it returns.
 #define SLD 20                                 // a stage tile's pitch: 16 columns + 4, conflict-free fragments
 #define SP_STAGE (5 * 64 * SLD + 64 * 16 / 2)  // floats: dO, Vp, dVp, S0, dS' (fp32, 64 x SLD) and dO (bf16)
 #define SP_STAGES 4
@@ -335,29 +354,39 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
                                                       const float *S0, const float *DS, float *stages, float *delS,
                                                       float *dvp_out, int ld_out, int b, int h, int t0, int T, int H,
                                                       int K, int V, FE epi) {
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  static_assert(WY_NT == 512, "state_products' thread maps are for 16 warps");
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
   const int g = (tid & 31) >> 2, t = tid & 3;
   const int nv = V / 16, ns = (K + 63) / 64 * nv;  // slice s: state rows n0 = 64 (s / nv), columns k0 = 16 (s % nv)
-  // The thread's fp32 pieces: row pr, columns pc .. pc + 3; the eight threads of a quarter warp take eight
-  // rows of one column piece, whose 16 bytes then fall in eight different groups of four banks (SLD = 20).
-  const int pr = (tid & 7) + 8 * (tid >> 5), pc = 4 * ((tid >> 3) & 3);
+  // The thread's fp32 pieces: half = tid / 256 (warps 0..7 or 8..15) picks the two operands, Vp and dVp (half 0)
+  // or S0 and dS' (half 1), at stage rows ra = 64 + 128 half + pr and ra + 64; thread ht of its half: row pr,
+  // columns pc .. pc + 3; the eight threads of a quarter warp take eight rows of one column piece, whose 16 bytes
+  // then fall in eight different groups of four banks (SLD = 20).
+  const int half = tid >> 8, ht = tid & 255;
+  const int pr = (ht & 7) + 8 * (ht >> 5), pc = 4 * ((ht >> 3) & 3), ra = 64 + 128 * half + pr;
   const int dr = (tid & 127) >> 1, dc = 8 * (tid & 1);  // its dO piece (tid < 128): row dr, columns dc .. dc + 7
   auto issue = [&](int s) {
     if (s < ns) {
       float *st = stages + (s % SP_STAGES) * SP_STAGE;
       const int n0 = 64 * (s / nv), k0 = 16 * (s % nv);
-      const bool row_in = n0 + pr < K, t_in = t0 + dr < T;
-      cp_async16(st + (64 + pr) * SLD + pc, VP + pr * V + k0 + pc);
-      cp_async16(st + (128 + pr) * SLD + pc, DVP + pr * V + k0 + pc);
-      cp_async16z(st + (192 + pr) * SLD + pc, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
-      cp_async16z(st + (256 + pr) * SLD + pc, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
-      if (tid < 128)
+      if (half == 0) {
+        cp_async16(st + ra * SLD + pc, VP + pr * V + k0 + pc);
+        cp_async16(st + (ra + 64) * SLD + pc, DVP + pr * V + k0 + pc);
+      } else {
+        const bool row_in = n0 + pr < K;
+        const size_t e = (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc;
+        cp_async16z(st + ra * SLD + pc, S0 + e, row_in);
+        cp_async16z(st + (ra + 64) * SLD + pc, DS + e, row_in);
+      }
+      if (tid < 128) {
+        const bool t_in = t0 + dr < T;
         cp_async16z((bf16_t *)(st + 320 * SLD) + dr * 16 + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
+      }
     }
     cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
   };
-  float acc[4][4][4];  // product p's 16 x 32 block of the warp: rows 16 wm.., columns 32 wn + 8 nt..
-  float dl = 0.0f;
+  float acc[4][2][4];  // product p's 16 x 16 block of the warp: rows 16 wm.., columns 16 wn + 8 nt..
+  float dl = 0.0f;     // (half 1) the thread's part of del for row n0 + pr
 #pragma unroll
   for (int s = 0; s < SP_STAGES - 1; s++) issue(s);
   for (int s = 0; s < ns; s++) {
@@ -367,20 +396,20 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
 #pragma unroll
       for (int p = 0; p < 4; p++)
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) acc[p][nt][0] = acc[p][nt][1] = acc[p][nt][2] = acc[p][nt][3] = 0.0f;
+        for (int nt = 0; nt < 2; nt++) acc[p][nt][0] = acc[p][nt][1] = acc[p][nt][2] = acc[p][nt][3] = 0.0f;
       dl = 0.0f;
     }
     cp_async_wait<SP_STAGES - 2>();  // this thread's copies of slice s are there
     {
-      float4 *pv = (float4 *)(st + (64 + pr) * SLD + pc), *pd = (float4 *)(st + (128 + pr) * SLD + pc);
-      float4 *ps = (float4 *)(st + (192 + pr) * SLD + pc), *pe = (float4 *)(st + (256 + pr) * SLD + pc);
-      const float4 x = *ps, y = *pe, w = *pd;
-      dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
-      if (n0 == 0) {
+      float4 *p0 = (float4 *)(st + ra * SLD + pc), *p1 = (float4 *)(st + (ra + 64) * SLD + pc);
+      const float4 x = *p0, y = *p1;  // Vp, dVp (half 0) or S0, dS' (half 1)
+      if (half) {
+        dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
+      } else if (n0 == 0) {
         float *o = dvp_out + pr * ld_out + k0 + pc;
-        o[0] = w.x, o[1] = w.y, o[2] = w.z, o[3] = w.w;
+        o[0] = y.x, o[1] = y.y, o[2] = y.z, o[3] = y.w;
       }
-      *pv = tf32x4(*pv), *pd = tf32x4(w), *ps = tf32x4(x), *pe = tf32x4(y);
+      *p0 = tf32x4(x), *p1 = tf32x4(y);
       if (tid < 128) {
         const uint4 raw = *(const uint4 *)((const bf16_t *)(st + 320 * SLD) + dr * 16 + dc);
         const unsigned u[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -394,63 +423,66 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     }
     __syncthreads();  // slice s is in place in tf32; every warp is past its products of slice s - 1
     issue(s + SP_STAGES - 1);  // into slice s - 1's stage
-    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (192 + 32 * wn + g) * SLD + t;  // A: dO, Vp, dVp
-    if (32 * wn < cols) {                                                                      // B: S0, dS'
+    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (192 + 16 * wn + g) * SLD + t;  // A: dO, Vp, dVp
+    if (16 * wn < cols) {                                                                      // B: S0, dS'
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
         unsigned a[4];
-        float bs[4][2], bd[4][2];
+        float bs[2][2], bd[2][2];
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
+        for (int nt = 0; nt < 2; nt++) {
           bs[nt][0] = Bs[8 * nt * SLD + ks], bs[nt][1] = Bs[8 * nt * SLD + ks + 4];
           bd[nt][0] = Bs[(64 + 8 * nt) * SLD + ks], bd[nt][1] = Bs[(64 + 8 * nt) * SLD + ks + 4];
         }
         frag_a(a, As + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
+        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
         frag_a(a, As + 64 * SLD + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
+        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
         frag_a(a, As + 128 * SLD + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
+        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
       }
     }
     if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
-      const float *Bv = st + (64 + 32 * wn + g) * SLD + t;
+      const float *Bv = st + (64 + 16 * wn + g) * SLD + t;
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
         unsigned a[4];
         frag_a(a, As + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[3][nt], a, Bv[8 * nt * SLD + ks], Bv[8 * nt * SLD + ks + 4]);
+        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[3][nt], a, Bv[8 * nt * SLD + ks], Bv[8 * nt * SLD + ks + 4]);
       }
     }
     if (k0 + 16 < V) continue;
-    // The last slice of these 64 state rows: del (a row's four threads are lanes l, l + 8, l + 16, l + 24), then
-    // the products through the output tile Cs, over this slice's stage.
-    dl += __shfl_xor_sync(0xffffffffu, dl, 8);
-    dl += __shfl_xor_sync(0xffffffffu, dl, 16);
-    if (pc == 0 && pr < cols) delS[n0 + pr] = dl;
+    // The last slice of these 64 state rows: del (half 1; a row's four threads are lanes l, l + 8, l + 16,
+    // l + 24 of one warp), then the products through the output tile Cs, over this slice's stage.
+    if (half) {  // (warp-uniform)
+      dl += __shfl_xor_sync(0xffffffffu, dl, 8);
+      dl += __shfl_xor_sync(0xffffffffu, dl, 16);
+      if (pc == 0 && pr < cols) delS[n0 + pr] = dl;
+    }
     float *Cs = st;
 #pragma unroll
     for (int p = 0; p < 4; p++) {
       if (p == 3 && n0 != 0) break;
       __syncthreads();  // every warp is past its reads of the stage (or of the last tile)
-      if (p == 3 || 32 * wn < cols) store_c(Cs + 16 * wm * CLD + 32 * wn, CLD, acc[p]);
+      if (p == 3 || 16 * wn < cols) store_c(Cs + 16 * wm * CLD + 16 * wn, CLD, acc[p]);
       __syncthreads();
 #pragma unroll
-      for (int r = 0; r < 4; r++)
+      for (int r = 0; r < 2; r++)
 #pragma unroll
         for (int q = 0; q < 4; q++)
-          if (p == 3 || tx + 16 * q < cols) epi(p, ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
+          if (p == 3 || tx + 16 * q < cols) epi(p, ty + 32 * r, n0 + tx + 16 * q, Cs[(ty + 32 * r) * CLD + tx + 16 * q]);
     }
   }
   __syncthreads();  // every thread is past its reads of the last output tile
 }
 
-// The chunk's gates cumulated over its 64 rows (rows past T have g = 0), beta (0 past T) and seg. The
-// loads are issued together before any use (one memory latency, not 64).
+// The chunk's gates cumulated over its 64 rows (rows past T have g = 0), beta (0 past T) and seg, by a block of
+// NTH threads. The loads are issued together before any use (one memory latency, not 64).
+template <int NTH = NT>
 static __device__ void load_gates(float *gc, int ldg, float *beta, int *seg, const float *g, const float *beta_in,
                                   const unsigned char *doc_start, int b, int h, int t0, int T, int H, int K) {
   const int tid = threadIdx.x;
@@ -469,7 +501,7 @@ static __device__ void load_gates(float *gc, int ldg, float *beta, int *seg, con
     }
   }
   if (tid < CH) beta[tid] = t0 + tid < T ? __ldg(beta_in + ((size_t)b * T + t0 + tid) * H + h) : 0.0f;
-  if (tid >= NT - 32) {  // the last warp: document starts by ballot, seg by population counts
+  if (tid >= NTH - 32) {  // the last warp: document starts by ballot, seg by population counts
     const int lane = tid & 31;
     auto starts = [&](int i) {
       const int t = t0 + i;
@@ -1110,35 +1142,40 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
 // ---------------------------------------------------------------------------------------------------------
 #define WY_TILE SP_FLOATS  // the stages, 128-byte aligned
 #define MTP 68  // M^T's pitch in the WY backward: the Y product's A fragments (rows g, columns t) on 32 banks
-static_assert(TILE_FLOATS + CH * CH + CH * MTP + CH * 256 / 2 <= WY_TILE, "tile, KK, M^T and k | v must fit in the stages");
+static_assert(TILE_FLOATS + CH * CH + CH * MTP + CH * 256 / 2 + (WY_NT / 32) * CH <= WY_TILE,
+              "tile, KK, M^T, k | v and ypart must fit in the stages");
 // WY / UT backward, one block per chunk: the non-pairwise parts of dq and dk into PDQ (through qg), PDK (through
 // kl) and PDK2 (through the UT transform's eg k), the gate gradient that reaches gc_last through el into DGL (the
 // pairwise kernel derives the rest of dg from these and q, k); dL and dAqk (masked) into DL, DA; dv, dbeta final.
+// WY_NT = 512 threads (16 warps): the kernel's shared memory allows one block per SM, and 8 warps left most of
+// its issue slots idle (waiting on dependencies, shared memory and barriers).
 template <int KS, int VS>
-static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, float *dbeta, Scratch sc,
-                                                                    const bf16_t *dout, const bf16_t *k,
-                                                                    const bf16_t *v, const float *g,
-                                                                    const float *beta_in,
-                                                                    const unsigned char *doc_start, int T, int H,
-                                                                    int K_, int V_, int NC, int c_begin, int c_end) {
+static __global__ void __launch_bounds__(WY_NT, 1) kda_wy_backward_kernel(bf16_t *dv, float *dbeta, Scratch sc,
+                                                                          const bf16_t *dout, const bf16_t *k,
+                                                                          const bf16_t *v, const float *g,
+                                                                          const float *beta_in,
+                                                                          const unsigned char *doc_start, int T,
+                                                                          int H, int K_, int V_, int NC,
+                                                                          int c_begin, int c_end) {
   const int K = KS ? KS : K_, V = VS ? VS : V_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
   // Ys (64, K + V + 1): the odd pitch spreads a column's rows over the banks (the Y product reads columns).
   const int ly = KV + 1;
   // The state products' stages (WY_TILE floats) hold, once they are done, the tile of the two products after
-  // them, KK, M^T and k | v (bf16, (64, K + V)).
+  // them, KK, M^T, k | v (bf16, (64, K + V)) and, past k | v's largest size, ypart (16 warps x 64 rows).
   float *tile = smem, *kks = tile + TILE_FLOATS, *mts = kks + CH * CH, *gc = tile + WY_TILE, *Ys = gc + CH * ld;
   bf16_t *kvs = (bf16_t *)(mts + CH * MTP);
+  float *ypart = (float *)(kvs + CH * 256);
   float *delS = Ys + CH * ly;
-  float *rowpart = delS + K, *ypart = rowpart + 16 * CH, *beta = ypart + 8 * CH, *rk = beta + CH;
+  float *rowpart = delS + K, *beta = rowpart + 16 * CH, *rk = beta + CH;
   int *seg = (int *)(rk + CH);
   // one block per chunk of the range [c_begin, c_end) of every (b, h)
   const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
   const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
   if (tid < CH) rk[tid] = __ldg(sc.RK + (size_t)ch * CH + tid);  // k arrives raw: normalized where it is read
-  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
+  load_gates<WY_NT>(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
   const int last = seg[CH - 1];
   const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
@@ -1151,18 +1188,18 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
     else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
   });
   // Y = M^T dX on the tensor cores, in place, and what each element of Y gives directly: dk's UT part
-  // PDK2 = eg beta y, dv = beta y, and dbeta's y . rhs part (rhs = eg k | v). Warp w owns the 8-column tiles
-  // w, w + 8, w + 16, w + 24 (two of k, two of v at K = V = 128) over all 64 rows, with its fragments built
+  // PDK2 = eg beta y, dv = beta y, and dbeta's y . rhs part (rhs = eg k | v). Warp w (of 16) owns the
+  // 8-column tiles w, w + 16 (one of k, one of v at K = V = 128) over all 64 rows, with its fragments built
   // straight from shared memory (A's reads of M^T, pitch MTP, on 32 banks): it reads and writes only its own
   // columns, so no barrier is needed before the in-place writes. A row's y . rhs partial sums meet over the
   // quad by shuffles, then in ypart[warp][i].
   // KK, M^T (pitch MTP) and k | v by cp.async into the stages (16 bytes a copy; K and V are multiples of 16,
   // so no copy straddles k and v; rows past T are zeroed).
-  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
-  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
+  for (int e = tid; e < CH * CH / 4; e += WY_NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
+  for (int e = tid; e < CH * CH / 4; e += WY_NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
   {
     const bf16_t *kb = k + AT(b, t0, h, K), *vb = v + AT(b, t0, h, V);
-    for (int e = tid; e < CH * KV / 8; e += NT) {
+    for (int e = tid; e < CH * KV / 8; e += WY_NT) {
       const int i = 8 * e / KV, a = 8 * e % KV;
       if (t0 + i >= T) *(uint4 *)(kvs + 8 * e) = make_uint4(0u, 0u, 0u, 0u);
       else cp_async16(kvs + 8 * e, a < K ? (const void *)(kb + i * ((size_t)H * K) + a)
@@ -1174,15 +1211,16 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
   __syncthreads();  // Ys, KK, M^T and k | v are complete
   {
     const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = KV / 8;
-    float acc[4][4][4] = {};  // (row tile mt, column tile w + 8 nt, fragment element)
+    float acc[4][2][4] = {};  // (row tile mt, column tile w + 16 nt, fragment element)
 #pragma unroll 2
     for (int ks = 0; ks < CH / 8; ks++) {
-      column_tiles_step(acc, mts, MTP, 8 * ks + t, 8 * ks + t + 4, nn, [&](int k, int n) { return Ys[k * ly + n]; });
+      column_tiles_step<WY_NT / 32>(acc, mts, MTP, 8 * ks + t, 8 * ks + t + 4, nn,
+                                    [&](int k, int n) { return Ys[k * ly + n]; });
     }
     __syncwarp();  // every lane's reads of the warp's columns are done
     float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // rows 16 mt + g + 8 half
     bf16_t *dvb = dv + AT(b, t0, h, V);
-    column_tiles_epilogue(acc, nn, [&](int j, int i, int n, float y0, float y1) {
+    column_tiles_epilogue<WY_NT / 32>(acc, nn, [&](int j, int i, int n, float y0, float y1) {
       Ys[i * ly + n] = y0, Ys[i * ly + n + 1] = y1;
       const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KV + n);
       float r0 = __low2float(r2), r1 = __high2float(r2);
@@ -1206,12 +1244,12 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
       for (int u = 0; u < 8; u++) ypart[warp * CH + 16 * (u >> 1) + g + 8 * (u & 1)] = part[u];
   }
   __syncthreads();  // Y is complete
-  const int tx = tid & 15;
-  float racc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // the dL product's dbeta parts, rows ty + 16 r (gemm_nt's map)
+  const int tx = tid & 15, ty = tid >> 4;
+  float racc[CH * 16 / WY_NT] = {};  // the dL product's dbeta parts, rows ty + 32 r (gemm_nt's map at 512 threads)
   if (tid < K) sc.DGL[(size_t)ch * K + tid] = delS[tid] * __ldg(sc.EL + (size_t)ch * K + tid);
   // dL = -Y X^T (strictly lower, same document), and dbeta's dL . KK part into rowpart.
   const float *W = sc.W + cK, *U = sc.U + cV;
-  gemm_nt(
+  gemm_nt<WY_NT>(
       CH, CH, KV, tile, [&](int i, int a) { return lds4(Ys + i * ly + a); },
       [&](int j, int a) { return a < K ? ldg4(W + j * K + a) : ldg4(U + j * V + a - K); },
       [&](int r, int i, int j, float x) {
@@ -1220,15 +1258,15 @@ static __global__ void __launch_bounds__(NT) kda_wy_backward_kernel(bf16_t *dv, 
         racc[r] = fmaf(d, kks[i * CH + j], racc[r]);
       });
 #pragma unroll
-  for (int r = 0; r < 4; r++) rowpart[tx * CH + (tid >> 4) + 16 * r] = racc[r];
+  for (int r = 0; r < CH * 16 / WY_NT; r++) rowpart[tx * CH + ty + (WY_NT / 16) * r] = racc[r];
   __syncthreads();
-  // dbeta_i = sum_j dL_ij KK_ij + Y_i . rhs_i: the 16 and 8 partial sums of row i in order.
+  // dbeta_i = sum_j dL_ij KK_ij + Y_i . rhs_i: the 16 and 16 partial sums of row i in order.
   if (tid < CH && t0 + tid < T) {
     float sum = 0.0f;
 #pragma unroll
     for (int x = 0; x < 16; x++) sum += rowpart[x * CH + tid];
 #pragma unroll
-    for (int w = 0; w < 8; w++) sum += ypart[w * CH + tid];
+    for (int w = 0; w < WY_NT / 32; w++) sum += ypart[w * CH + tid];
     dbeta[((size_t)b * T + t0 + tid) * H + h] = sum;
   }
 }
@@ -1522,7 +1560,7 @@ static int state_warps(int B, int H, int V) {
   return V % 64 == 0 ? 4 : 1;
 }
 static size_t wy_smem(int K, int V) {
-  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 24 * CH + 3 * CH) * sizeof(float);
+  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 16 * CH + 3 * CH) * sizeof(float);
 }
 static size_t pair_smem(int K) {
   return (4 * (size_t)CH * (K + 1) + 2 * CH * WAP + 4 * CH) * sizeof(float) +
@@ -1704,8 +1742,8 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   allow_smem(pair, pair_bytes);
   auto per_chunk = [&](Range r) {  // the WY and pairwise backward of the chunks of r
     const int blocks = B * H * (r.end - r.begin);
-    wy<<<blocks, NT, wy_bytes, r.stream>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,
-                                           (const bf16_t *)v, g, beta, doc_start, T, H, K, V, NC, r.begin, r.end);
+    wy<<<blocks, WY_NT, wy_bytes, r.stream>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,
+                                              (const bf16_t *)v, g, beta, doc_start, T, H, K, V, NC, r.begin, r.end);
     CUDA_CHECK_LAUNCH();
     pair<<<blocks, NT, pair_bytes, r.stream>>>((bf16_t *)dq, (bf16_t *)dk, dg, sc, (const bf16_t *)q,
                                                (const bf16_t *)k, g, beta, doc_start, scale, T, H, K, NC, r.begin,
