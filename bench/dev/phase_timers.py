@@ -26,7 +26,7 @@ def timed(s, start, marks, kid, end_id):
     except ValueError:
         print(f"phase_timers: {start.split('(')[0]} left untimed (an anchor is missing)", file=sys.stderr)
     return s
-s = timed(s, "kda_intra_kernel(Scratch", [(("copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
+s = timed(s, "kda_intra_kernel(Scratch", [(("load_rows_l2norm(qh", "copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
 wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
       (("// dbeta_i = Y_i", "// dbeta_i = sum_j dL"), 3)]
@@ -59,8 +59,8 @@ static void prof_dump(int nblk) {
 '''
 i = s.index("#define CH 64")  # after the includes
 s = s[:i] + head + s[i:]
-i = s.index("  smem = pair_smem(K);")
-j = s.index("CUDA_CHECK_LAUNCH();\n}", i) + len("CUDA_CHECK_LAUNCH();")
-s = s[:j] + "\n  static int calls = 0;\n  if (++calls == 6) prof_dump(chunks);" + s[j:]
+# the dump: after the backward's per-chunk kernels of an uncut run (the shapes timed are not cut into segments)
+i = s.index("    per_chunk(all);\n    return;") + len("    per_chunk(all);\n")
+s = s[:i] + "    static int calls = 0;\n    if (++calls == 6) prof_dump(chunks);\n" + s[i:]
 s = s.replace("{PHASES_TIMED}", "{%d, %d, %d}" % tuple(phases))
 open(sys.argv[2], "w").write(s)

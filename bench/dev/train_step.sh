@@ -14,7 +14,7 @@ cmake --build $B -j 16 --target klt-train klt-data test_model_cuda test_resume_c
   $B/klt-data prep --format text --output data/sample/shards data/sample/*.txt > /tmp/prep.log 2>&1
 for opt in adamw muonclip; do
   rm -rf runs/small
-  $B/klt-train configs/small.ini --set stage.steps=$STEPS --set optim.optimizer=$opt > /tmp/train_$opt.txt 2>&1
+  $B/klt-train configs/small.ini --set stage.steps=$STEPS --set log.every=1 --set optim.optimizer=$opt > /tmp/train_$opt.txt 2>&1
   echo "$opt rc $?: $(grep -E '^step' /tmp/train_$opt.txt | tail -1 | cut -c1-200)"
   grep -E '^step' /tmp/train_$opt.txt | awk -v first=6 '{n = $2 + 0; if (n < first) next;
     for (i = 1; i <= NF; i++) { if ($i == "ms") ms += $(i - 1); if ($i == "tok/s") tok += $(i - 1) + 0; if ($i == "(MFU") mfu += $(i + 1) + 0 }
