@@ -68,9 +68,10 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128, op alone: fwd 2.13 ms, fwd+bwd 7.15 ms; the L2 norms and the
-//   softplus gate, then separate kernels near the bandwidth, added about 0.45 / 1.0 ms; fla's Triton chunk_kda, with
-//   them inside, 2.40 / 12.44 ms). Per kernel (ncu, kernels serialized; ms, DRAM GB, TB/s): intra 1.36-1.42, 2.14, 1.5;
+// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.43 ms, fwd+bwd
+//   7.81 ms, session 20; fla's Triton chunk_kda 2.44 / 12.74 ms in the same command; the gate's two kernels are
+//   0.15 / 0.4 ms of that). Per kernel, measured before the norms went inside (ncu, kernels serialized; ms, DRAM GB,
+//   TB/s): intra 1.36-1.42, 2.14, 1.5;
 //   state 0.78, 2.15, 2.75; state backward 0.69, 1.88, 2.73; WY backward 2.82, 4.33, 1.54; pairwise backward 1.53,
 //   2.15, 1.40. So the state passes stream near what the GPU gives; the three per-chunk kernels, 5.8 of the 7.1 ms, run
 //   at half of it. The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
