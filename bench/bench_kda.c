@@ -9,11 +9,13 @@
 //             g = -exp(A_log) softplus(f + dt_bias) (A = exp(A_log) ~ U(1, 16) per head) timed with the op,
 //             forward and backward, as the model's layer runs it;
 //   bounded   the same with fla's bounded gate g = -5 sigmoid(exp(A_log) (f + dt_bias)).
-//   bench_kda [--op]                   B x T x H x K = 8x4096x16x128, 2x16384x16x128, 1x65536x16x128
+//   bench_kda [--op] [--reverse]       B x T x H x K = 8x4096x16x128, 2x16384x16x128, 1x65536x16x128
 //   bench_kda [--op] B T H [K [DOC_LEN]]   one shape (V = K); DOC_LEN > 0 starts a document every DOC_LEN tokens
 // --op: only the "op" rows (kernel A/B comparisons, bench/dev/kda_ab.sh).
-// --profile (before --op, if both): after each row's timing, one more forward+backward between
-//   cudaProfilerStart and Stop, for `ncu --profile-from-start off` (bench/dev/kda_kernel_times.sh).
+// --profile: after each row's timing, one more forward+backward between cudaProfilerStart and Stop, for
+//   `ncu --profile-from-start off` (bench/dev/kda_kernel_times.sh).
+// --reverse: the kinds of inputs in the other order (bounded, softplus, op), to tell a real difference between
+//   two rows from drift over the command.
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -194,10 +196,16 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
 }
 
 int main(int argc, char **argv) {
-  profile = argc >= 2 && strcmp(argv[1], "--profile") == 0;
-  if (profile) argc--, argv++;
-  const bool op_only = argc >= 2 && strcmp(argv[1], "--op") == 0;
-  if (op_only) argc--, argv++;
+  bool op_only = false, reverse = false;
+  for (; argc >= 2 && strncmp(argv[1], "--", 2) == 0; argc--, argv++) {
+    if (strcmp(argv[1], "--profile") == 0) profile = true;
+    else if (strcmp(argv[1], "--op") == 0) op_only = true;
+    else if (strcmp(argv[1], "--reverse") == 0) reverse = true;
+    else {
+      fprintf(stderr, "bench_kda: unknown option %s (--op, --profile, --reverse)\n", argv[1]);
+      return 1;
+    }
+  }
   device_select(0);
   printf("chunkwise KDA, V = K, median of %d calls after %d warm-ups; floor = the bytes below at %.2f TB/s\n", REPS,
          WARMUP, HBM_TBS);
@@ -206,7 +214,8 @@ int main(int argc, char **argv) {
   printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   const int shapes[3][3] = {{8, 4096, 16}, {2, 16384, 16}, {1, 65536, 16}};
   for (int s = 0; s < (argc >= 4 ? 1 : 3); s++)
-    for (int inputs = 0; inputs < (op_only ? 1 : 3); inputs++) {
+    for (int n = 0; n < (op_only ? 1 : 3); n++) {
+      const int inputs = reverse && !op_only ? 2 - n : n;
       if (argc >= 4)
         bench(atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), argc >= 5 ? atoi(argv[4]) : 128,
               argc >= 6 ? atoi(argv[5]) : 0, inputs);
