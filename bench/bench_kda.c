@@ -16,6 +16,7 @@
 //   `ncu --profile-from-start off` (bench/dev/kda_kernel_times.sh).
 // --reverse: the kinds of inputs in the other order (bounded, softplus, op), to tell a real difference between
 //   two rows from drift over the command.
+// --dump DIR: each row's results (out, final state, every gradient) into DIR, one file an array (see dump).
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -125,7 +126,25 @@ static float time_median(void (*fn)(const struct buffers *), const struct buffer
 }
 
 static const char *INPUTS[] = {"op", "softplus", "bounded"};
-static bool profile;  // --profile
+static bool profile;            // --profile
+static const char *dump_dir;    // --dump DIR
+
+// The row's results (of its last forward+backward) into DIR/BxTxHxK_inputs_name.bin, one file an array, so that
+// two builds' files can be compared with cmp (bench/dev/kda_ab.sh: bitwise against this tree).
+static void dump(const char *label, const char *name, const void *d, size_t bytes) {
+  if (!d) return;
+  char path[1024];
+  snprintf(path, sizeof path, "%s/%s_%s.bin", dump_dir, label, name);
+  void *h = malloc(bytes);
+  device_download(h, d, bytes);
+  FILE *f = fopen(path, "wb");
+  if (!f || fwrite(h, 1, bytes, f) != bytes) {
+    fprintf(stderr, "bench_kda: cannot write %s\n", path);
+    exit(1);
+  }
+  fclose(f);
+  free(h);
+}
 
 // inputs: 0 the op alone, 1 softplus gate and L2 norms inside, 2 bounded gate and L2 norms inside.
 static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
@@ -163,6 +182,18 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
   }
   const float fwd_ms = time_median(run_forward, &x);
   const float both_ms = time_median(run_both, &x);
+  if (dump_dir) {
+    device_synchronize();
+    char label[128];
+    snprintf(label, sizeof label, "%dx%dx%dx%d_%s", B, T, H, K, INPUTS[inputs]);
+    dump(label, "out", x.out, nv * 2), dump(label, "final_state", x.sT, ns * 4);
+    dump(label, "dq", x.dq, nk * 2), dump(label, "dk", x.dk, nk * 2), dump(label, "dv", x.dv, nv * 2);
+    dump(label, "dg", x.dg, nk * 4), dump(label, "dbeta", x.dbeta, rows * 4), dump(label, "dinitial_state", x.ds0, ns * 4);
+    if (x.inside) {
+      dump(label, "df", x.df, nk * 2), dump(label, "dA_log", x.dA_log, H * 4);
+      dump(label, "ddt_bias", x.ddt_bias, (size_t)H * K * 4);
+    }
+  }
   if (profile) {
     device_synchronize();
     CUDA_CHECK(cudaProfilerStart());
@@ -201,8 +232,9 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "--profile") == 0) profile = true;
     else if (strcmp(argv[1], "--op") == 0) op_only = true;
     else if (strcmp(argv[1], "--reverse") == 0) reverse = true;
+    else if (strcmp(argv[1], "--dump") == 0 && argc >= 3) dump_dir = argv[2], argc--, argv++;
     else {
-      fprintf(stderr, "bench_kda: unknown option %s (--op, --profile, --reverse)\n", argv[1]);
+      fprintf(stderr, "bench_kda: unknown option %s (--op, --profile, --reverse, --dump DIR)\n", argv[1]);
       return 1;
     }
   }

@@ -6,6 +6,7 @@
 # when its anchors are found; then racecheck, synccheck and memcheck of every candidate that passed (but D0, by
 # convention a copy of this tree's file, for the phase times beside the candidates'). VARIANTS="NAME=VALUE ..."
 # repeats each candidate's (or VARIANTS_ON's) tests and bench under those environment settings.
+# Then every candidate's results bitwise against this tree's (BITWISE below; bench_kda --dump).
 set --
 exec > >(tee -a $OUT/ab_log.txt) 2>&1  # everything printed also lands in $OUT, even if the command is cut off
 source .deps/setup.sh
@@ -50,6 +51,22 @@ for X in $CANDS; do
     env $v /tmp/bench_$X $BENCH $SHAPE 2>&1 | grep -E "^\| [0-9]"
   done
 done
+# Bitwise against this tree (BITWISE="B T H K DOC_LEN", default 2 4096 16 128 1000; BITWISE=none: skip): every
+# array of one fwd+bwd of each kind of inputs (bench_kda --dump), compared file by file with cmp.
+if [[ ${BITWISE:-} != none ]]; then
+  for X in A $CANDS; do
+    BIN=/tmp/bench_$X; [[ $X == A ]] && BIN=/tmp/A/bench_kda
+    [[ -x $BIN ]] || continue
+    rm -rf /tmp/dump_$X && mkdir -p /tmp/dump_$X && $BIN --dump /tmp/dump_$X ${BITWISE:-2 4096 16 128 1000} > /dev/null 2>&1
+    [[ $X == A ]] && continue
+    same=; differ=
+    for f in /tmp/dump_A/*.bin; do
+      n=$(basename $f .bin)
+      if cmp -s $f /tmp/dump_$X/$n.bin; then same="$same $n"; else differ="$differ $n"; fi
+    done
+    echo "== $X bitwise against A: $(echo $same | wc -w) arrays identical; differ:${differ:- none}"
+  done
+fi
 sanitize() {  # sanitize X TOOL FILTER: one compute-sanitizer run of candidate X's tests on the cases FILTER
   timeout 100 compute-sanitizer --tool $2 --error-exitcode 9 /tmp/test_$1 --jobs 1 --filter "$3" > /tmp/san.log 2>&1
   echo "$2 $3 rc $?: $(tail -1 /tmp/san.log)"
