@@ -232,8 +232,13 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "--profile") == 0) profile = true;
     else if (strcmp(argv[1], "--op") == 0) op_only = true;
     else if (strcmp(argv[1], "--reverse") == 0) reverse = true;
-    else if (strcmp(argv[1], "--dump") == 0 && argc >= 3) dump_dir = argv[2], argc--, argv++;
-    else {
+    else if (strcmp(argv[1], "--dump") == 0) {
+      if (argc < 3) {
+        fprintf(stderr, "bench_kda: --dump needs a directory\n");
+        return 1;
+      }
+      dump_dir = argv[2], argc--, argv++;
+    } else {
       fprintf(stderr, "bench_kda: unknown option %s (--op, --profile, --reverse, --dump DIR)\n", argv[1]);
       return 1;
     }
