@@ -12,6 +12,6 @@ for group in "$@"; do
   IFS=, read -ra patches <<< "$group"
   for p in "${patches[@]}"; do git apply "$p" || { git checkout -- kernels/kda_chunk.cu; exit 1; }; done
   cp kernels/kda_chunk.cu .deps/kda_chunk_D$n.cu
-  git checkout -q -- kernels/kda_chunk.cu
+  for p in "${patches[@]}"; do git checkout -q -- $(git apply --numstat "$p" | cut -f3); done  # every file it touched
   echo "D$n: ${patches[*]}"
 done
