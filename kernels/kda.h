@@ -61,8 +61,8 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * kernel's results and the state entering each chunk with its Vp; the backward then skips recomputing them
  * (its first two kernels).
  * With saved = NULL the forward keeps nothing and the backward recomputes; the results are bitwise the same.
- * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.23 MB per chunk
- * and head at K = V = 128 with `saved`, 0.5 MB without). */
+ * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.26 MB per chunk
+ * and head at K = V = 128 with `saved`, 0.54 MB without). */
 #include <stddef.h>
 
 #include "kernels/device.h"

@@ -25,7 +25,8 @@
 //   backward without `saved` needs); nothing between them but fp32 per-chunk buffers: the forward's W U QG
 //   KL (64 x 128), Aqk KK M^T (64 x 64), el, Vp (64 x 128) and S0 (128 x 128) in the caller's `saved` (or
 //   device_scratch slot 2), the backward's dS' (128 x 128), dVp, three partial gradients (dq, dk and its UT
-//   part), the last row's gate term, dL, dAqk in slot 2. The forward's output is fused into its state pass.
+//   part), the last row's gate term, dL, dAqk in slot 2, and dX's k half (64 x 128) between the WY backward's
+//   two phases. The forward's output is fused into its state pass.
 // - State passes: one block of 8 warps per (b, h) at V = 128 (4 warps, two blocks, when that leaves more than
 //   half of the SMs idle; 4 or 1 warp per block when V is not a multiple of 128; see state_warps); each warp
 //   holds S^T (or dS^T) for its 16 state columns in fp32 registers (64 per thread) for the whole sequence,
@@ -45,14 +46,15 @@
 //   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
 //   substitution on CUDA cores), the blocks below them on the tensor cores in 3xTF32, one warp per column block
 //   (no block barriers); W | U = M diag(beta) (eg K | V) by warps that own its
-//   column tiles (fragments from shared memory, row order chosen for 32 banks), the backward's dL = -Y X^T
-//   through gemm_nt (staged 64 x 64 tiles). The WY backward reads S0 and dS' once for its
-//   four chunk products (state_products: dqg, dkl, dX and, from the same dO and Vp tiles, dAqk), streamed by
-//   cp.async through four 16-column stages; KK, M^T and k | v then come into those stages; Y = M^T dX is
-//   computed in place by warps that own its column tiles (fragments from shared memory, no barrier), and Y's
-//   per-element work (dk's UT part, dv, dbeta's row sums) is done in that product's and dL's epilogues. The
-//   intra kernel fits two blocks per SM (about 83 KB), the two backward kernels one (about 210 and 200 KB; the WY
-//   backward's block is 16 warps, the other per-chunk kernels' 8).
+//   column tiles (fragments from shared memory, row order chosen for 32 banks). The WY backward,
+//   8 warps in two blocks per SM, reads S0 and dS' once for its four chunk products (state_products: dqg, dkl,
+//   dX's k half into a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through
+//   two 16-column stages, M^T loading beside them; then over panels of 32 columns of [k | v] (dX: that scratch
+//   or dVp; X = [W | U]; raw k | v), double-buffered by cp.async, Y_p = M^T dX_p (M^T's fragments in registers),
+//   Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and dL += Y_p X_p^T with dL's
+//   accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the end. The intra kernel
+//   and the WY backward fit two blocks per SM (about 83 and 108 KB), the pairwise backward one (about 200 KB);
+//   every per-chunk kernel's block is 8 warps.
 //   Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
 //   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
 // - The L2 norms of q and k are inside: the intra and pairwise kernels normalize the rows as they load them
@@ -68,8 +70,8 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.43 ms, fwd+bwd
-//   7.81 ms, session 20; fla's Triton chunk_kda 2.44 / 12.74 ms in the same command; the gate's two kernels are
+// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.42 ms, fwd+bwd
+//   7.46 ms, session 21; session 20's 7.81 against fla's Triton chunk_kda 2.44 / 12.74 ms in the same command; the gate's two kernels are
 //   0.15 / 0.4 ms of that). Per kernel, measured before the norms went inside (ncu, kernels serialized; ms, DRAM GB,
 //   TB/s): intra 1.36-1.42, 2.14, 1.5;
 //   state 0.78, 2.15, 2.75; state backward 0.69, 1.88, 2.73; WY backward 2.82, 4.33, 1.54; pairwise backward 1.53,
@@ -78,10 +80,11 @@
 //   instruction bound. The WY backward's state products (56% of it) did not speed up when three slices were in flight
 //   instead of one; both backward kernels run one block per SM (shared memory), and each one's prologue (loads of q, k,
 //   gates) is a serial memory latency with nothing to overlap it: 10-20% of them. Neither more warps nor an earlier
-//   start of the loads changes that much (session 20, H100, two samples each: the WY backward at 16 warps instead of
-//   8 about 1% faster over all shapes, kept; its gates loaded beside the first state slices, no gain): its phases
-//   run one after another, and what would overlap them is a second block per SM (shared memory: about 215 KB now)
-//   or the next chunk's loads during this one's products. With few heads and long sequences
+//   start of the loads changes that much (session 20, H100: 16 warps instead of 8 about 1%; its gates loaded
+//   beside the first state slices, no gain): its phases ran one after another. A second block per SM overlaps
+//   them (session 21, H100: the WY backward at 108 KB instead of 215, 8 warps, two blocks; fwd+bwd 7.81 -> 7.46
+//   ms at 8 x 4096 softplus, 7.78 -> 7.36 bounded, 17.87 -> 17.16 at 1 x 65536; ncu at 2 x 4096: 2 blocks an SM,
+//   DRAM 33% -> 60% of peak, 0.68 ms). The pairwise backward (200 KB) is still one block an SM. With few heads and long sequences
 //   (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-partition, each instruction
 //   waiting on the one before. bench/README has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
@@ -99,8 +102,7 @@
 #include <type_traits>
 
 #define CH 64          // chunk length
-#define NT 256         // threads per block (the WY backward: WY_NT)
-#define WY_NT 512      // the WY backward's threads per block: 16 warps in its one block per SM
+#define NT 256         // threads per block (every per-chunk kernel; the WY backward two blocks per SM)
 #define DIAG_RANGE 64.0f  // the intra kernel's sub-chunk products on the tensor cores: see there
 #define SEGMENTS_MAX 8         // few (b, h): the chunks cut into at most this many segments (see segments),
 #define SEGMENT_CHUNKS_MIN 64  // each of at least this many chunks
@@ -115,6 +117,7 @@ struct Scratch {
   float *RK;                                   // (64): k's inverse L2 norms
   float *VP, *S0, *DVP, *DS;              // (64,V) (K,V) (64,V) (K,V)
   float *PDQ, *PDK, *PDK2, *DGL, *DL, *DA;  // (64,K) x3, (K), (64,64) x2: partial gradients
+  float *DXK;                               // (64,K): the WY backward's dX, k half (-dVp S0^T), between its phases
 };
 
 // Tensor-core helpers: mma.sync m16n8k8 with tf32 inputs and fp32
@@ -179,8 +182,7 @@ static __device__ __forceinline__ void store_c(float *p, int ld, const float (&c
 // One 8-deep step of a 64-row product over at most 32 8-column tiles, by a block of NW warps, warp owning the
 // tiles warp + NW nt (nt < NTW = 32 / NW; those below nn): acc[mt][nt] += M(rows 16 mt.., k slots k0 | k1)
 // B(k0 | k1, the tile's columns), A fragments read straight from M (row pitch lm), B's values from b(k, n),
-// rounded to tf32 here (zeros past the last tile). The intra kernel's W | U = M (beta eg K | V) (8 warps) and
-// the WY backward's Y = M^T dX (16 warps: tiles w, w + 16).
+// rounded to tf32 here (zeros past the last tile). The intra kernel's W | U = M (beta eg K | V) (8 warps).
 template <int NW = 8, int NTW, class FB>
 static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][NTW][4], const float *M, int lm, int k0,
                                                          int k1, int nn, FB b) {
@@ -219,83 +221,8 @@ static __device__ __forceinline__ void column_tiles_epilogue(const float (&acc)[
       for (int hf = 0; hf < 2; hf++) f(2 * mt + hf, 16 * mt + g + 8 * hf, n, acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]);
   }
 }
-static __device__ __forceinline__ float4 ldg4(const float *p) { return __ldg((const float4 *)p); }
-static __device__ __forceinline__ float4 lds4(const float *p) { return make_float4(p[0], p[1], p[2], p[3]); }
 
-// C (M, N) = A (M, KC) B (N, KC)^T for the per-chunk kernels on the tensor cores (mma.sync m16n8k8, tf32
-// inputs, fp32 accumulation) by a block of NTH threads (256 or 512), staged through shared memory `tile`
-// (TILE_FLOATS, 128-byte aligned) 32 steps of KC at a time; la(m, k) and lb(n, k) return the four values at
-// k..k+3 (k a multiple of 4; KC a multiple of 16). Each 64 x 64 output tile: warp w a 16 x 8 CT block, rows
-// 16 wm.., columns 8 CT wn.. (wm = w / WN, wn = w % WN, WN warps a 16-row tile: 8 warps 16 x 32 blocks, 16
-// warps 16 x 16). It goes through shared memory to epi(m, n, value), thread (tx, ty) = (tid % 16, tid / 16)
-// getting rows ty + RS r (RS = NTH / 16: r < 4 at 256 threads, r < 2 at 512) and columns tx + 16 q, so two
-// products of the same shape give every element to the same thread (epilogues may read-modify-write what they
-// own); an epilogue taking (r, m, n, value) also gets r (a constant once unrolled: it may index a register
-// array). Synchronizes the block: every thread must call it.
-#define TLD 36
-#define CLD 68
-#define TILE_FLOATS (2 * 64 * TLD)  // >= 64 * CLD: the output tile Cs overlays As and Bs
-template <int NTH, class LA, class LB, class FE>
-static __device__ __forceinline__ void gemm_nt(int M, int N, int KC, float *tile, LA la, LB lb, FE epi) {
-  static_assert(NTH == 256 || NTH == 512, "gemm_nt's maps are for 8 or 16 warps");
-  constexpr int WN = NTH / 128, CT = 8 / WN;  // warps a 16-row tile; the 8-column tiles of a warp
-  constexpr int RS = NTH / 16, NR = 64 / RS;  // the epilogue's row step, rows a thread
-  float *As = tile, *Bs = tile + 64 * TLD, *Cs = tile;
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  for (int m0 = 0; m0 < M; m0 += 64)
-    for (int n0 = 0; n0 < N; n0 += 64) {
-      const int rows = min(64, M - m0), cols = min(64, N - n0);
-      float c[CT][4] = {};  // the warp's 16 x 8 CT block: rows 16 wm.., columns 8 CT wn + 8 nt..
-      // The next 32 steps of KC are loaded into registers while the tensor cores work on these.
-      float4 av[64 * 8 / NTH], bv[64 * 8 / NTH];
-      auto fetch = [&](int k0) {
-        const int kw = min(32, KC - k0);
-        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-        for (int u = 0; u < 64 * 8 / NTH; u++) {
-          const int e = threadIdx.x + u * NTH, r = e >> 3, kk = (e & 7) * 4;
-          av[u] = r < rows && kk < kw ? la(m0 + r, k0 + kk) : zero;
-          bv[u] = r < cols && kk < kw ? lb(n0 + r, k0 + kk) : zero;
-        }
-      };
-      fetch(0);
-      for (int k0 = 0; k0 < KC; k0 += 32) {
-        __syncthreads();
-#pragma unroll
-        for (int u = 0; u < 64 * 8 / NTH; u++) {
-          const int e = threadIdx.x + u * NTH, r = e >> 3, kk = (e & 7) * 4;
-          *(float4 *)(As + r * TLD + kk) = tf32x4(av[u]);
-          *(float4 *)(Bs + r * TLD + kk) = tf32x4(bv[u]);
-        }
-        __syncthreads();
-        if (k0 + 32 < KC) fetch(k0 + 32);
-        if (16 * wm < rows && 8 * CT * wn < cols) {
-          const float *Aw = As + (16 * wm + g) * TLD + t, *Bw = Bs + (8 * CT * wn + g) * TLD + t;
-#pragma unroll
-          for (int ks = 0; ks < 32; ks += 8) {
-            unsigned a[4];
-            frag_a(a, Aw + ks, TLD);
-#pragma unroll
-            for (int nt = 0; nt < CT; nt++) mma_tf32(c[nt], a, Bw[8 * nt * TLD + ks], Bw[8 * nt * TLD + ks + 4]);
-          }
-        }
-      }
-      __syncthreads();  // every warp is done with As and Bs
-      store_c(Cs + 16 * wm * CLD + 8 * CT * wn, CLD, c);
-      __syncthreads();
-#pragma unroll
-      for (int r = 0; r < NR; r++)
-#pragma unroll
-        for (int q = 0; q < 4; q++)
-          if (ty + RS * r < rows && tx + 16 * q < cols) {
-            const float v = Cs[(ty + RS * r) * CLD + tx + 16 * q];
-            if constexpr (std::is_invocable_v<FE, int, int, int, float>) epi(r, m0 + ty + RS * r, n0 + tx + 16 * q, v);
-            else epi(m0 + ty + RS * r, n0 + tx + 16 * q, v);
-          }
-    }
-}
-
+#define CLD 68  // the state products' output tile's pitch (64 x CLD floats, over a stage)
 static __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
@@ -325,22 +252,21 @@ static __device__ __forceinline__ void tile_async(float *dst, int ld, const floa
 
 // The WY backward's three products with the chunk's states in one pass over the V columns, 64 state rows a at a
 // time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
-// are read once (three gemm_nt calls read S0 twice and every A operand once per product), and on the first pass
-// P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles. Also del_a = sum_d dS'_ad S0_ad from
-// the fp32 values, and dVp itself (fp32, unrounded) into dvp_out (64, ld_out) on the first pass.
-// The operands stream by cp.async through SP_STAGES shared-memory stages, 16 columns a slice, the slices in
-// order over (n0, k0), SP_STAGES - 1 of them in flight while one is used (the kernel has one block per SM:
-// only bytes in flight hide the memory's latency). The block's WY_NT = 512 threads: a thread copies one 16-byte
-// piece of two fp32 operands (warps 0..7 Vp and dVp, warps 8..15 S0 and dS'; below: half, pr, pc) and, for
-// tid < 128, eight bf16 of dO (row tid / 2), and once they are there rounds its own pieces to tf32 in place (dO
-// into its fp32 tile); warps 8..15 sum del from their S0 and dS' pieces, warps 0..7 copy their dVp pieces out.
-// Warp w computes a 16 x 16 block of each product, rows 16 (w / 4).., columns 16 (w % 4)... epi(p, i, a, value)
-// gets thread (tx, ty) = (tid % 16, tid / 16) the rows ty + 32 r (r < 2) and columns tx + 16 q of each tile, as
-// gemm_nt at 512 threads; the output tile overlays the stage just used. Synchronizes the block; `stages`
-// (SP_FLOATS) is free again when it returns.
+// are read once, and on the first pass P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles.
+// Also del_a = sum_d dS'_ad S0_ad from the fp32 values.
+// The operands stream by cp.async through SP_STAGES = 2 shared-memory stages, 16 columns a slice, the slices in
+// order over (n0, k0), the next slice in flight while one is used (two stages so that the kernel fits two blocks
+// per SM: the other block's loads and products overlap these). The block's NT = 256 threads: a thread copies one
+// 16-byte piece of each fp32 operand (row pr, columns pc .. pc + 3) and, for tid < 128, eight bf16 of dO (row
+// tid / 2), and once they are there rounds its own pieces to tf32 in place (dO into its fp32 tile) and sums its
+// part of del from its S0 and dS' pieces.
+// Warp w computes a 16 x 32 block of each product, rows 16 (w / 2).., columns 32 (w % 2)... epi(p, i, a, value)
+// gets thread (tx, ty) = (tid % 16, tid / 16) the rows ty + 16 r (r < 4) and columns tx + 16 q of each tile; the
+// output tile overlays the stage just used. Synchronizes the block; `stages` (SP_FLOATS) is free again when it
+// returns.
 #define SLD 20                                 // a stage tile's pitch: 16 columns + 4, conflict-free fragments
 #define SP_STAGE (5 * 64 * SLD + 64 * 16 / 2)  // floats: dO, Vp, dVp, S0, dS' (fp32, 64 x SLD) and dO (bf16)
-#define SP_STAGES 4
+#define SP_STAGES 2
 #define SP_FLOATS (SP_STAGES * SP_STAGE)
 static_assert(64 * CLD <= SP_STAGE, "the output tile must fit in a stage");
 template <int N>
@@ -353,41 +279,31 @@ static __device__ __forceinline__ void cp_async16z(void *dst, const void *src, b
 template <class FE>
 static __device__ __forceinline__ void state_products(const bf16_t *dout, const float *VP, const float *DVP,
                                                       const float *S0, const float *DS, float *stages, float *delS,
-                                                      float *dvp_out, int ld_out, int b, int h, int t0, int T, int H,
-                                                      int K, int V, FE epi) {
-  static_assert(WY_NT == 512, "state_products' thread maps are for 16 warps");
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+                                                      int b, int h, int t0, int T, int H, int K, int V, FE epi) {
+  static_assert(NT == 256, "state_products' thread maps are for 8 warps");
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
   const int g = (tid & 31) >> 2, t = tid & 3;
   const int nv = V / 16, ns = (K + 63) / 64 * nv;  // slice s: state rows n0 = 64 (s / nv), columns k0 = 16 (s % nv)
-  // The thread's fp32 pieces: half = tid / 256 (warps 0..7 or 8..15) picks the two operands, Vp and dVp (half 0)
-  // or S0 and dS' (half 1), at stage rows ra = 64 + 128 half + pr and ra + 64; thread ht of its half: row pr,
-  // columns pc .. pc + 3; the eight threads of a quarter warp take eight rows of one column piece, whose 16 bytes
-  // then fall in eight different groups of four banks (SLD = 20).
-  const int half = tid >> 8, ht = tid & 255;
-  const int pr = (ht & 7) + 8 * (ht >> 5), pc = 4 * ((ht >> 3) & 3), ra = 64 + 128 * half + pr;
+  // The thread's fp32 pieces: row pr, columns pc .. pc + 3; the eight threads of a quarter warp take eight
+  // rows of one column piece, whose 16 bytes then fall in eight different groups of four banks (SLD = 20).
+  const int pr = (tid & 7) + 8 * (tid >> 5), pc = 4 * ((tid >> 3) & 3);
   const int dr = (tid & 127) >> 1, dc = 8 * (tid & 1);  // its dO piece (tid < 128): row dr, columns dc .. dc + 7
   auto issue = [&](int s) {
     if (s < ns) {
       float *st = stages + (s % SP_STAGES) * SP_STAGE;
       const int n0 = 64 * (s / nv), k0 = 16 * (s % nv);
-      if (half == 0) {
-        cp_async16(st + ra * SLD + pc, VP + pr * V + k0 + pc);
-        cp_async16(st + (ra + 64) * SLD + pc, DVP + pr * V + k0 + pc);
-      } else {
-        const bool row_in = n0 + pr < K;
-        const size_t e = (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc;
-        cp_async16z(st + ra * SLD + pc, S0 + e, row_in);
-        cp_async16z(st + (ra + 64) * SLD + pc, DS + e, row_in);
-      }
-      if (tid < 128) {
-        const bool t_in = t0 + dr < T;
+      const bool row_in = n0 + pr < K, t_in = t0 + dr < T;
+      cp_async16(st + (64 + pr) * SLD + pc, VP + pr * V + k0 + pc);
+      cp_async16(st + (128 + pr) * SLD + pc, DVP + pr * V + k0 + pc);
+      cp_async16z(st + (192 + pr) * SLD + pc, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      cp_async16z(st + (256 + pr) * SLD + pc, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      if (tid < 128)
         cp_async16z((bf16_t *)(st + 320 * SLD) + dr * 16 + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
-      }
     }
     cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
   };
-  float acc[4][2][4];  // product p's 16 x 16 block of the warp: rows 16 wm.., columns 16 wn + 8 nt..
-  float dl = 0.0f;     // (half 1) the thread's part of del for row n0 + pr
+  float acc[4][4][4];  // product p's 16 x 32 block of the warp: rows 16 wm.., columns 32 wn + 8 nt..
+  float dl = 0.0f;     // the thread's part of del for row n0 + pr
 #pragma unroll
   for (int s = 0; s < SP_STAGES - 1; s++) issue(s);
   for (int s = 0; s < ns; s++) {
@@ -397,20 +313,16 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
 #pragma unroll
       for (int p = 0; p < 4; p++)
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) acc[p][nt][0] = acc[p][nt][1] = acc[p][nt][2] = acc[p][nt][3] = 0.0f;
+        for (int nt = 0; nt < 4; nt++) acc[p][nt][0] = acc[p][nt][1] = acc[p][nt][2] = acc[p][nt][3] = 0.0f;
       dl = 0.0f;
     }
     cp_async_wait<SP_STAGES - 2>();  // this thread's copies of slice s are there
     {
-      float4 *p0 = (float4 *)(st + ra * SLD + pc), *p1 = (float4 *)(st + (ra + 64) * SLD + pc);
-      const float4 x = *p0, y = *p1;  // Vp, dVp (half 0) or S0, dS' (half 1)
-      if (half) {
-        dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
-      } else if (n0 == 0) {
-        float *o = dvp_out + pr * ld_out + k0 + pc;
-        o[0] = y.x, o[1] = y.y, o[2] = y.z, o[3] = y.w;
-      }
-      *p0 = tf32x4(x), *p1 = tf32x4(y);
+      float4 *pv = (float4 *)(st + (64 + pr) * SLD + pc), *pd = (float4 *)(st + (128 + pr) * SLD + pc);
+      float4 *ps = (float4 *)(st + (192 + pr) * SLD + pc), *pe = (float4 *)(st + (256 + pr) * SLD + pc);
+      const float4 x = *ps, y = *pe;
+      dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
+      *pv = tf32x4(*pv), *pd = tf32x4(*pd), *ps = tf32x4(x), *pe = tf32x4(y);
       if (tid < 128) {
         const uint4 raw = *(const uint4 *)((const bf16_t *)(st + 320 * SLD) + dr * 16 + dc);
         const unsigned u[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -424,58 +336,56 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     }
     __syncthreads();  // slice s is in place in tf32; every warp is past its products of slice s - 1
     issue(s + SP_STAGES - 1);  // into slice s - 1's stage
-    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (192 + 16 * wn + g) * SLD + t;  // A: dO, Vp, dVp
-    if (16 * wn < cols) {                                                                      // B: S0, dS'
+    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (192 + 32 * wn + g) * SLD + t;  // A: dO, Vp, dVp
+    if (32 * wn < cols) {                                                                      // B: S0, dS'
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
         unsigned a[4];
-        float bs[2][2], bd[2][2];
+        float bs[4][2], bd[4][2];
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
+        for (int nt = 0; nt < 4; nt++) {
           bs[nt][0] = Bs[8 * nt * SLD + ks], bs[nt][1] = Bs[8 * nt * SLD + ks + 4];
           bd[nt][0] = Bs[(64 + 8 * nt) * SLD + ks], bd[nt][1] = Bs[(64 + 8 * nt) * SLD + ks + 4];
         }
         frag_a(a, As + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
         frag_a(a, As + 64 * SLD + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
         frag_a(a, As + 128 * SLD + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
       }
     }
     if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
-      const float *Bv = st + (64 + 16 * wn + g) * SLD + t;
+      const float *Bv = st + (64 + 32 * wn + g) * SLD + t;
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
         unsigned a[4];
         frag_a(a, As + ks, SLD);
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) mma_tf32(acc[3][nt], a, Bv[8 * nt * SLD + ks], Bv[8 * nt * SLD + ks + 4]);
+        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[3][nt], a, Bv[8 * nt * SLD + ks], Bv[8 * nt * SLD + ks + 4]);
       }
     }
     if (k0 + 16 < V) continue;
-    // The last slice of these 64 state rows: del (half 1; a row's four threads are lanes l, l + 8, l + 16,
-    // l + 24 of one warp), then the products through the output tile Cs, over this slice's stage.
-    if (half) {  // (warp-uniform)
-      dl += __shfl_xor_sync(0xffffffffu, dl, 8);
-      dl += __shfl_xor_sync(0xffffffffu, dl, 16);
-      if (pc == 0 && pr < cols) delS[n0 + pr] = dl;
-    }
+    // The last slice of these 64 state rows: del (a row's four threads are lanes l, l + 8, l + 16, l + 24), then
+    // the products through the output tile Cs, over this slice's stage.
+    dl += __shfl_xor_sync(0xffffffffu, dl, 8);
+    dl += __shfl_xor_sync(0xffffffffu, dl, 16);
+    if (pc == 0 && pr < cols) delS[n0 + pr] = dl;
     float *Cs = st;
 #pragma unroll
     for (int p = 0; p < 4; p++) {
       if (p == 3 && n0 != 0) break;
       __syncthreads();  // every warp is past its reads of the stage (or of the last tile)
-      if (p == 3 || 16 * wn < cols) store_c(Cs + 16 * wm * CLD + 16 * wn, CLD, acc[p]);
+      if (p == 3 || 32 * wn < cols) store_c(Cs + 16 * wm * CLD + 32 * wn, CLD, acc[p]);
       __syncthreads();
 #pragma unroll
-      for (int r = 0; r < 2; r++)
+      for (int r = 0; r < 4; r++)
 #pragma unroll
         for (int q = 0; q < 4; q++)
-          if (p == 3 || tx + 16 * q < cols) epi(p, ty + 32 * r, n0 + tx + 16 * q, Cs[(ty + 32 * r) * CLD + tx + 16 * q]);
+          if (p == 3 || tx + 16 * q < cols) epi(p, ty + 16 * r, n0 + tx + 16 * q, Cs[(ty + 16 * r) * CLD + tx + 16 * q]);
     }
   }
   __syncthreads();  // every thread is past its reads of the last output tile
@@ -1141,136 +1051,221 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
   if (dinitial_state) tiles_store(dinitial_state + (size_t)bh * K * V, dS, KT, V, v0);
 }
 // ---------------------------------------------------------------------------------------------------------
-#define WY_TILE SP_FLOATS  // the stages, 128-byte aligned
-#define MTP 68  // M^T's pitch in the WY backward: the Y product's A fragments (rows g, columns t) on 32 banks
-static_assert(TILE_FLOATS + CH * CH + CH * MTP + CH * 256 / 2 + (WY_NT / 32) * CH <= WY_TILE,
-              "tile, KK, M^T, k | v and ypart must fit in the stages");
 // WY / UT backward, one block per chunk: the non-pairwise parts of dq and dk into PDQ (through qg), PDK (through
 // kl) and PDK2 (through the UT transform's eg k), the gate gradient that reaches gc_last through el into DGL (the
 // pairwise kernel derives the rest of dg from these and q, k); dL and dAqk (masked) into DL, DA; dv, dbeta final.
-// WY_NT = 512 threads (16 warps): the kernel's shared memory allows one block per SM, and 8 warps left most of
-// its issue slots idle (waiting on dependencies, shared memory and barriers); 16 measured about 1% faster (its
-// phases still run one after another: see the design note).
+// 8 warps and at most about 108 KB of shared memory, so that two blocks share an SM and one's
+// loads (gates, state slices, panels) overlap the other's products. Two phases:
+//  1. state_products (dqg, dkl, dAqk, del, and dX's k half -dVp S0^T into the per-chunk scratch DXK; dX's v half
+//     is dVp, already in DVP), M^T loading beside its first slice.
+//  2. over panels of 32 columns of [k | v] (the last one 16 wide when K + V is not a multiple of 32): the panel's
+//     dX, X = [W | U] and raw k | v columns by cp.async (the next panel's loading while this one is used), its
+//     Y = M^T dX on the tensor cores with Y's per-element work (dk's UT part PDK2 = eg beta y, dv = beta y and
+//     dbeta's y . rhs, rhs = eg k | v), then dL += Y_p X_p^T, dL's 64 x 64 accumulators in registers across the
+//     panels; after the last panel dL's epilogue (mask, negate, DL, dbeta's dL . KK).
+// Shared memory, byte offsets (those past M^T at K = 128):
+//        0  phase 1: the state products' two stages (2 SP_STAGE floats, 55296 B);
+//        0  phase 2: two panel buffers (WY_PANEL floats, 24576 B each): dX (64 x DXP fp32, tf32 once in place),
+//           X (64 x XP, tf32 in place), k | v (bf16, 64 x KVP); after the last panel the free one holds KK
+//           (64 x KKP);
+//    49152  phase 2: the panel's Y (64 x YP, tf32), after the last panel dbeta's row parts (2 x 64);
+//    58368  M^T (64 x MTP; WY_MT floats in), outside the stages: it loads during phase 1;
+//    75776  gc (64 x (K + 1)); 108800 del (K); 109312 beta, 109568 rk, 109824 seg (64 each); 110080 in all.
+#define DXP 40  // dX's pitch: the Y product's B fragments (rows t, columns g) on 32 banks
+#define XP 36   // X's: the dL product's B fragments (rows g, columns t) on 32 banks
+#define YP 36   // the panel's Y: the dL product's A fragments (rows g, columns t) on 32 banks
+#define KVP 40  // k | v's (bf16; 80-byte rows for the 16-byte copies): the Y epilogue's bf16 pairs (rows g, columns 2t)
+#define KKP 72  // KK's: the dL epilogue's float2 reads (rows g, columns 2t) on 32 banks in each half warp
+#define MTP 68  // M^T's: the Y product's A fragments (rows g, columns t) on 32 banks
+#define WY_PANEL (CH * DXP + CH * XP + CH * KVP / 2)
+#define WY_MT (2 * WY_PANEL + CH * YP)  // M^T's offset
+static_assert(WY_MT >= SP_FLOATS, "M^T must lie past the state products' stages");
+static_assert(CH * KKP <= WY_PANEL && 2 * CH <= CH * YP, "KK fits in a panel buffer, dbeta's row parts in Y's");
+// Warps 2 w2 and 2 w2 + 1 (64 threads) meet at named barrier 1 + w2: the two that write and read the panel's Y
+// rows 16 w2.. (barrier 0 is __syncthreads). Immediate barrier numbers, so that ptxas counts 5 barriers, not 16.
+static __device__ __forceinline__ void pair_sync(int w2) {
+  switch (w2) {  // (warp-uniform)
+    case 0: asm volatile("bar.sync 1, 64;\n" ::: "memory"); break;
+    case 1: asm volatile("bar.sync 2, 64;\n" ::: "memory"); break;
+    case 2: asm volatile("bar.sync 3, 64;\n" ::: "memory"); break;
+    default: asm volatile("bar.sync 4, 64;\n" ::: "memory"); break;
+  }
+}
 template <int KS, int VS>
-static __global__ void __launch_bounds__(WY_NT, 1) kda_wy_backward_kernel(bf16_t *dv, float *dbeta, Scratch sc,
-                                                                          const bf16_t *dout, const bf16_t *k,
-                                                                          const bf16_t *v, const float *g,
-                                                                          const float *beta_in,
-                                                                          const unsigned char *doc_start, int T,
-                                                                          int H, int K_, int V_, int NC,
-                                                                          int c_begin, int c_end) {
+static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *dv, float *dbeta, Scratch sc,
+                                                                       const bf16_t *dout, const bf16_t *k,
+                                                                       const bf16_t *v, const float *g,
+                                                                       const float *beta_in,
+                                                                       const unsigned char *doc_start, int T, int H,
+                                                                       int K_, int V_, int NC, int c_begin,
+                                                                       int c_end) {
   const int K = KS ? KS : K_, V = VS ? VS : V_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
-  // Ys (64, K + V + 1): the odd pitch spreads a column's rows over the banks (the Y product reads columns).
-  const int ly = KV + 1;
-  // The state products' stages (WY_TILE floats) hold, once they are done, the tile of the two products after
-  // them, KK, M^T, k | v (bf16, (64, K + V)) and, past k | v's largest size, ypart (16 warps x 64 rows).
-  float *tile = smem, *kks = tile + TILE_FLOATS, *mts = kks + CH * CH, *gc = tile + WY_TILE, *Ys = gc + CH * ld;
-  bf16_t *kvs = (bf16_t *)(mts + CH * MTP);
-  float *ypart = (float *)(kvs + CH * 256);
-  float *delS = Ys + CH * ly;
-  float *rowpart = delS + K, *beta = rowpart + 16 * CH, *rk = beta + CH;
+  float *stages = smem, *panels = smem, *Yp = smem + 2 * WY_PANEL, *mts = smem + WY_MT, *gc = mts + CH * MTP;
+  float *delS = gc + CH * ld, *beta = delS + K, *rk = beta + CH;
   int *seg = (int *)(rk + CH);
   // one block per chunk of the range [c_begin, c_end) of every (b, h)
   const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
   const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
+  // M^T (pitch MTP) first, into its own region: the state products' first wait covers it.
+  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
+  cp_async_commit();
   if (tid < CH) rk[tid] = __ldg(sc.RK + (size_t)ch * CH + tid);  // k arrives raw: normalized where it is read
-  load_gates<WY_NT>(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
+  load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
   const int last = seg[CH - 1];
   const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
-  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK;
-  // dqg = dO S0^T, dkl = Vp dS'^T, dX = [-dVp S0^T | dVp], del = rowsum(dS' * S0), dAqk = dO Vp^T
-  state_products(dout, VP, DVP, S0, DS, tile, delS, Ys + K, ly, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
+  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK, *DXK = sc.DXK + cK;
+  // Phase 1: dqg = dO S0^T, dkl = Vp dS'^T, dX's k half = -dVp S0^T, del = rowsum(dS' * S0), dAqk = dO Vp^T
+  state_products(dout, VP, DVP, S0, DS, stages, delS, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
     if (p == 0) PDQ[i * K + n] = seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f;
     else if (p == 1) PDK[i * K + n] = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f;
-    else if (p == 2) Ys[i * ly + n] = -x;
+    else if (p == 2) DXK[i * K + n] = -x;
     else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
   });
-  // Y = M^T dX on the tensor cores, in place, and what each element of Y gives directly: dk's UT part
-  // PDK2 = eg beta y, dv = beta y, and dbeta's y . rhs part (rhs = eg k | v). Warp w (of 16) owns the
-  // 8-column tiles w, w + 16 (one of k, one of v at K = V = 128) over all 64 rows, with its fragments built
-  // straight from shared memory (A's reads of M^T, pitch MTP, on 32 banks): it reads and writes only its own
-  // columns, so no barrier is needed before the in-place writes. A row's y . rhs partial sums meet over the
-  // quad by shuffles, then in ypart[warp][i].
-  // KK, M^T (pitch MTP) and k | v by cp.async into the stages (16 bytes a copy; K and V are multiples of 16,
-  // so no copy straddles k and v; rows past T are zeroed).
-  for (int e = tid; e < CH * CH / 4; e += WY_NT) cp_async16(kks + 4 * e, sc.KK + cC + 4 * e);
-  for (int e = tid; e < CH * CH / 4; e += WY_NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
-  {
-    const bf16_t *kb = k + AT(b, t0, h, K), *vb = v + AT(b, t0, h, V);
-    for (int e = tid; e < CH * KV / 8; e += WY_NT) {
-      const int i = 8 * e / KV, a = 8 * e % KV;
-      if (t0 + i >= T) *(uint4 *)(kvs + 8 * e) = make_uint4(0u, 0u, 0u, 0u);
-      else cp_async16(kvs + 8 * e, a < K ? (const void *)(kb + i * ((size_t)H * K) + a)
-                                         : (const void *)(vb + i * ((size_t)H * V) + (a - K)));
-    }
-  }
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncthreads();  // Ys, KK, M^T and k | v are complete
-  {
-    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = KV / 8;
-    float acc[4][2][4] = {};  // (row tile mt, column tile w + 16 nt, fragment element)
-#pragma unroll 2
-    for (int ks = 0; ks < CH / 8; ks++) {
-      column_tiles_step<WY_NT / 32>(acc, mts, MTP, 8 * ks + t, 8 * ks + t + 4, nn,
-                                    [&](int k, int n) { return Ys[k * ly + n]; });
-    }
-    __syncwarp();  // every lane's reads of the warp's columns are done
-    float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // rows 16 mt + g + 8 half
-    bf16_t *dvb = dv + AT(b, t0, h, V);
-    column_tiles_epilogue<WY_NT / 32>(acc, nn, [&](int j, int i, int n, float y0, float y1) {
-      Ys[i * ly + n] = y0, Ys[i * ly + n + 1] = y1;
-      const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KV + n);
-      float r0 = __low2float(r2), r1 = __high2float(r2);
-      if (n < K) {
-        const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
-        const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
-        r0 = l2norm_bf16(r0, rk[i]) * e0, r1 = l2norm_bf16(r1, rk[i]) * e1;
-        *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
-      } else if (t0 + i < T) {
-        *(__nv_bfloat162 *)(dvb + i * ((size_t)H * V) + (n - K)) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
-      }
-      part[j] = fmaf(y0, r0, fmaf(y1, r1, part[j]));
-    });
-#pragma unroll
-    for (int u = 0; u < 8; u++) {
-      part[u] += __shfl_xor_sync(0xffffffffu, part[u], 1);
-      part[u] += __shfl_xor_sync(0xffffffffu, part[u], 2);
-    }
-    if (t == 0)
-#pragma unroll
-      for (int u = 0; u < 8; u++) ypart[warp * CH + 16 * (u >> 1) + g + 8 * (u & 1)] = part[u];
-  }
-  __syncthreads();  // Y is complete
-  const int tx = tid & 15, ty = tid >> 4;
-  float racc[CH * 16 / WY_NT] = {};  // the dL product's dbeta parts, rows ty + 32 r (gemm_nt's map at 512 threads)
+  // (state_products ended with a block barrier: DXK, del and M^T are visible to the whole block, the stages free.)
   if (tid < K) sc.DGL[(size_t)ch * K + tid] = delS[tid] * __ldg(sc.EL + (size_t)ch * K + tid);
-  // dL = -Y X^T (strictly lower, same document), and dbeta's dL . KK part into rowpart.
-  const float *W = sc.W + cK, *U = sc.U + cV;
-  gemm_nt<WY_NT>(
-      CH, CH, KV, tile, [&](int i, int a) { return lds4(Ys + i * ly + a); },
-      [&](int j, int a) { return a < K ? ldg4(W + j * K + a) : ldg4(U + j * V + a - K); },
-      [&](int r, int i, int j, float x) {
-        const float d = j < i && seg[i] == seg[j] ? -x : 0.0f;
-        sc.DL[cC + i * CH + j] = d;
-        racc[r] = fmaf(d, kks[i * CH + j], racc[r]);
-      });
+
+  // Y = M^T dX on the tensor cores and dL = Y X^T, over the panels (phase 2). Thread maps (warp w, g = lane / 4,
+  // t = lane % 4, wm = w / 2, wn = w % 2):
+  //   Y_p = M^T dX_p (64 x 32): warp w the 16 x 16 block rows 16 wm.., panel columns 16 wn + 8 nt.. (nt < 2),
+  //     its A fragments (M^T's rows 16 wm.., all 64 columns) held in registers for all panels;
+  //   dL += Y_p X_p^T (64 x 64): warp w the 16 x 32 block rows 16 wm.., columns 32 wn + 8 nt.. (nt < 4).
+  // So the warp pair (2 wm, 2 wm + 1) writes Y_p's rows 16 wm.. and only that pair reads them (pair_sync), and a
+  // thread's rows are the same in both, 16 wm + g + 8 hf: its dbeta parts (y . rhs, then dL . KK) sum in two
+  // registers, quad shuffles, then the pair's two in shared memory.
+  const int warp = tid >> 5, gq = (tid & 31) >> 2, t = tid & 3, wm = warp >> 1, wn = warp & 1;
+  unsigned mta[CH / 8][4];  // M^T's A fragments: rows 16 wm + gq (+ 8), columns 8 ks + t (+ 4), tf32
+  {
+    const float *m0 = mts + (16 * wm + gq) * MTP + t, *m8 = m0 + 8 * MTP;
 #pragma unroll
-  for (int r = 0; r < CH * 16 / WY_NT; r++) rowpart[tx * CH + ty + (WY_NT / 16) * r] = racc[r];
-  __syncthreads();
-  // dbeta_i = sum_j dL_ij KK_ij + Y_i . rhs_i: the 16 and 16 partial sums of row i in order.
-  if (tid < CH && t0 + tid < T) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int x = 0; x < 16; x++) sum += rowpart[x * CH + tid];
-#pragma unroll
-    for (int w = 0; w < WY_NT / 32; w++) sum += ypart[w * CH + tid];
-    dbeta[((size_t)b * T + t0 + tid) * H + h] = sum;
+    for (int ks = 0; ks < CH / 8; ks++) {
+      mta[ks][0] = tf32_bits(m0[8 * ks]), mta[ks][1] = tf32_bits(m8[8 * ks]);
+      mta[ks][2] = tf32_bits(m0[8 * ks + 4]), mta[ks][3] = tf32_bits(m8[8 * ks + 4]);
+    }
   }
+  const float *W = sc.W + cK, *U = sc.U + cV;
+  const bf16_t *kb = k + AT(b, t0, h, K), *vb = v + AT(b, t0, h, V);
+  const size_t HK = (size_t)H * K, HV = (size_t)H * V;
+  const int np = (KV + 31) / 32;
+  // Panel p: columns c0 = 32 p .. c0 + pw - 1 of [k | v] (pw = 32, or 16 for a last one). K and V are multiples of
+  // 16, so no 16-byte piece (4 fp32 or 8 bf16 columns) straddles k and v. Rows past T: k | v zeroed.
+  auto width = [&](int p) { return KS && VS && (KS + VS) % 32 == 0 ? 32 : min(32, KV - 32 * p); };
+  // The thread's fp32 pieces of a panel: e = tid + NT u < 64 pw / 4, row e / (pw / 4), columns 4 (e % (pw / 4))..
+  auto issue_panel = [&](int p) {
+    float *dxs = panels + (p & 1) * WY_PANEL, *xs = dxs + CH * DXP;
+    bf16_t *kvs = (bf16_t *)(xs + CH * XP);
+    const int c0 = 32 * p, pw = width(p), sh = pw == 32 ? 3 : 2;
+    for (int e = tid; e < CH * pw / 4; e += NT) {
+      const int i = e >> sh, cl = 4 * (e & ((1 << sh) - 1)), a = c0 + cl;
+      cp_async16(dxs + i * DXP + cl, a < K ? DXK + i * K + a : DVP + i * V + (a - K));
+      cp_async16(xs + i * XP + cl, a < K ? W + i * K + a : U + i * V + (a - K));
+    }
+    for (int e = tid; e < CH * pw / 8; e += NT) {
+      const int i = e >> (sh - 1), cl = 8 * (e & ((1 << (sh - 1)) - 1)), a = c0 + cl;
+      const bool t_in = t0 + i < T;
+      const int it = t_in ? i : 0;
+      cp_async16z(kvs + i * KVP + cl, a < K ? (const void *)(kb + it * HK + a) : (const void *)(vb + it * HV + (a - K)),
+                  t_in);
+    }
+  };
+  issue_panel(0);
+  cp_async_commit();
+  float dacc[4][4];  // dL = Y X^T: the warp's rows 16 wm.., columns 32 wn + 8 nt..
+#pragma unroll
+  for (int nt = 0; nt < 4; nt++) dacc[nt][0] = dacc[nt][1] = dacc[nt][2] = dacc[nt][3] = 0.0f;
+  float part[2] = {0.0f, 0.0f};  // dbeta's parts of rows 16 wm + gq + 8 hf
+  bf16_t *dvb = dv + AT(b, t0, h, V);
+#pragma unroll 1
+  for (int p = 0; p < np; p++) {
+    const int c0 = 32 * p, pw = width(p), sh = pw == 32 ? 3 : 2;
+    float *dxs = panels + (p & 1) * WY_PANEL, *xs = dxs + CH * DXP;
+    const bf16_t *kvs = (const bf16_t *)(xs + CH * XP);
+    cp_async_wait_all();  // this thread's copies of panel p are there (the only group in flight)
+    for (int e = tid; e < CH * pw / 4; e += NT) {  // its fp32 pieces to tf32, in place
+      const int i = e >> sh, cl = 4 * (e & ((1 << sh) - 1));
+      float4 *px = (float4 *)(dxs + i * DXP + cl), *pw4 = (float4 *)(xs + i * XP + cl);
+      *px = tf32x4(*px), *pw4 = tf32x4(*pw4);
+    }
+    __syncthreads();  // panel p is in place; every warp is past its reads of panel p - 1 (its buffer, Y_p)
+    if (p + 1 < np) {
+      issue_panel(p + 1);  // into panel p - 1's buffer
+    } else {               // after the last panel: KK (pitch KKP) into the free buffer, for dL's epilogue
+      float *kks = panels + ((p + 1) & 1) * WY_PANEL;
+      for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + (e >> 4) * KKP + 4 * (e & 15), sc.KK + cC + 4 * e);
+    }
+    cp_async_commit();
+    if (16 * wn < pw) {  // (warp-uniform) Y_p's block of the warp, then its per-element work
+      float y[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < CH / 8; ks++) {
+        const float *bp = dxs + (8 * ks + t) * DXP + 16 * wn + gq;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) mma_tf32(y[nt], mta[ks], bp[8 * nt], bp[4 * DXP + 8 * nt]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+          const int i = 16 * wm + gq + 8 * hf, nl = 16 * wn + 8 * nt + 2 * t, n = c0 + nl;
+          const float y0 = y[nt][2 * hf], y1 = y[nt][2 * hf + 1];
+          *(float2 *)(Yp + i * YP + nl) = make_float2(round_tf32(y0), round_tf32(y1));
+          const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KVP + nl);
+          float r0 = __low2float(r2), r1 = __high2float(r2);
+          if (n < K) {
+            const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
+            const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
+            r0 = l2norm_bf16(r0, rk[i]) * e0, r1 = l2norm_bf16(r1, rk[i]) * e1;
+            *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
+          } else if (t0 + i < T) {
+            *(__nv_bfloat162 *)(dvb + i * HV + (n - K)) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
+          }
+          part[hf] = fmaf(y0, r0, fmaf(y1, r1, part[hf]));
+        }
+    }
+    pair_sync(wm);  // Y_p's rows 16 wm.. are complete
+    {
+      const float *ap = Yp + (16 * wm + gq) * YP + t, *bp = xs + (32 * wn + gq) * XP + t;
+#pragma unroll
+      for (int ks = 0; ks < 4; ks++) {
+        if (8 * ks >= pw) break;
+        unsigned a[4];
+        frag_a(a, ap + 8 * ks, YP);
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mma_tf32(dacc[nt], a, bp[8 * nt * XP + 8 * ks], bp[8 * nt * XP + 8 * ks + 4]);
+      }
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();  // KK is in place; every warp is past its reads of the last Y_p (its region takes the row parts)
+  // dL = -Y X^T, strictly lower and same document, and dbeta's sum_j dL_ij KK_ij.
+  {
+    const float *kks = panels + (np & 1) * WY_PANEL;
+    float *DL = sc.DL + cC;
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++) {
+        const int i = 16 * wm + gq + 8 * hf, j = 32 * wn + 8 * nt + 2 * t;
+        const float d0 = j < i && seg[i] == seg[j] ? -dacc[nt][2 * hf] : 0.0f;
+        const float d1 = j + 1 < i && seg[i] == seg[j + 1] ? -dacc[nt][2 * hf + 1] : 0.0f;
+        *(float2 *)(DL + i * CH + j) = make_float2(d0, d1);
+        const float2 kk = *(const float2 *)(kks + i * KKP + j);
+        part[hf] = fmaf(d0, kk.x, fmaf(d1, kk.y, part[hf]));
+      }
+  }
+  float *rowpart = Yp;  // (2, 64): the warp pair's two halves of each row
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) {
+    part[hf] += __shfl_xor_sync(0xffffffffu, part[hf], 1);
+    part[hf] += __shfl_xor_sync(0xffffffffu, part[hf], 2);
+    if (t == 0) rowpart[wn * CH + 16 * wm + gq + 8 * hf] = part[hf];
+  }
+  __syncthreads();
+  // dbeta_i = Y_i . rhs_i + sum_j dL_ij KK_ij: the two halves of row i in order.
+  if (tid < CH && t0 + tid < T) dbeta[((size_t)b * T + t0 + tid) * H + h] = rowpart[tid] + rowpart[CH + tid];
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1510,7 +1505,7 @@ extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
 // the backward's own in slot 2.
 static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved) {
   const size_t cK = CH * (size_t)K, cV = CH * (size_t)V, cC = CH * CH, kv = (size_t)K * V;
-  size_t per = backward ? cV + kv + 3 * cK + K + 2 * cC : 0;
+  size_t per = backward ? cV + kv + 4 * cK + K + 2 * cC : 0;
   if (!saved) per += backward ? saved_per_chunk(K, V) : intra_per_chunk(K, V);
   float *p = per ? (float *)device_scratch(2, nch * per * sizeof(float)) : NULL;
   Scratch s = {};
@@ -1527,7 +1522,7 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved
   if (backward) {
     s.DVP = take(p, cV), s.DS = take(p, kv);
     s.PDQ = take(p, cK), s.PDK = take(p, cK), s.PDK2 = take(p, cK), s.DGL = take(p, K), s.DL = take(p, cC);
-    s.DA = take(p, cC);
+    s.DA = take(p, cC), s.DXK = take(p, cK);
   }
   return s;
 }
@@ -1561,9 +1556,13 @@ static int state_warps(int B, int H, int V) {
   if (V % 128 == 0 && 2 * (size_t)B * H * (V / 128) > (size_t)sm_count()) return 8;
   return V % 64 == 0 ? 4 : 1;
 }
-static size_t wy_smem(int K, int V) {
-  return (WY_TILE + (size_t)CH * (K + 1) + CH * (K + V + 1) + K + 16 * CH + 3 * CH) * sizeof(float);
+// The WY backward's: stages | panels and Y, M^T, gc, del, beta, rk, seg (see there); V is not in it. At K = 128: 110080
+// bytes: two blocks fit an SM (H100: 228 KB an SM, 227 KB a block, 1 KB of each block's reserved by the system).
+static constexpr size_t wy_smem(int K) {
+  return ((size_t)WY_MT + CH * MTP + (size_t)CH * (K + 1) + K + 3 * CH) * sizeof(float);
 }
+static_assert(wy_smem(128) <= 110 * 1024 && 2 * (wy_smem(128) + 1024) <= 228 * 1024,
+              "two WY backward blocks per SM at K = 128");
 static size_t pair_smem(int K) {
   return (4 * (size_t)CH * (K + 1) + 2 * CH * WAP + 4 * CH) * sizeof(float) +
          2 * CH * QK_PITCH(K) * sizeof(bf16_t);
@@ -1737,14 +1736,17 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   if (!saved)  // what the forward would have kept: its per-chunk results, then Vp and S0 from its state pass
     forward_all(NULL, NULL, sc, true, q, k, v, g, beta, initial_state, doc_start, scale, B, T, H, K, V, NC);
   const bool fixed = fixed_shape(K, V);
-  const size_t wy_bytes = wy_smem(K, V), pair_bytes = pair_smem(K);
+  const size_t wy_bytes = wy_smem(K), pair_bytes = pair_smem(K);
   auto wy = fixed ? kda_wy_backward_kernel<128, 128> : kda_wy_backward_kernel<0, 0>;
   auto pair = fixed ? kda_pairwise_backward_kernel<128> : kda_pairwise_backward_kernel<0>;
   allow_smem(wy, wy_bytes);
+  // Two WY blocks a SM need the largest shared-memory carveout: asked for, not left to the driver's choice.
+  CUDA_CHECK(cudaFuncSetAttribute((const void *)wy, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared));
   allow_smem(pair, pair_bytes);
   auto per_chunk = [&](Range r) {  // the WY and pairwise backward of the chunks of r
     const int blocks = B * H * (r.end - r.begin);
-    wy<<<blocks, WY_NT, wy_bytes, r.stream>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,
+    wy<<<blocks, NT, wy_bytes, r.stream>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,
                                               (const bf16_t *)v, g, beta, doc_start, T, H, K, V, NC, r.begin, r.end);
     CUDA_CHECK_LAUNCH();
     pair<<<blocks, NT, pair_bytes, r.stream>>>((bf16_t *)dq, (bf16_t *)dk, dg, sc, (const bf16_t *)q,
