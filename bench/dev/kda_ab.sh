@@ -51,13 +51,16 @@ for X in $CANDS; do
     env $v /tmp/bench_$X $BENCH $SHAPE 2>&1 | grep -E "^\| [0-9]"
   done
 done
-# Bitwise against this tree (BITWISE="B T H K DOC_LEN", default 2 4096 16 128 1000; BITWISE=none: skip): every
+# Bitwise against this tree (BITWISE="B T H K DOC_LEN", several joined by commas; default 2 4096 16 128 1000 and
+# 1 1000 4 48 300: K = 48 takes the general instance and a 16-wide last channel group; BITWISE=none: skip): every
 # array of one fwd+bwd of each kind of inputs (bench_kda --dump), compared file by file with cmp.
 if [[ ${BITWISE:-} != none ]]; then
+  IFS=, read -ra SHAPES <<< "${BITWISE:-2 4096 16 128 1000,1 1000 4 48 300}"
   for X in A $CANDS; do
     BIN=/tmp/bench_$X; [[ $X == A ]] && BIN=/tmp/A/bench_kda
     [[ -x $BIN ]] || continue
-    rm -rf /tmp/dump_$X && mkdir -p /tmp/dump_$X && $BIN --dump /tmp/dump_$X ${BITWISE:-2 4096 16 128 1000} > /dev/null 2>&1
+    rm -rf /tmp/dump_$X && mkdir -p /tmp/dump_$X
+    for shp in "${SHAPES[@]}"; do $BIN --dump /tmp/dump_$X $shp > /dev/null 2>&1; done
     [[ $X == A ]] && continue
     same=; differ=
     for f in /tmp/dump_A/*.bin; do

@@ -35,6 +35,9 @@ s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [(("// dL and dA come by cp.
           (("float wl[CH * CH / NT]", "#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
           ("// P, Q against earlier", 2), ("// Inside the sub-chunks, and the sums", 3),
           (("if (tid < K) {\n    // dg_t", "if (tid < K) {\n    float acc"), 4)], 2, 5)
+if phases[2] == 0:  # the two-blocks pairwise kernel (units in rounds): loads, wl | dA, the rounds, dg and the norms
+    s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("// dL and dA come by cp.async", 0),
+              ("float wl[CH * CH / NT]", 1), ("for (int round = 0", 2), ("if (tid < K) {\n    // dg_t", 3)], 2, 4)
 head = '''
 __device__ long long kda_prof[3][4096][12];
 #define PH(K, n) do { __syncthreads(); if (threadIdx.x == 0 && blockIdx.x < 4096) kda_prof[K][blockIdx.x][n] = clock64(); } while (0)
