@@ -12,21 +12,12 @@
 # bf16 and tf32 roundings are the same operations at the same points as in the one-block kernel).
 # Usage: python3 bench/dev/emulate_pairwise_two_blocks.py [K ...]   (default: every multiple of 16 up to 128)
 import numpy as np, sys
+from mma_m16n8k8 import mma  # bench/dev/mma_m16n8k8.py
 CH = 64; NT = 256; NW = NT // 32; WAP = CH + 2; PBUF = 256
 def QK_PITCH(K): return K + 2
 def pair_smem(K):  # bytes, as the kernel's pair_smem
     return (CH * (K + 1) + 2 * CH * WAP + NW * PBUF + 4 * CH) * 4 + 2 * CH * QK_PITCH(K) * 2
 
-def mma(a, b, c):  # a[32][4], b[32][2], c[32][4] -> new c (m16n8k8: g = lane / 4, t = lane % 4)
-    A = np.zeros((16, 8)); B = np.zeros((8, 8))
-    for l in range(32):
-        g, t = l >> 2, l & 3
-        A[g, t], A[g + 8, t], A[g, t + 4], A[g + 8, t + 4] = a[l]; B[t, g], B[t + 4, g] = b[l]
-    C = A @ B; out = []
-    for l in range(32):
-        g, t = l >> 2, l & 3
-        out.append([c[l][0] + C[g, 2 * t], c[l][1] + C[g, 2 * t + 1], c[l][2] + C[g + 8, 2 * t], c[l][3] + C[g + 8, 2 * t + 1]])
-    return out
 
 def inputs(K, T_rows, doc):
     rng = np.random.default_rng(K)

@@ -1,23 +1,14 @@
-# bench/dev/emulate_wy_two_blocks.py: a review aid for bench/dev/kda_wy_two_blocks_next.patch (session 20). It mirrors,
+# bench/dev/emulate_wy_two_blocks.py: a review aid for the two-blocks WY backward kernel (session 20 candidate, merged in session 21). It mirrors,
 # by hand, that candidate WY backward kernel's thread maps (lanes, warps, mma.sync m16n8k8 fragments, shared-memory
 # offsets, buffers refilled with NaN when reused) in float64 for one chunk (T ending at row 50, a document
 # starting at row 40) and compares PDQ, PDK, DA, del, PDK2, dv, DL and dbeta with the plain math. It does not read
 # the .cu file: after a change to the kernel it must be changed with it. Usage: python3 bench/dev/emulate_wy_two_blocks.py 128,128 48,32 ...
 import numpy as np, sys
+from mma_m16n8k8 import mma  # bench/dev/mma_m16n8k8.py
 CH=64; NT=256; SLD=20; CLD=68
 SP_STAGE=5*64*SLD+64*16//2; SP_STAGES=2
 DXP,XP,YP,KVP,KKP,MTP=40,36,36,40,72,68
 WY_PANEL=CH*DXP+CH*XP+CH*KVP//2; WY_MT=2*WY_PANEL+CH*YP
-def mma(a,b,c):  # a[32][4], b[32][2], c[32][4] -> new c
-    A=np.zeros((16,8)); B=np.zeros((8,8))
-    for l in range(32):
-        g,t=l>>2,l&3
-        A[g,t],A[g+8,t],A[g,t+4],A[g+8,t+4]=a[l]; B[t,g],B[t+4,g]=b[l]
-    C=A@B; out=[]
-    for l in range(32):
-        g,t=l>>2,l&3
-        out.append([c[l][0]+C[g,2*t],c[l][1]+C[g,2*t+1],c[l][2]+C[g+8,2*t],c[l][3]+C[g+8,2*t+1]])
-    return out
 def run(K,V,T_rows,seg,fixed=False):
     rng=np.random.default_rng(K*1000+V)
     dO=rng.standard_normal((CH,V)); dO[T_rows:]=rng.standard_normal((CH-T_rows,V))  # rows past T: kernel zero-fills
