@@ -5,7 +5,8 @@
 # kernels serialized), after the bench rows themselves. BASE=.deps/base: also a copy of this tree with the files
 # under that folder (same paths as in the repo, e.g. .deps/base/kernels/activation.cu) put back, built, timed
 # and profiled the same way: an A/B of a change outside the KDA kernel file. TESTS="test_a test_b": those test
-# binaries of this tree built and run first. About 150 s (both).
+# binaries of this tree built and run first. CLOCKS=base: ncu locks the clocks at base (default none: as they
+# run; a difference between the kinds of inputs that goes away at base clocks is power, not code). About 150 s (both).
 set --
 exec > >(tee -a $OUT/times_log.txt) 2>&1
 source .deps/setup.sh > /dev/null 2>&1
@@ -28,7 +29,7 @@ for t in $TESTS; do echo "$t: $(timeout 120 /tmp/T/$t --jobs 8 2>&1 | tail -1)";
 for t in $trees; do echo "== $t rows"; $t/bench_kda $SHAPE | grep -E '^\| [0-9]'; done
 for t in $trees; do
   echo "== $t kernels (us, GB read + written, TB/s)"
-  timeout 200 ncu --profile-from-start off --clock-control none \
+  timeout 200 ncu --profile-from-start off --clock-control ${CLOCKS:-none} \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv $t/bench_kda --profile $SHAPE \
     > /tmp/ncu.csv 2> /tmp/ncu.err || tail -3 /tmp/ncu.err
   python3 - /tmp/ncu.csv <<'PY'
