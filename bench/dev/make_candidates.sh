@@ -10,8 +10,9 @@ n=0
 for group in "$@"; do
   n=$((n + 1))
   IFS=, read -ra patches <<< "$group"
-  for p in "${patches[@]}"; do git apply "$p" || { git checkout -- kernels/kda_chunk.cu; exit 1; }; done
+  restore() { for p in "${patches[@]}"; do git checkout -q -- $(git apply --numstat "$p" | cut -f3); done; }  # every file they touch
+  for p in "${patches[@]}"; do git apply "$p" || { restore; exit 1; }; done
   cp kernels/kda_chunk.cu .deps/kda_chunk_D$n.cu
-  for p in "${patches[@]}"; do git checkout -q -- $(git apply --numstat "$p" | cut -f3); done  # every file it touched
+  restore
   echo "D$n: ${patches[*]}"
 done

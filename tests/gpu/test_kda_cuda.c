@@ -128,7 +128,7 @@ Test(kda_cuda, k32_near_zero_decays) { check_shape(2, 130, 4, 32, 32, -1e-4, -1e
 Test(kda_cuda, k32_strong_decays) { check_shape(2, 130, 4, 32, 32, -8, -2, true, DOCS, 8); }
 Test(kda_cuda, k64_v32) { check_shape(2, 100, 2, 64, 32, -1.0, -0.01, true, DOCS, 9); }
 Test(kda_cuda, k48_v80_documents) { check_shape(2, 150, 3, 48, 80, -1.0, -0.01, true, DOCS, 14); }
-// K + V = 80, not a multiple of 32: the WY backward's panels of the two-blocks candidate end with a 16-wide one.
+// K + V = 80, not a multiple of 32: the WY backward's last panel of [k | v] is 16 wide.
 Test(kda_cuda, k48_v32_documents) { check_shape(2, 150, 3, 48, 32, -1.0, -0.01, true, DOCS, 20); }
 // Very steep decays (-40 to -10 a token): exp(gc_i - gc_j) inside a 16-row sub-chunk no longer splits into two
 // fp32 factors at an anchor row, so a kernel that factors it for milder decays must fall back here.
