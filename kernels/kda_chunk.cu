@@ -53,8 +53,10 @@
 //   or dVp; X = [W | U]; raw k | v), double-buffered by cp.async, Y_p = M^T dX_p (M^T's fragments in registers),
 //   Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and dL += Y_p X_p^T with dL's
 //   accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the end. The intra kernel
-//   and the WY backward fit two blocks per SM (about 83 and 108 KB), the pairwise backward one (about 200 KB);
-//   every per-chunk kernel's block is 8 warps.
+//   and the WY backward fit two blocks per SM (about 83 and 108 KB), and so does the pairwise backward (about
+//   107 KB: units of (sub-chunk, 32 channels), each warp's P, Q, R turned around through a 1 KB buffer into the
+//   lanes that run the in-sub-chunk pass, instead of three 64 x (K + 1) fp32 arrays; until session 22 about
+//   200 KB, one block); every per-chunk kernel's block is 8 warps.
 //   Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
 //   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
 // - The L2 norms of q and k are inside: the intra and pairwise kernels normalize the rows as they load them
@@ -70,21 +72,18 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.42 ms, fwd+bwd
-//   7.46 ms, session 21; session 20's 7.81 against fla's Triton chunk_kda 2.44 / 12.74 ms in the same command; the gate's two kernels are
-//   0.15 / 0.4 ms of that). Per kernel, measured before the norms went inside (ncu, kernels serialized; ms, DRAM GB,
-//   TB/s): intra 1.36-1.42, 2.14, 1.5;
-//   state 0.78, 2.15, 2.75; state backward 0.69, 1.88, 2.73; WY backward 2.82, 4.33, 1.54; pairwise backward 1.53,
-//   2.15, 1.40. So the state passes stream near what the GPU gives; the three per-chunk kernels, 5.8 of the 7.1 ms, run
-//   at half of it. The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
-//   instruction bound. The WY backward's state products (56% of it) did not speed up when three slices were in flight
-//   instead of one; both backward kernels run one block per SM (shared memory), and each one's prologue (loads of q, k,
-//   gates) is a serial memory latency with nothing to overlap it: 10-20% of them. Neither more warps nor an earlier
-//   start of the loads changes that much (session 20, H100: 16 warps instead of 8 about 1%; its gates loaded
-//   beside the first state slices, no gain): its phases ran one after another. A second block per SM overlaps
-//   them (session 21, H100: the WY backward at 108 KB instead of 215, 8 warps, two blocks; fwd+bwd 7.81 -> 7.46
-//   ms at 8 x 4096 softplus, 7.78 -> 7.36 bounded, 17.87 -> 17.16 at 1 x 65536; ncu at 2 x 4096: 2 blocks an SM,
-//   DRAM 33% -> 60% of peak, 0.68 ms). The pairwise backward (200 KB) is still one block an SM. With few heads and long sequences
+// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.44 ms, fwd+bwd
+//   7.27 ms, session 22, against fla's Triton chunk_kda 2.44 / 12.72 ms in the same command). Per kernel (ncu,
+//   kernels serialized, session 22; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate: bench/README, "Steep
+//   gates"), 2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward 2.36, 5.57, 2.36;
+//   pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.23. So the state passes stream near what
+//   the GPU gives; the three per-chunk kernels, 5.4 of the 7.3 ms, at half of it (the WY backward at 70%). The
+//   intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction
+//   bound. The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state
+//   products; the panels) ran one after another at one block per SM; neither more warps nor earlier loads helped
+//   (session 20: 16 warps instead of 8 about 1%); a second block per SM overlaps them (session 21, the WY backward
+//   at 108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of 200:
+//   7.52 -> 7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536). With few heads and long sequences
 //   (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-partition, each instruction
 //   waiting on the one before. bench/README has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
@@ -1281,30 +1280,55 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
 //     [wl^T | dA^T](I, m > I1) [k_m; q_m] exp(gc_m - gc_I1), then times exp(gc_I1 - gc_i): R.
 // The pairs inside a sub-chunk on the CUDA cores: a thread takes channel a of one sub-chunk's 16 rows and its
 // 120 pairs j < i, the decay of each pair one multiplication from the previous one (no exponential per pair).
-// q and k stay in bf16 in shared memory; the off-sub-chunk P, Q, R wait in shared memory for the thread that
-// owns (i, a).
+// 8 warps and at most about 107 KB of shared memory (two blocks per SM, so that one block's loads and phases
+// overlap the other's). The work unit is (sub-chunk s, group of 32 channels; the last group 16 wide when K is
+// not a multiple of 32), unit u = 4 G + s, warp w taking the units w and w + 8 (rounds 0 and 1; 16 units at
+// K = 128). For its unit a warp computes the cross-sub-chunk P, Q (s > 0) and R (s < 3) of its 16 rows and 32
+// channels (4 n-tiles sharing each A fragment; n-tile nt's column x is channel cb + nt + NTG x, NTG = width / 8,
+// so that the B fragments' reads of gc hit 32 banks), turns each 16 x 32 C tile around through the warp's own
+// 8 x 32 buffer (two halves of 8 rows, XOR-swizzled: conflict-free both ways) so that lane L holds channel
+// cb + L of the 16 rows, and then runs the in-sub-chunk pass and the per-element epilogue from registers. A
+// round's results (dgc fp32; dqn, dkn bf16) stay in registers across a block barrier (every warp is past its
+// reads of the round's channels of gc, q and k), then go into the thread's own elements of gc, q and k, which
+// the next round does not read (other channels). After the last round: dg (its prefix sums of PDK k in wa's
+// space, k read again from global memory and normalized as load_rows_l2norm did) and the norms' backward
+// (normalized q, k read again from global memory, the gradients from shared memory): the same operations in the
+// same order as the one-block kernel (each mma element gets the same operands in the same k slots, only in
+// another column of its tile; the sums' orders kept), so dq, dk and dg should be bitwise the same as its.
+// Shared memory, byte offsets at K = 128:
+//        0  gc (64 x (K + 1) fp32); after each round, that round's channels of dgc
+//    33024  wa (64 x WAP float2; dL and dA arrive raw by cp.async); after the last round, dg's prefix sums
+//           (64 x (K + 1) fp32)
+//    66816  the warps' transposition buffers (8 x PBUF floats)
+//    75008  beta, 75264 rq, 75520 rk (q's and k's inverse norms), 75776 seg (64 each)
+//    76032  q (bf16, 64 x QK_PITCH(K), normalized); 92672 k; after each round, that round's channels of dqn, dkn
+//   109312  in all.
 #define WAP (CH + 2)  // wa's pitch (float2): the products' A fragments, rows g and columns t (or the reverse), on
                       // all banks (two 8-byte loads a bank at most, as for any 8-byte load of a warp)
+#define PBUF 256      // a warp's transposition buffer: 8 rows x 32 channels (fp32), element (r, c) at 32 r + (c ^ r)
 template <int KS>
-static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
-                                                                          Scratch sc, const bf16_t *q,
-                                                                          const bf16_t *k, const float *g,
-                                                                          const float *beta_in,
-                                                                          const unsigned char *doc_start, float scale,
-                                                                          int T, int H, int K_, int NC, int c_begin,
-                                                                          int c_end) {
+static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf16_t *dq, bf16_t *dk, float *dg,
+                                                                             Scratch sc, const bf16_t *q,
+                                                                             const bf16_t *k, const float *g,
+                                                                             const float *beta_in,
+                                                                             const unsigned char *doc_start,
+                                                                             float scale, int T, int H, int K_,
+                                                                             int NC, int c_begin, int c_end) {
   const int K = KS ? KS : K_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, pl = QK_PITCH(K);
-  float *gc = smem, *Ps = gc + CH * ld, *Qs = Ps + CH * ld, *Rs = Qs + CH * ld;
-  float2 *wa = (float2 *)(Rs + CH * ld);  // (wl, dA), 64 x 64 at pitch WAP, 16-byte aligned
-  float *beta = (float *)(wa + CH * WAP), *rq = beta + CH, *rk = rq + CH;  // rq, rk: q's and k's inverse norms
+  float *gc = smem;
+  float2 *wa = (float2 *)(gc + CH * ld);  // (wl, dA), 64 x 64 at pitch WAP, 16-byte aligned
+  float *xbuf = (float *)(wa + CH * WAP);
+  float *beta = xbuf + (NT / 32) * PBUF, *rq = beta + CH, *rk = rq + CH;  // rq, rk: q's and k's inverse norms
   int *seg = (int *)(rk + CH);
   bf16_t *qh = (bf16_t *)(seg + CH), *kh = qh + CH * pl;
   // one block per chunk of the range [c_begin, c_end) of every (b, h)
-  const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
-  const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
-  const size_t cK = (size_t)ch * CH * K, cC = (size_t)ch * CH * CH;
+  // (b, h, t0, ch are set again after the rounds from a fresh read of the block index: not kept in registers)
+  const int nr = c_end - c_begin, tid = threadIdx.x;
+  int ch = (blockIdx.x / nr) * NC + c_begin + blockIdx.x % nr, b = blockIdx.x / nr / H, h = blockIdx.x / nr % H;
+  int t0 = (c_begin + blockIdx.x % nr) * CH;
+  const size_t cC = (size_t)ch * CH * CH;
   // dL and dA come by cp.async into wa's space (as two 64 x 64 arrays) while q, k and the gates load.
   float *raw = (float *)wa;
   for (int e = tid; e < CH * CH / 4; e += NT) {
@@ -1315,170 +1339,236 @@ static __global__ void __launch_bounds__(NT) kda_pairwise_backward_kernel(bf16_t
   load_rows_l2norm(qh, pl, rq, q, b, h, t0, T, H, K);
   load_rows_l2norm(kh, pl, rk, k, b, h, t0, T, H, K);
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
-  for (int e = tid; e < 3 * CH * ld; e += NT) Ps[e] = 0.0f;  // Ps, Qs, Rs
   cp_async_wait_all();
   __syncthreads();
-  float wl[CH * CH / NT], da[CH * CH / NT];  // interleaved in place: through registers
+  {
+    float wl[CH * CH / NT], da[CH * CH / NT];  // interleaved in place: through registers
 #pragma unroll
-  for (int u = 0; u < CH * CH / NT; u++) {
-    const int e = tid + u * NT;
-    wl[u] = beta[e >> 6] * raw[e], da[u] = raw[CH * CH + e];
+    for (int u = 0; u < CH * CH / NT; u++) {
+      const int e = tid + u * NT;
+      wl[u] = beta[e >> 6] * raw[e], da[u] = raw[CH * CH + e];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < CH * CH / NT; u++) wa[((tid + u * NT) >> 6) * WAP + (tid & 63)] = make_float2(wl[u], da[u]);
   }
-  __syncthreads();
-#pragma unroll
-  for (int u = 0; u < CH * CH / NT; u++) wa[((tid + u * NT) >> 6) * WAP + (tid & 63)] = make_float2(wl[u], da[u]);
   __syncthreads();
   auto kf = [&](int i, int a) { return bf(kh + i * pl + a); };
   auto qf = [&](int i, int a) { return scale * bf(qh + i * pl + a); };
-  // P, Q against earlier sub-chunks and R against later ones, on the tensor cores with the fragments built
-  // straight from shared memory (no staging, no block-wide barrier): warp w takes the units w, w + 8, .. of
-  // (product, sub-chunk, 8 channels), the P | Q units of sub-chunks 1..3 first, then the R units of 0..2 (each
-  // warp gets 24 steps of 8 rows of both kinds). Unit n's 8 columns x = 0..7 are channels 32 (n / 4) + n % 4 +
-  // 4 x when K is a multiple of 32 (so that a warp's reads of gc, pitch K + 1, rows j = j0 + t, hit 32
-  // banks), else 8 n + x. A lane's B column is x = g; its C elements are rows I0 + g (+ 8), columns x = 2t
-  // (+ 1), the same for every unit of a kind: only it writes them.
-  {
-    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, nn = K / 8;
-    for (int u = warp; u < 6 * nn; u += NT / 32) {
-      const bool isR = u >= 3 * nn;
-      const int v = isR ? u - 3 * nn : u, s = v / nn, n = v % nn;
-      const int c0 = K % 32 == 0 ? 32 * (n >> 2) + (n & 3) : 8 * n, cs = K % 32 == 0 ? 4 : 1;  // x -> c0 + cs x
-      const int a = c0 + cs * g;
-      if (!isR) {
+  // The chunk's offset in the per-chunk buffers again, from a fresh read of the block index (so that it is not
+  // kept in registers across the rounds).
+  auto fresh_cK = [&]() {
+    unsigned bx;
+    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(bx));
+    return (size_t)((bx / nr) * NC + c_begin + bx % nr) * CH * K;
+  };
+  const int warp = tid >> 5, lane = tid & 31, g8 = lane >> 2, t = lane & 3;
+  float *buf = xbuf + warp * PBUF;
+  const int nu = 4 * ((K + 31) / 32);  // units (s, channel group)
+  for (int round = 0; round < (nu + NT / 32 - 1) / (NT / 32); round++) {
+    const int u = warp + (NT / 32) * round;  // (warp-uniform)
+    const int G = u >> 2, s = u & 3, I0 = 16 * s, cb = 32 * G;
+    const int ntg = KS && KS % 32 == 0 ? 4 : min(32, K - cb) / 8;  // the unit's n-tiles (4, or 2 in a last group of 16)
+    const bool own = u < nu && lane < 8 * ntg;  // the lane owns (s, channel cb + lane)
+    const int a = own ? cb + lane : cb;  // (an idle lane reads its group's first channel, keeps nothing)
+    float dgc[16];
+    __nv_bfloat162 dn[16];
+    if (u < nu) {
+      float P[16], Q[16], R[16];
+      // A 16 x 32 C tile (c[nt][r]: row g8 + 8 (r >> 1), channel cb + nt + ntg (2t + (r & 1))) into x[16] (lane L:
+      // channel cb + L, rows 0..15), by halves of 8 rows through the warp's buffer.
+      // With keep, the second half (rows 8..15) stays in the buffer, read where it is used: x[8 + r] at 32 r + (lane ^ r).
+      auto transpose = [&](const float(&cc)[4][4], float(&x)[16], bool keep) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+          __syncwarp();  // the warp's reads of the buffer are done
+#pragma unroll
+          for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+              if (nt < ntg) buf[32 * g8 + ((nt + ntg * (2 * t + e)) ^ g8)] = cc[nt][2 * hf + e];
+          __syncwarp();
+          if (hf == 1 && keep) break;
+#pragma unroll
+          for (int r = 0; r < 8; r++) x[8 * hf + r] = lane < 8 * ntg ? buf[32 * r + (lane ^ r)] : 0.0f;
+        }
+      };
+      if (s > 0) {
         // [wl; dA](I, j < I0) (k_j exp(gc_I0 - gc_j)), then times exp(gc_i - gc_I0): P_i, Q_i.
-        const int I0 = 16 * (s + 1);
-        const float an = gc[I0 * ld + a];
-        float cp[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float cp[4][4] = {}, cq[4][4] = {}, an[4];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) an[nt] = nt < ntg ? gc[I0 * ld + cb + nt + ntg * g8] : 0.0f;
         for (int j0 = 0; j0 < I0; j0 += 8) {
           const int j = j0 + t;
-          const float b0 = round_tf32(kf(j, a) * __expf(an - gc[j * ld + a]));
-          const float b1 = round_tf32(kf(j + 4, a) * __expf(an - gc[(j + 4) * ld + a]));
-          const float2 w00 = wa[(I0 + g) * WAP + j], w10 = wa[(I0 + g + 8) * WAP + j];
-          const float2 w01 = wa[(I0 + g) * WAP + j + 4], w11 = wa[(I0 + g + 8) * WAP + j + 4];
+          const float2 w00 = wa[(I0 + g8) * WAP + j], w10 = wa[(I0 + g8 + 8) * WAP + j];
+          const float2 w01 = wa[(I0 + g8) * WAP + j + 4], w11 = wa[(I0 + g8 + 8) * WAP + j + 4];
           const unsigned ap[4] = {tf32_bits(w00.x), tf32_bits(w10.x), tf32_bits(w01.x), tf32_bits(w11.x)};
           const unsigned aq[4] = {tf32_bits(w00.y), tf32_bits(w10.y), tf32_bits(w01.y), tf32_bits(w11.y)};
-          mma_tf32(cp, ap, b0, b1);
-          mma_tf32(cq, aq, b0, b1);
+#pragma unroll
+          for (int nt = 0; nt < 4; nt++) {
+            if (nt >= ntg) continue;
+            const int cn = cb + nt + ntg * g8;
+            const float b0 = round_tf32(kf(j, cn) * __expf(an[nt] - gc[j * ld + cn]));
+            const float b1 = round_tf32(kf(j + 4, cn) * __expf(an[nt] - gc[(j + 4) * ld + cn]));
+            mma_tf32(cp[nt], ap, b0, b1);
+            mma_tf32(cq[nt], aq, b0, b1);
+          }
         }
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-          const int i = I0 + g + 8 * (r >> 1), c = c0 + cs * (2 * t + (r & 1));
-          const float f = __expf(gc[i * ld + c] - gc[I0 * ld + c]);
-          Ps[i * ld + c] = cp[r] * f, Qs[i * ld + c] = cq[r] * f;
-        }
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+          for (int r = 0; r < 4; r++) {
+            if (nt >= ntg) continue;
+            const int i = I0 + g8 + 8 * (r >> 1), cn = cb + nt + ntg * (2 * t + (r & 1));
+            const float f = __expf(gc[i * ld + cn] - gc[I0 * ld + cn]);
+            cp[nt][r] = cp[nt][r] * f, cq[nt][r] = cq[nt][r] * f;
+          }
+        transpose(cp, P, false);
+        transpose(cq, Q, false);
       } else {
+#pragma unroll
+        for (int r = 0; r < 16; r++) P[r] = Q[r] = 0.0f;
+      }
+      if (s < 3) {
         // [wl^T | dA^T](I, m > I1) [k_m; q_m] exp(gc_m - gc_I1), then times exp(gc_I1 - gc_i): R_i.
-        const int I0 = 16 * s, I1 = I0 + 15;
-        const float an = gc[I1 * ld + a];
-        float cr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const int I1 = I0 + 15;
+        float cr[4][4] = {}, an[4];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) an[nt] = nt < ntg ? gc[I1 * ld + cb + nt + ntg * g8] : 0.0f;
         for (int m0 = I1 + 1; m0 < CH; m0 += 8) {
           const int m = m0 + t;
-          const float e0 = __expf(gc[m * ld + a] - an), e1 = __expf(gc[(m + 4) * ld + a] - an);
-          const float2 w00 = wa[m * WAP + I0 + g], w10 = wa[m * WAP + I0 + g + 8];
-          const float2 w01 = wa[(m + 4) * WAP + I0 + g], w11 = wa[(m + 4) * WAP + I0 + g + 8];
+          const float2 w00 = wa[m * WAP + I0 + g8], w10 = wa[m * WAP + I0 + g8 + 8];
+          const float2 w01 = wa[(m + 4) * WAP + I0 + g8], w11 = wa[(m + 4) * WAP + I0 + g8 + 8];
           const unsigned aw[4] = {tf32_bits(w00.x), tf32_bits(w10.x), tf32_bits(w01.x), tf32_bits(w11.x)};
           const unsigned ad[4] = {tf32_bits(w00.y), tf32_bits(w10.y), tf32_bits(w01.y), tf32_bits(w11.y)};
-          mma_tf32(cr, aw, round_tf32(kf(m, a) * e0), round_tf32(kf(m + 4, a) * e1));
-          mma_tf32(cr, ad, round_tf32(qf(m, a) * e0), round_tf32(qf(m + 4, a) * e1));
+#pragma unroll
+          for (int nt = 0; nt < 4; nt++) {
+            if (nt >= ntg) continue;
+            const int cn = cb + nt + ntg * g8;
+            const float e0 = __expf(gc[m * ld + cn] - an[nt]), e1 = __expf(gc[(m + 4) * ld + cn] - an[nt]);
+            mma_tf32(cr[nt], aw, round_tf32(kf(m, cn) * e0), round_tf32(kf(m + 4, cn) * e1));
+            mma_tf32(cr[nt], ad, round_tf32(qf(m, cn) * e0), round_tf32(qf(m + 4, cn) * e1));
+          }
         }
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-          const int i = I0 + g + 8 * (r >> 1), c = c0 + cs * (2 * t + (r & 1));
-          Rs[i * ld + c] = cr[r] * __expf(gc[I1 * ld + c] - gc[i * ld + c]);
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+          for (int r = 0; r < 4; r++) {
+            if (nt >= ntg) continue;
+            const int i = I0 + g8 + 8 * (r >> 1), cn = cb + nt + ntg * (2 * t + (r & 1));
+            cr[nt][r] = cr[nt][r] * __expf(gc[I1 * ld + cn] - gc[i * ld + cn]);
+          }
+        transpose(cr, R, true);
+      } else {
+#pragma unroll
+        for (int r = 0; r < 16; r++) R[r] = 0.0f;
+      }
+      // Inside the sub-chunk: lane L takes channel a = cb + L of its 16 rows, so that each
+      // E_ij = exp(gc_i - gc_j) = prod_{j < t <= i} exp(gc_t - gc_t-1) comes from E_i-1,j by one multiplication
+      // (every factor <= 1: nothing overflows, and what underflows goes to 0 as the exponential would), and one
+      // pass over the pairs j <= i gives P_i, Q_i and R_j together. (A lane past a last group of 16 channels runs
+      // it on the group's first channel and keeps nothing.)
+      float kv[16], qv[16], al[16];
+#pragma unroll
+      for (int r = 0; r < 16; r++) {
+        const int i = I0 + r;
+        kv[r] = kf(i, a), qv[r] = qf(i, a);
+        al[r] = r ? __expf(gc[i * ld + a] - gc[(i - 1) * ld + a]) : 1.0f;
+      }
+      // The diagonal pairs (E_ii = 1) apart: they give dq and dk but nothing to the gate (q_i dA_ii k_i enters
+      // dgc_i through Q and again, negated, through R), so leaving them out of Q and R keeps dg free of that
+      // cancellation (with steep decays dg is ~e^-10 of those terms: fp32 rounding alone was a 3% error).
+      // Row j is complete after pass j (P_j, Q_j after pass j - 1; R_j's pairs are all in pass j): its epilogue
+      // follows at once, and its registers are free for the rest. The WY backward's parts: dk = PDK + PDK2 (+ P +
+      // R), dqs = PDQ (+ Q), and the gate's dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...); the PDK_i k_i also
+      // reach gc_last, so dg_t gets sum_i<t PDK_i k_i from them (a prefix sum, after the last round). The gradients
+      // of the normalized q and k in bf16 (as they would leave a kernel of their own), for the norms' backward
+      // after the last round.
+#pragma unroll
+      for (int j = 0; j < 16; j++) {
+        if (j >= 8) R[j] = s < 3 && lane < 8 * ntg ? buf[32 * (j - 8) + (lane ^ (j - 8))] : 0.0f;  // (kept in the buffer)
+        float E = 1.0f;
+#pragma unroll
+        for (int i = j + 1; i < 16; i++) {
+          E *= al[i];
+          const float2 w = wa[(I0 + i) * WAP + I0 + j];  // (wl_ij, dA_ij): the same for the whole warp
+          const float x = kv[j] * E;
+          P[i] = fmaf(w.x, x, P[i]);
+          Q[i] = fmaf(w.y, x, Q[i]);
+          R[j] = fmaf(fmaf(w.x, kv[i], w.y * qv[i]), E, R[j]);
         }
+      }
+      const size_t cKu = fresh_cK();
+#pragma unroll
+      for (int j = 0; j < 16; j++) {
+        const int i = I0 + j;
+        const size_t o = cKu + (size_t)i * K + a;
+        const float pq = __ldg(sc.PDQ + o), k2 = __ldg(sc.PDK2 + o), k1 = __ldg(sc.PDK + o);
+        const float dd = wa[i * WAP + i].y;  // wl_ii = 0 (dL is strictly lower)
+        dgc[j] = fmaf(pq, qv[j], k2 * kv[j]) + kv[j] * (P[j] - R[j]) + qv[j] * Q[j];
+        dn[j] = __floats2bfloat162_rn(scale * (pq + fmaf(dd, kv[j], Q[j])), k1 + k2 + P[j] + fmaf(dd, qv[j], R[j]));
+      }
+    }
+    __syncthreads();  // every warp is past its reads of this round's channels of gc, q and k
+    if (own) {
+#pragma unroll
+      for (int r = 0; r < 16; r++) {
+        const int i = I0 + r;
+        gc[i * ld + a] = dgc[r];
+        qh[i * pl + a] = dn[r].x, kh[i * pl + a] = dn[r].y;
       }
     }
   }
-  __syncthreads();
-  // Inside the sub-chunks, and the sums: a thread takes channel a of one sub-chunk's 16 rows, so that each
-  // E_ij = exp(gc_i - gc_j) = prod_{j < t <= i} exp(gc_t - gc_t-1) comes from E_i-1,j by one multiplication
-  // (every factor <= 1: nothing overflows, and what underflows goes to 0 as the exponential would), and one
-  // pass over the pairs j <= i gives P_i, Q_i and R_j together.
-  for (int e = tid; e < 4 * K; e += NT) {
-    const int a = e % K, s = e / K, I0 = 16 * s;
-    // The WY backward's partial gradients of the 16 rows, in flight during the pairs.
-    float k1[16], k2[16], pq[16];
-#pragma unroll
-    for (int r = 0; r < 16; r++) {
-      const size_t o = cK + (size_t)(I0 + r) * K + a;
-      k1[r] = __ldg(sc.PDK + o), k2[r] = __ldg(sc.PDK2 + o), pq[r] = __ldg(sc.PDQ + o);
-    }
-    float kv[16], qv[16], al[16], P[16], Q[16], R[16];
-#pragma unroll
-    for (int r = 0; r < 16; r++) {
-      const int i = I0 + r;
-      kv[r] = kf(i, a), qv[r] = qf(i, a);
-      al[r] = r ? __expf(gc[i * ld + a] - gc[(i - 1) * ld + a]) : 1.0f;
-      P[r] = Ps[i * ld + a], Q[r] = Qs[i * ld + a], R[r] = Rs[i * ld + a];
-    }
-    // The diagonal pairs (E_ii = 1) apart: they give dq and dk but nothing to the gate (q_i dA_ii k_i enters
-    // dgc_i through Q and again, negated, through R), so leaving them out of Q and R keeps dg free of that
-    // cancellation (with steep decays dg is ~e^-10 of those terms: fp32 rounding alone was a 3% error).
-    float dd[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-      dd[j] = wa[(I0 + j) * WAP + I0 + j].y;  // wl_jj = 0 (dL is strictly lower)
-      float E = 1.0f;
-#pragma unroll
-      for (int i = j + 1; i < 16; i++) {
-        E *= al[i];
-        const float2 w = wa[(I0 + i) * WAP + I0 + j];  // (wl_ij, dA_ij): the same for the whole warp
-        const float x = kv[j] * E;
-        P[i] = fmaf(w.x, x, P[i]);
-        Q[i] = fmaf(w.y, x, Q[i]);
-        R[j] = fmaf(fmaf(w.x, kv[i], w.y * qv[i]), E, R[j]);
-      }
-    }
-    // The WY backward's parts: dk = PDK + PDK2 (+ P + R), dqs = PDQ (+ Q), and the gate's
-    // dgc_i = PDQ_i qs_i + (PDK2_i - PDK_i) k_i (+ ...). The PDK_i k_i also reach gc_last, so dg_t gets
-    // sum_i<t PDK_i k_i from them: a prefix sum, kept in Qs (this thread's own elements, read above).
-#pragma unroll
-    for (int r = 0; r < 16; r++) {
-      const int i = I0 + r;
-      Ps[i * ld + a] = fmaf(pq[r], qv[r], k2[r] * kv[r]) + kv[r] * (P[r] - R[r]) + qv[r] * Q[r];  // dgc
-      Qs[i * ld + a] = k1[r] * kv[r];
-      // The gradients of the normalized q and k, in bf16 (as they would leave a kernel of their own), wait in
-      // this thread's own element of Rs for the norms' backward below.
-      ((__nv_bfloat162 *)Rs)[i * ld + a] = __floats2bfloat162_rn(scale * (pq[r] + fmaf(dd[r], kv[r], Q[r])),
-                                                                 k1[r] + k2[r] + P[r] + fmaf(dd[r], qv[r], R[r]));
-    }
+  __syncthreads();  // dgc, dqn and dkn of every (row, channel) are in place; wa is free
+  {
+    // The chunk's indices again, from a fresh read of the block index (not kept in registers across the rounds).
+    unsigned bx;
+    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(bx));
+    const int bh = bx / nr, c = c_begin + bx % nr;
+    ch = bh * NC + c, b = bh / H, h = bh % H, t0 = c * CH;
   }
-  __syncthreads();
+  const size_t cK = (size_t)ch * CH * K;
   if (tid < K) {
-    // dg_t = DGL + sum_i<t PDK_i k_i + sum_i>=t dgc_i (DGL: the gate gradient at gc_last through the state).
-    float pre = 0.0f;
-    for (int i = 0; i < CH; i++) {
-      const float x = Qs[i * ld + tid];
-      Qs[i * ld + tid] = pre;
-      pre += x;
+    // dg_t = DGL + sum_i<t PDK_i k_i + sum_i>=t dgc_i (DGL: the gate gradient at gc_last through the state), the
+    // prefix sums in wa's space (this thread's column).
+    float *pre = (float *)wa;
+    const size_t row = (size_t)H * K;
+    {
+      const bf16_t *kp = k + AT(b, t0, h, K) + tid;  // row t0 + i at kp + i * row (read while t0 + i < T)
+      const float *k1p = sc.PDK + cK + tid;
+      float p = 0.0f;
+#pragma unroll 8
+      for (int i = 0; i < CH; i++) {
+        const float kv = t0 + i < T ? l2norm_bf16(bf(kp + i * row), rk[i]) : 0.0f;
+        const float x = __fmul_rn(__ldg(k1p + i * K), kv);  // (not fused into p's sum: the one-block kernel's
+                                                             // product went through shared memory, rounded)
+        pre[i * ld + tid] = p;
+        p += x;
+      }
     }
     float acc = __ldg(sc.DGL + (size_t)ch * K + tid);
-    const size_t row = (size_t)H * K;
     size_t o = AT(b, t0, h, K) + (CH - 1) * row + tid;  // row t0 + i of dg, i going down
     for (int i = CH - 1; i >= 0; i--, o -= row) {
-      acc += Ps[i * ld + tid];
-      if (t0 + i < T) dg[o] = acc + Qs[i * ld + tid];
+      acc += gc[i * ld + tid];
+      if (t0 + i < T) dg[o] = acc + pre[i * ld + tid];
     }
   } else if (tid >= NT / 2) {
     // Meanwhile the L2 norms' backward (kernels/norm.h's l2norm_backward) in the upper four warps (all their threads
     // are >= K): with xn a normalized row and s its inverse norm, dx = s (dxn - xn (xn . dxn)). Warp w takes rows
-    // w - 4, w, w + 4, .. of q and k.
-    const int lane = tid & 31;
-    const __nv_bfloat162 *dn = (const __nv_bfloat162 *)Rs;  // (dqn, dkn) of element (i, a) at i * ld + a
-    const size_t row = (size_t)H * K, o0 = AT(b, t0, h, K);  // row t0 + i of dq and dk at o0 + i * row
+    // w - 4, w, w + 4, .. of q and k; xn read again from global memory (l2norm_bf16: the bits load_rows_l2norm
+    // gave), dxn from q's and k's shared memory.
+    const size_t row = (size_t)H * K, o0 = AT(b, t0, h, K);  // row t0 + i of q, k, dq and dk at o0 + i * row
     for (int i = (tid >> 5) - NT / 64; i < CH && t0 + i < T; i += NT / 64) {
+      const size_t o = o0 + i * row;
       float dotq = 0.0f, dotk = 0.0f;
       for (int a = lane; a < K; a += 32) {
-        const float2 d = __bfloat1622float2(dn[i * ld + a]);
-        dotq = fmaf(bf(qh + i * pl + a), d.x, dotq);
-        dotk = fmaf(bf(kh + i * pl + a), d.y, dotk);
+        dotq = fmaf(l2norm_bf16(bf(q + o + a), rq[i]), bf(qh + i * pl + a), dotq);
+        dotk = fmaf(l2norm_bf16(bf(k + o + a), rk[i]), bf(kh + i * pl + a), dotk);
       }
       dotq = warp_sum(dotq), dotk = warp_sum(dotk);
-      const size_t o = o0 + i * row;
       for (int a = lane; a < K; a += 32) {
-        const float2 d = __bfloat1622float2(dn[i * ld + a]);
-        dq[o + a] = __float2bfloat16(rq[i] * fmaf(-bf(qh + i * pl + a), dotq, d.x));
-        dk[o + a] = __float2bfloat16(rk[i] * fmaf(-bf(kh + i * pl + a), dotk, d.y));
+        dq[o + a] = __float2bfloat16(rq[i] * fmaf(-l2norm_bf16(bf(q + o + a), rq[i]), dotq, bf(qh + i * pl + a)));
+        dk[o + a] = __float2bfloat16(rk[i] * fmaf(-l2norm_bf16(bf(k + o + a), rk[i]), dotk, bf(kh + i * pl + a)));
       }
     }
   }
@@ -1563,10 +1653,15 @@ static constexpr size_t wy_smem(int K) {
 }
 static_assert(wy_smem(128) <= 110 * 1024 && 2 * (wy_smem(128) + 1024) <= 228 * 1024,
               "two WY backward blocks per SM at K = 128");
-static size_t pair_smem(int K) {
-  return (4 * (size_t)CH * (K + 1) + 2 * CH * WAP + 4 * CH) * sizeof(float) +
+// The pairwise backward's: gc, wa, the warps' transposition buffers, beta, rq, rk, seg, q, k (see there). At K = 128:
+// 109312 bytes: two blocks fit an SM.
+static constexpr size_t pair_smem(int K) {
+  return ((size_t)CH * (K + 1) + 2 * CH * WAP + (NT / 32) * PBUF + 4 * CH) * sizeof(float) +
          2 * CH * QK_PITCH(K) * sizeof(bf16_t);
 }
+static_assert(pair_smem(128) <= 110 * 1024 && 2 * (pair_smem(128) + 1024) <= 228 * 1024,
+              "two pairwise backward blocks per SM at K = 128");
+static_assert(CH * (128 + 1) <= 2 * CH * WAP, "dg's prefix sums fit in wa's space");
 
 template <class F>
 static void allow_smem(F *kernel, size_t bytes) {
@@ -1740,10 +1835,12 @@ extern "C" void kda_chunk_backward_cuda(bf16 *dq, bf16 *dk, bf16 *dv, float *dg,
   auto wy = fixed ? kda_wy_backward_kernel<128, 128> : kda_wy_backward_kernel<0, 0>;
   auto pair = fixed ? kda_pairwise_backward_kernel<128> : kda_pairwise_backward_kernel<0>;
   allow_smem(wy, wy_bytes);
-  // Two WY blocks a SM need the largest shared-memory carveout: asked for, not left to the driver's choice.
+  // Two WY (and pairwise) blocks a SM need the largest shared-memory carveout: asked for, not left to the driver's choice.
   CUDA_CHECK(cudaFuncSetAttribute((const void *)wy, cudaFuncAttributePreferredSharedMemoryCarveout,
                                  cudaSharedmemCarveoutMaxShared));
   allow_smem(pair, pair_bytes);
+  CUDA_CHECK(cudaFuncSetAttribute((const void *)pair, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared));
   auto per_chunk = [&](Range r) {  // the WY and pairwise backward of the chunks of r
     const int blocks = B * H * (r.end - r.begin);
     wy<<<blocks, NT, wy_bytes, r.stream>>>((bf16_t *)dv, dbeta, sc, (const bf16_t *)dout, (const bf16_t *)k,

@@ -1,5 +1,5 @@
 # bench/dev/emulate_pairwise_two_blocks.py: a review aid for the two-blocks-per-SM pairwise backward
-# (kda_pairwise_backward_kernel, kda_pairwise_two_blocks_next.patch). It mirrors, by hand, that kernel's thread maps
+# (kda_pairwise_backward_kernel, merged in session 22). It mirrors, by hand, that kernel's thread maps
 # (warps, lanes, units (sub-chunk s, channel group), mma.sync m16n8k8 fragments, the shared-memory layout and
 # offsets, the per-warp transposition buffer with its XOR swizzle, the rounds and what each round leaves in gc, q
 # and k, dg's prefix and reverse sums, the norms' row dots) in float64 for one chunk (T ending at row 50, a
