@@ -181,31 +181,46 @@ static __global__ void kda_gate_forward_kernel(float *g, const bf16_t *f, const 
 }
 
 // Thread (channel hk, block of rows): writes df for its rows and the rows' sums of dg * dg/du and
-// dg * dg/dA_log into partial_du / partial_da [row block][hk].
+// dg * dg/dA_log into partial_du / partial_da [row block][hk]. The rows are read GATE_BATCH at a time before any
+// is used (restrict: df cannot alias f or dg), so that each thread has that many loads in flight: one at a time,
+// the kernel waited out a memory latency per row (0.23 / 0.28 ms at 8 x 4096 x 16 x 128, softplus / bounded, 2.3
+// and 1.9 TB/s). The sums keep the rows' order.
 #define GATE_ROWS 64
-static __global__ void kda_gate_backward_kernel(bf16_t *df, float *partial_du, float *partial_da, const float *dg,
-                                                const bf16_t *f, const float *A_log, const float *dt_bias, bool bounded,
-                                                float lower_bound, int N, int H, int K) {
+#define GATE_BATCH 8
+static __global__ void kda_gate_backward_kernel(bf16_t *__restrict__ df, float *__restrict__ partial_du,
+                                                float *__restrict__ partial_da, const float *__restrict__ dg,
+                                                const bf16_t *__restrict__ f, const float *__restrict__ A_log,
+                                                const float *__restrict__ dt_bias, bool bounded, float lower_bound,
+                                                int N, int H, int K) {
   const int HK = H * K;
   int hk = blockIdx.x * blockDim.x + threadIdx.x;
   if (hk >= HK) return;
   int h = hk / K, begin = blockIdx.y * GATE_ROWS, end = min(begin + GATE_ROWS, N);
   float a = __expf(A_log[h]), bias = dt_bias[hk], sum_du = 0.0f, sum_da = 0.0f;
-  for (int n = begin; n < end; n++) {
-    size_t i = (size_t)n * HK + hk;
-    float u = __bfloat162float(f[i]) + bias, du, da;
-    if (!bounded) {
-      du = -a * sigmoid_f(u);
-      da = -a * softplus_f(u);
-    } else {
-      float s = sigmoid_f(a * u), dz = lower_bound * s * (1.0f - s);
-      du = dz * a;
-      da = dz * a * u;
+  for (int n0 = begin; n0 < end; n0 += GATE_BATCH) {
+    float u[GATE_BATCH], d[GATE_BATCH];
+#pragma unroll
+    for (int r = 0; r < GATE_BATCH; r++) {
+      const size_t i = (size_t)(n0 + r) * HK + hk;
+      u[r] = n0 + r < end ? __bfloat162float(f[i]) + bias : 0.0f;
+      d[r] = n0 + r < end ? dg[i] : 0.0f;
     }
-    float d = dg[i];
-    df[i] = __float2bfloat16(d * du);
-    sum_du += d * du;
-    sum_da += d * da;
+#pragma unroll
+    for (int r = 0; r < GATE_BATCH; r++) {
+      if (n0 + r >= end) break;
+      float du, da;
+      if (!bounded) {
+        du = -a * sigmoid_f(u[r]);
+        da = -a * softplus_f(u[r]);
+      } else {
+        float s = sigmoid_f(a * u[r]), dz = lower_bound * s * (1.0f - s);
+        du = dz * a;
+        da = dz * a * u[r];
+      }
+      df[(size_t)(n0 + r) * HK + hk] = __float2bfloat16(d[r] * du);
+      sum_du += d[r] * du;
+      sum_da += d[r] * da;
+    }
   }
   partial_du[(size_t)blockIdx.y * HK + hk] = sum_du;
   partial_da[(size_t)blockIdx.y * HK + hk] = sum_da;
