@@ -76,7 +76,7 @@
 //   7.27 ms, session 22, against fla's Triton chunk_kda 2.44 / 12.72 ms in the same command). Per kernel (ncu,
 //   kernels serialized, session 22; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate: bench/README, "Steep
 //   gates"), 2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward 2.36, 5.57, 2.36;
-//   pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.23. So the state passes stream near what
+//   pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the state passes stream near what
 //   the GPU gives; the three per-chunk kernels, 5.4 of the 7.3 ms, at half of it (the WY backward at 70%). The
 //   intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction
 //   bound. The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state
