@@ -72,20 +72,20 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.44 ms, fwd+bwd
-//   7.27 ms, session 22, against fla's Triton chunk_kda 2.44 / 12.72 ms in the same command). Per kernel (ncu,
-//   kernels serialized, session 22; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate: bench/README, "Steep
-//   gates"), 2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward 2.36, 5.57, 2.36;
-//   pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the state passes stream near what
-//   the GPU gives; the three per-chunk kernels, 5.4 of the 7.3 ms, at half of it (the WY backward at 70%). The
-//   intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction
-//   bound. The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state
-//   products; the panels) ran one after another at one block per SM; neither more warps nor earlier loads helped
-//   (session 20: 16 warps instead of 8 about 1%); a second block per SM overlaps them (session 21, the WY backward
-//   at 108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of 200:
-//   7.52 -> 7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536). With few heads and long sequences
-//   (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-partition, each instruction
-//   waiting on the one before. bench/README has the per-phase tables.
+// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.44 ms, fwd+bwd 7.27
+//   ms, session 22, against fla's Triton chunk_kda 2.44 / 12.72 ms in the same command). Per kernel (ncu, kernels
+//   serialized, session 22; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate: bench/README, "Steep gates"),
+//   2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward 2.36, 5.57, 2.36; pairwise
+//   backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the state passes stream near what
+//   the GPU gives; the three per-chunk kernels, 5.4 of the 7.3 ms, at half of it (the WY backward at 70%). The intra
+//   kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction bound. The
+//   backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state products; the
+//   panels) ran one after another at one block per SM; neither more warps nor earlier loads helped (session 20: 16
+//   warps instead of 8 about 1%); a second block per SM overlaps them (session 21, the WY backward at 108 KB instead
+//   of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of 200: 7.52 -> 7.32 ms in
+//   one command, 17.17 -> 16.77 at 1 x 65536). With few heads and long sequences (1 x 65536 x 16) the state passes are
+//   still the largest part: one warp per SM sub-partition, each instruction waiting on the one before. bench/README
+//   has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
 //   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
@@ -1294,7 +1294,8 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
 // space, k read again from global memory and normalized as load_rows_l2norm did) and the norms' backward
 // (normalized q, k read again from global memory, the gradients from shared memory): the same operations in the
 // same order as the one-block kernel (each mma element gets the same operands in the same k slots, only in
-// another column of its tile; the sums' orders kept), so dq, dk and dg should be bitwise the same as its.
+// another column of its tile; the sums' orders kept), so dq, dk and dg are bitwise the same as its (checked on an
+// H100 at K = 128 and 48, session 22).
 // Shared memory, byte offsets at K = 128:
 //        0  gc (64 x (K + 1) fp32); after each round, that round's channels of dgc
 //    33024  wa (64 x WAP float2; dL and dA arrive raw by cp.async); after the last round, dg's prefix sums
