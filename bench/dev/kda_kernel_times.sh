@@ -7,6 +7,8 @@
 # and profiled the same way: an A/B of a change outside the KDA kernel file. TESTS="test_a test_b": those test
 # binaries of this tree built and run first. CLOCKS=base: ncu locks the clocks at base (default none: as they
 # run; a difference between the kinds of inputs that goes away at base clocks is power, not code). About 150 s (both).
+# KDA_FILE=.deps/kda_chunk_D2.cu: this tree built with that kernel file in place of kernels/kda_chunk.cu (a kda_ab.sh
+# candidate's per-kernel times; BASE's tree keeps this tree's file unless BASE has its own).
 set --
 exec > >(tee -a $OUT/times_log.txt) 2>&1
 source .deps/setup.sh > /dev/null 2>&1
@@ -21,6 +23,7 @@ if [[ -n "${BASE:-}" ]]; then
   BUILD_B=$!
   trees="/tmp/B /tmp/T"
 fi
+if [[ -n "${KDA_FILE:-}" ]]; then cp "$KDA_FILE" kernels/kda_chunk.cu && echo "this tree with $KDA_FILE"; fi
 cmake -S . -B /tmp/T -DKLT_CUDA=ON -DCMAKE_BUILD_TYPE=Release > /dev/null 2>&1
 cmake --build /tmp/T -j 8 --target bench_kda $TESTS > /tmp/bT.log 2>&1 || { grep -E "error" -A3 /tmp/bT.log | head -20; exit 1; }
 [[ -n "${BUILD_B:-}" ]] && wait $BUILD_B
