@@ -19,25 +19,21 @@ def patch(s, start, marks, kid, end_id):
     r = r[:j] + f"PH({kid},{end_id});\n" + r[j:]
     return s[:a] + r + s[b:]
 phases = [0, 0, 0]  # phases timed per kernel: intra, wy_backward, pairwise
-def timed(s, start, marks, kid, end_id, quiet=False):
+def timed(s, start, marks, kid, end_id):
     try:
         s = patch(s, start, marks, kid, end_id)
         phases[kid] = end_id
     except ValueError:
-        if not quiet: print(f"phase_timers: {start.split('(')[0]} left untimed (an anchor is missing)", file=sys.stderr)
+        print(f"phase_timers: {start.split('(')[0]} left untimed (an anchor is missing)", file=sys.stderr)
     return s
-s = timed(s, "kda_intra_kernel(Scratch", [(("load_rows_l2norm(qh", "copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
+s = timed(s, "kda_intra_kernel(Scratch", [("load_rows_l2norm(qh", 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
 wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
-      (("// dbeta_i = Y_i", "// dbeta_i = sum_j dL"), 3)]
+      ("// dbeta_i = Y_i", 3)]
 s = timed(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
-s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [(("// dL and dA come by cp.async", "copy_qk_bf16(qh", "copy_rows_bf16(qh, pl, q"), 0),
-          (("float wl[CH * CH / NT]", "#pragma unroll 4\n  for (int e = tid; e < CH * CH; e += NT) wa[e]"), 1),
-          ("// P, Q against earlier", 2), ("// Inside the sub-chunks, and the sums", 3),
-          (("if (tid < K) {\n    // dg_t", "if (tid < K) {\n    float acc"), 4)], 2, 5, quiet=True)
-if phases[2] == 0:  # the two-blocks pairwise kernel (units in rounds): loads, wl | dA, the rounds, dg and the norms
-    s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("// dL and dA come by cp.async", 0),
-              ("float wl[CH * CH / NT]", 1), ("for (int round = 0", 2), ("if (tid < K) {\n    // dg_t", 3)], 2, 4)
+# the pairwise kernel (units in rounds): loads, wl | dA, the rounds, dg and the norms
+s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("// dL and dA come by cp.async", 0),
+          ("float wl[CH * CH / NT]", 1), ("for (int round = 0", 2), ("if (tid < K) {\n    // dg_t", 3)], 2, 4)
 head = '''
 __device__ long long kda_prof[3][4096][12];
 #define PH(K, n) do { __syncthreads(); if (threadIdx.x == 0 && blockIdx.x < 4096) kda_prof[K][blockIdx.x][n] = clock64(); } while (0)
