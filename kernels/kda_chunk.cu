@@ -1394,6 +1394,14 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
           for (int r = 0; r < 8; r++) x[8 * hf + r] = lane < 8 * ntg ? buf[32 * r + (lane ^ r)] : 0.0f;
         }
       };
+      // f(nt, r, i, cn) for each element of the unit's C tiles (n-tile nt, fragment slot r): its row i, channel cn.
+      auto each_element = [&](auto f) {
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+          for (int r = 0; r < 4; r++)
+            if (nt < ntg) f(nt, r, I0 + g8 + 8 * (r >> 1), cb + nt + ntg * (2 * t + (r & 1)));
+      };
       if (s > 0) {
         // [wl; dA](I, j < I0) (k_j exp(gc_I0 - gc_j)), then times exp(gc_i - gc_I0): P_i, Q_i.
         float cp[4][4] = {}, cq[4][4] = {}, an[4];
@@ -1415,15 +1423,10 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
             mma_tf32(cq[nt], aq, b0, b1);
           }
         }
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-          for (int r = 0; r < 4; r++) {
-            if (nt >= ntg) continue;
-            const int i = I0 + g8 + 8 * (r >> 1), cn = cb + nt + ntg * (2 * t + (r & 1));
-            const float f = __expf(gc[i * ld + cn] - gc[I0 * ld + cn]);
-            cp[nt][r] = cp[nt][r] * f, cq[nt][r] = cq[nt][r] * f;
-          }
+        each_element([&](int nt, int r, int i, int cn) {
+          const float f = __expf(gc[i * ld + cn] - gc[I0 * ld + cn]);
+          cp[nt][r] = cp[nt][r] * f, cq[nt][r] = cq[nt][r] * f;
+        });
         transpose(cp, P, false);
         transpose(cq, Q, false);
       } else {
@@ -1451,14 +1454,9 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
             mma_tf32(cr[nt], ad, round_tf32(qf(m, cn) * e0), round_tf32(qf(m + 4, cn) * e1));
           }
         }
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-          for (int r = 0; r < 4; r++) {
-            if (nt >= ntg) continue;
-            const int i = I0 + g8 + 8 * (r >> 1), cn = cb + nt + ntg * (2 * t + (r & 1));
-            cr[nt][r] = cr[nt][r] * __expf(gc[I1 * ld + cn] - gc[i * ld + cn]);
-          }
+        each_element([&](int nt, int r, int i, int cn) {
+          cr[nt][r] = cr[nt][r] * __expf(gc[I1 * ld + cn] - gc[i * ld + cn]);
+        });
         transpose(cr, R, true);
       } else {
 #pragma unroll
