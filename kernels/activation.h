@@ -46,7 +46,8 @@ void swiglu_backward_cuda(bf16 *dgate_up /*(N,2F)*/, const bf16 *dout /*(N,F)*/,
 // g (N, H, K) fp32 from f bf16; A_log (H), dt_bias (H*K) fp32.
 void kda_gate_forward_cuda(float *g, const bf16 *f, const float *A_log, const float *dt_bias, KdaGateForm form,
                            float lower_bound, int N, int H, int K);
-// df overwritten; dA_log (H), ddt_bias (H*K) +=.
+// df overwritten (it must not overlap dg or f: the kernel reads rows ahead of its stores); dA_log (H),
+// ddt_bias (H*K) +=.
 void kda_gate_backward_cuda(bf16 *df, float *dA_log, float *ddt_bias, const float *dg, const bf16 *f,
                             const float *A_log, const float *dt_bias, KdaGateForm form, float lower_bound, int N,
                             int H, int K);
