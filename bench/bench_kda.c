@@ -188,7 +188,8 @@ static void bench(int B, int T, int H, int K, int doc_len, int inputs) {
     snprintf(label, sizeof label, "%dx%dx%dx%d_%s", B, T, H, K, INPUTS[inputs]);
     dump(label, "out", x.out, nv * 2), dump(label, "final_state", x.sT, ns * 4);
     dump(label, "dq", x.dq, nk * 2), dump(label, "dk", x.dk, nk * 2), dump(label, "dv", x.dv, nv * 2);
-    dump(label, "dg", x.dg, nk * 4), dump(label, "dbeta", x.dbeta, rows * 4), dump(label, "dinitial_state", x.ds0, ns * 4);
+    dump(label, "dg", x.dg, nk * 4), dump(label, "dbeta", x.dbeta, rows * 4);
+    dump(label, "dinitial_state", x.ds0, ns * 4);
     if (x.inside) {
       dump(label, "df", x.df, nk * 2), dump(label, "dA_log", x.dA_log, H * 4);
       dump(label, "ddt_bias", x.ddt_bias, (size_t)H * K * 4);
