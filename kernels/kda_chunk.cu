@@ -49,7 +49,7 @@
 //   column tiles (fragments from shared memory, row order chosen for 32 banks). The WY backward,
 //   8 warps in two blocks per SM, reads S0 and dS' once for its four chunk products (state_products: dqg, dkl,
 //   dX's k half into a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through
-//   two 16-column stages, M^T loading beside them; then over panels of 32 columns of [k | v] (dX: that scratch
+//   three 16-column stages (two slices in flight); then M^T (beside the first panel) and over panels of 32 columns of [k | v] (dX: that scratch
 //   or dVp; X = [W | U]; raw k | v), double-buffered by cp.async, Y_p = M^T dX_p (M^T's fragments in registers),
 //   Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and dL += Y_p X_p^T with dL's
 //   accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the end. The intra kernel
@@ -253,19 +253,21 @@ static __device__ __forceinline__ void tile_async(float *dst, int ld, const floa
 // time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
 // are read once, and on the first pass P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles.
 // Also del_a = sum_d dS'_ad S0_ad from the fp32 values.
-// The operands stream by cp.async through SP_STAGES = 2 shared-memory stages, 16 columns a slice, the slices in
-// order over (n0, k0), the next slice in flight while one is used (two stages so that the kernel fits two blocks
-// per SM: the other block's loads and products overlap these). The block's NT = 256 threads: a thread copies one
-// 16-byte piece of each fp32 operand (row pr, columns pc .. pc + 3) and, for tid < 128, eight bf16 of dO (row
-// tid / 2), and once they are there rounds its own pieces to tf32 in place (dO into its fp32 tile) and sums its
-// part of del from its S0 and dS' pieces.
+// The operands stream by cp.async through SP_STAGES = 3 shared-memory stages, 16 columns a slice, the slices in
+// order over (n0, k0), the next two slices in flight while one is used: the phase waits on memory latency, not
+// on its products, so what it has in flight sets its speed (the stages take M^T's place too: M^T loads after
+// this phase; the kernel still fits two blocks per SM). The block's NT = 256 threads: a thread copies one 16-byte
+// piece of each fp32 operand (row pr, columns pc .. pc + 3) and, for tid < 128, eight bf16 of dO (row tid / 2),
+// and once they are there rounds its own fp32 pieces to tf32 in place and sums its part of del from its S0 and
+// dS' pieces. dO stays bf16 in its tile (exact in tf32: its A fragments are its bits shifted up).
 // Warp w computes a 16 x 32 block of each product, rows 16 (w / 2).., columns 32 (w % 2)... epi(p, i, a, value)
 // gets thread (tx, ty) = (tid % 16, tid / 16) the rows ty + 16 r (r < 4) and columns tx + 16 q of each tile; the
 // output tile overlays the stage just used. Synchronizes the block; `stages` (SP_FLOATS) is free again when it
 // returns.
 #define SLD 20                                 // a stage tile's pitch: 16 columns + 4, conflict-free fragments
-#define SP_STAGE (5 * 64 * SLD + 64 * 16 / 2)  // floats: dO, Vp, dVp, S0, dS' (fp32, 64 x SLD) and dO (bf16)
-#define SP_STAGES 2
+#define SDP 24                                 // dO's pitch (bf16): 16 columns + 8, conflict-free fragments
+#define SP_STAGE (4 * 64 * SLD + 64 * SDP / 2)  // floats: Vp, dVp, S0, dS' (fp32, 64 x SLD) and dO (bf16, 64 x SDP)
+#define SP_STAGES 3
 #define SP_FLOATS (SP_STAGES * SP_STAGE)
 static_assert(64 * CLD <= SP_STAGE, "the output tile must fit in a stage");
 template <int N>
@@ -292,12 +294,12 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
       float *st = stages + (s % SP_STAGES) * SP_STAGE;
       const int n0 = 64 * (s / nv), k0 = 16 * (s % nv);
       const bool row_in = n0 + pr < K, t_in = t0 + dr < T;
-      cp_async16(st + (64 + pr) * SLD + pc, VP + pr * V + k0 + pc);
-      cp_async16(st + (128 + pr) * SLD + pc, DVP + pr * V + k0 + pc);
-      cp_async16z(st + (192 + pr) * SLD + pc, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
-      cp_async16z(st + (256 + pr) * SLD + pc, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      cp_async16(st + pr * SLD + pc, VP + pr * V + k0 + pc);
+      cp_async16(st + (64 + pr) * SLD + pc, DVP + pr * V + k0 + pc);
+      cp_async16z(st + (128 + pr) * SLD + pc, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      cp_async16z(st + (192 + pr) * SLD + pc, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
       if (tid < 128)
-        cp_async16z((bf16_t *)(st + 320 * SLD) + dr * 16 + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
+        cp_async16z((bf16_t *)(st + 256 * SLD) + dr * SDP + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
     }
     cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
   };
@@ -317,26 +319,22 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     }
     cp_async_wait<SP_STAGES - 2>();  // this thread's copies of slice s are there
     {
-      float4 *pv = (float4 *)(st + (64 + pr) * SLD + pc), *pd = (float4 *)(st + (128 + pr) * SLD + pc);
-      float4 *ps = (float4 *)(st + (192 + pr) * SLD + pc), *pe = (float4 *)(st + (256 + pr) * SLD + pc);
+      float4 *pv = (float4 *)(st + pr * SLD + pc), *pd = (float4 *)(st + (64 + pr) * SLD + pc);
+      float4 *ps = (float4 *)(st + (128 + pr) * SLD + pc), *pe = (float4 *)(st + (192 + pr) * SLD + pc);
       const float4 x = *ps, y = *pe;
       dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
       *pv = tf32x4(*pv), *pd = tf32x4(*pd), *ps = tf32x4(x), *pe = tf32x4(y);
-      if (tid < 128) {
-        const uint4 raw = *(const uint4 *)((const bf16_t *)(st + 320 * SLD) + dr * 16 + dc);
-        const unsigned u[4] = {raw.x, raw.y, raw.z, raw.w};
-        float f[8];
-#pragma unroll
-        for (int e = 0; e < 4; e++) f[2 * e] = __uint_as_float(u[e] << 16), f[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
-        float *o = st + dr * SLD + dc;
-        *(float4 *)o = tf32x4(make_float4(f[0], f[1], f[2], f[3]));
-        *(float4 *)(o + 4) = tf32x4(make_float4(f[4], f[5], f[6], f[7]));
-      }
     }
     __syncthreads();  // slice s is in place in tf32; every warp is past its products of slice s - 1
     issue(s + SP_STAGES - 1);  // into slice s - 1's stage
-    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (192 + 32 * wn + g) * SLD + t;  // A: dO, Vp, dVp
-    if (32 * wn < cols) {                                                                      // B: S0, dS'
+    // A: dO (bf16), Vp, dVp; B: S0, dS'
+    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (128 + 32 * wn + g) * SLD + t;
+    const unsigned short *Ad = (const unsigned short *)(st + 256 * SLD) + (16 * wm + g) * SDP + t;
+    auto frag_do = [&](unsigned(&a)[4], int ks) {  // dO's A fragment of columns ks..: its bf16 bits as tf32
+      a[0] = (unsigned)Ad[ks] << 16, a[1] = (unsigned)Ad[8 * SDP + ks] << 16;
+      a[2] = (unsigned)Ad[ks + 4] << 16, a[3] = (unsigned)Ad[8 * SDP + ks + 4] << 16;
+    };
+    if (32 * wn < cols) {
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
         unsigned a[4];
@@ -346,23 +344,23 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
           bs[nt][0] = Bs[8 * nt * SLD + ks], bs[nt][1] = Bs[8 * nt * SLD + ks + 4];
           bd[nt][0] = Bs[(64 + 8 * nt) * SLD + ks], bd[nt][1] = Bs[(64 + 8 * nt) * SLD + ks + 4];
         }
-        frag_a(a, As + ks, SLD);
+        frag_do(a, ks);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
-        frag_a(a, As + 64 * SLD + ks, SLD);
+        frag_a(a, As + ks, SLD);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
-        frag_a(a, As + 128 * SLD + ks, SLD);
+        frag_a(a, As + 64 * SLD + ks, SLD);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
       }
     }
     if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
-      const float *Bv = st + (64 + 32 * wn + g) * SLD + t;
+      const float *Bv = st + (32 * wn + g) * SLD + t;
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
         unsigned a[4];
-        frag_a(a, As + ks, SLD);
+        frag_do(a, ks);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mma_tf32(acc[3][nt], a, Bv[8 * nt * SLD + ks], Bv[8 * nt * SLD + ks + 4]);
       }
@@ -1056,19 +1054,19 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
 // 8 warps and at most about 108 KB of shared memory, so that two blocks share an SM and one's
 // loads (gates, state slices, panels) overlap the other's products. Two phases:
 //  1. state_products (dqg, dkl, dAqk, del, and dX's k half -dVp S0^T into the per-chunk scratch DXK; dX's v half
-//     is dVp, already in DVP), M^T loading beside its first slice.
+//     is dVp, already in DVP); then M^T, beside the first panel.
 //  2. over panels of 32 columns of [k | v] (the last one 16 wide when K + V is not a multiple of 32): the panel's
 //     dX, X = [W | U] and raw k | v columns by cp.async (the next panel's loading while this one is used), its
 //     Y = M^T dX on the tensor cores with Y's per-element work (dk's UT part PDK2 = eg beta y, dv = beta y and
 //     dbeta's y . rhs, rhs = eg k | v), then dL += Y_p X_p^T, dL's 64 x 64 accumulators in registers across the
 //     panels; after the last panel dL's epilogue (mask, negate, DL, dbeta's dL . KK).
 // Shared memory, byte offsets (those past M^T at K = 128):
-//        0  phase 1: the state products' two stages (2 SP_STAGE floats, 55296 B);
+//        0  phase 1: the state products' three stages (3 SP_STAGE floats, 70656 B, over M^T's place);
 //        0  phase 2: two panel buffers (WY_PANEL floats, 24576 B each): dX (64 x DXP fp32, tf32 once in place),
 //           X (64 x XP, tf32 in place), k | v (bf16, 64 x KVP); after the last panel the free one holds KK
 //           (64 x KKP);
 //    49152  phase 2: the panel's Y (64 x YP, tf32), after the last panel dbeta's row parts (2 x 64);
-//    58368  M^T (64 x MTP; WY_MT floats in), outside the stages: it loads during phase 1;
+//    58368  M^T (64 x MTP; WY_MT floats in): it loads after phase 1, beside the first panel;
 //    75776  gc (64 x (K + 1)); 108800 del (K); 109312 beta, 109568 rk, 109824 seg (64 each); 110080 in all.
 #define DXP 40  // dX's pitch: the Y product's B fragments (rows t, columns g) on 32 banks
 #define XP 36   // X's: the dL product's B fragments (rows g, columns t) on 32 banks
@@ -1078,7 +1076,7 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
 #define MTP 68  // M^T's: the Y product's A fragments (rows g, columns t) on 32 banks
 #define WY_PANEL (CH * DXP + CH * XP + CH * KVP / 2)
 #define WY_MT (2 * WY_PANEL + CH * YP)  // M^T's offset
-static_assert(WY_MT >= SP_FLOATS, "M^T must lie past the state products' stages");
+static_assert(SP_FLOATS <= WY_MT + CH * MTP, "the state products' stages must end before gc");
 static_assert(CH * KKP <= WY_PANEL && 2 * CH <= CH * YP, "KK fits in a panel buffer, dbeta's row parts in Y's");
 // Warps 2 w2 and 2 w2 + 1 (64 threads) meet at named barrier 1 + w2: the two that write and read the panel's Y
 // rows 16 w2.. (barrier 0 is __syncthreads). Immediate barrier numbers, so that ptxas counts 5 barriers, not 16.
@@ -1108,9 +1106,6 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
   const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
   const size_t cK = (size_t)ch * CH * K, cV = (size_t)ch * CH * V, cS = (size_t)ch * K * V, cC = (size_t)ch * CH * CH;
-  // M^T (pitch MTP) first, into its own region: the state products' first wait covers it.
-  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
-  cp_async_commit();
   if (tid < CH) rk[tid] = __ldg(sc.RK + (size_t)ch * CH + tid);  // k arrives raw: normalized where it is read
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
@@ -1124,7 +1119,10 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
     else if (p == 2) DXK[i * K + n] = -x;
     else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
   });
-  // (state_products ended with a block barrier: DXK, del and M^T are visible to the whole block, the stages free.)
+  // (state_products ended with a block barrier: DXK and del are visible to the whole block, the stages free.)
+  // M^T (pitch MTP) into its region, which the stages overlaid; the first panel loads beside it (below).
+  for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
+  cp_async_commit();
   if (tid < K) sc.DGL[(size_t)ch * K + tid] = delS[tid] * __ldg(sc.EL + (size_t)ch * K + tid);
 
   // Y = M^T dX on the tensor cores and dL = Y X^T, over the panels (phase 2). Thread maps (warp w, g = lane / 4,
@@ -1136,15 +1134,6 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   // thread's rows are the same in both, 16 wm + g + 8 hf: its dbeta parts (y . rhs, then dL . KK) sum in two
   // registers, quad shuffles, then the pair's two in shared memory.
   const int warp = tid >> 5, gq = (tid & 31) >> 2, t = tid & 3, wm = warp >> 1, wn = warp & 1;
-  unsigned mta[CH / 8][4];  // M^T's A fragments: rows 16 wm + gq (+ 8), columns 8 ks + t (+ 4), tf32
-  {
-    const float *m0 = mts + (16 * wm + gq) * MTP + t, *m8 = m0 + 8 * MTP;
-#pragma unroll
-    for (int ks = 0; ks < CH / 8; ks++) {
-      mta[ks][0] = tf32_bits(m0[8 * ks]), mta[ks][1] = tf32_bits(m8[8 * ks]);
-      mta[ks][2] = tf32_bits(m0[8 * ks + 4]), mta[ks][3] = tf32_bits(m8[8 * ks + 4]);
-    }
-  }
   const float *W = sc.W + cK, *U = sc.U + cV;
   const bf16_t *kb = k + AT(b, t0, h, K), *vb = v + AT(b, t0, h, V);
   const size_t HK = (size_t)H * K, HV = (size_t)H * V;
@@ -1172,6 +1161,17 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   };
   issue_panel(0);
   cp_async_commit();
+  cp_async_wait<1>();  // this thread's copies of M^T are there (panel 0's may still be in flight)
+  __syncthreads();
+  unsigned mta[CH / 8][4];  // M^T's A fragments: rows 16 wm + gq (+ 8), columns 8 ks + t (+ 4), tf32
+  {
+    const float *m0 = mts + (16 * wm + gq) * MTP + t, *m8 = m0 + 8 * MTP;
+#pragma unroll
+    for (int ks = 0; ks < CH / 8; ks++) {
+      mta[ks][0] = tf32_bits(m0[8 * ks]), mta[ks][1] = tf32_bits(m8[8 * ks]);
+      mta[ks][2] = tf32_bits(m0[8 * ks + 4]), mta[ks][3] = tf32_bits(m8[8 * ks + 4]);
+    }
+  }
   float dacc[4][4];  // dL = Y X^T: the warp's rows 16 wm.., columns 32 wn + 8 nt..
 #pragma unroll
   for (int nt = 0; nt < 4; nt++) dacc[nt][0] = dacc[nt][1] = dacc[nt][2] = dacc[nt][3] = 0.0f;
