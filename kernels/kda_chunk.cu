@@ -72,12 +72,14 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.44 ms, fwd+bwd 7.27
-//   ms, session 22, against fla's Triton chunk_kda 2.44 / 12.72 ms in the same command). Per kernel (ncu, kernels
-//   serialized, session 22; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate: bench/README, "Steep gates"),
-//   2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward 2.36, 5.57, 2.36; pairwise
-//   backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the state passes stream near what
-//   the GPU gives; the three per-chunk kernels, 5.4 of the 7.3 ms, at half of it (the WY backward at 70%). The intra
+// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.43 ms, fwd+bwd 7.04
+//   ms, session 23; fla's Triton chunk_kda 2.44 / 12.72 ms beside session 22's 7.27). Per kernel (ncu, kernels
+//   serialized, session 22, the WY backward session 23; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate:
+//   bench/README, "Steep gates"), 2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward
+//   2.19, 5.42, 2.47; pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the
+//   state passes stream near what the GPU gives; the three per-chunk kernels, 5.2 of the 7.0 ms, at half of it (the
+//   WY backward at 75%, its state products waiting on memory latency: three stages, two slices in flight, since
+//   session 23). The intra
 //   kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction bound. The
 //   backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state products; the
 //   panels) ran one after another at one block per SM; neither more warps nor earlier loads helped (session 20: 16
