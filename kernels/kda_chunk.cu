@@ -49,10 +49,11 @@
 //   column tiles (fragments from shared memory, row order chosen for 32 banks). The WY backward,
 //   8 warps in two blocks per SM, reads S0 and dS' once for its four chunk products (state_products: dqg, dkl,
 //   dX's k half into a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through
-//   three 16-column stages (two slices in flight); then M^T (beside the first panel) and over panels of 32 columns of [k | v] (dX: that scratch
-//   or dVp; X = [W | U]; raw k | v), double-buffered by cp.async, Y_p = M^T dX_p (M^T's fragments in registers),
-//   Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and dL += Y_p X_p^T with dL's
-//   accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the end. The intra kernel
+//   three 16-column stages (two slices in flight); then M^T (beside the first panel) and over panels of 32
+//   columns of [k | v] (dX: that scratch or dVp; X = [W | U]; raw k | v), double-buffered by cp.async,
+//   Y_p = M^T dX_p (M^T's fragments in registers), Y's per-element work (dk's UT part, dv, dbeta's row sums) in
+//   its epilogue, and dL += Y_p X_p^T with dL's accumulators in registers across the panels; dL's mask and
+//   dbeta's dL . KK part at the end. The intra kernel
 //   and the WY backward fit two blocks per SM (about 83 and 108 KB), and so does the pairwise backward (about
 //   107 KB: units of (sub-chunk, 32 channels), each warp's P, Q, R turned around through a 1 KB buffer into the
 //   lanes that run the in-sub-chunk pass, instead of three 64 x (K + 1) fp32 arrays; until session 22 about
@@ -301,7 +302,8 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
       cp_async16z(st + (128 + pr) * SLD + pc, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
       cp_async16z(st + (192 + pr) * SLD + pc, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
       if (tid < 128)
-        cp_async16z((bf16_t *)(st + 256 * SLD) + dr * SDP + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
+        cp_async16z((bf16_t *)(st + 256 * SLD) + dr * SDP + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc,
+                    t_in);
     }
     cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
   };
