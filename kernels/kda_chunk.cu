@@ -34,32 +34,28 @@
 //   next product as A fragments without a trip through shared memory. W, QG, KL, Aqk (stored tf32-rounded
 //   by the intra kernel) stream through shared memory by cp.async, one operand pair loading while the
 //   other is used; dO comes with Aqk and KL.
-// - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in
-//   shared memory; the matrix products on tensor cores (mma.sync tf32, fp32 accumulated); in the pairwise
-//   ones each exponential exp(gc_i - gc_j) split at an anchor row m into exp(gc_i - gc_m) exp(gc_m - gc_j):
-//   across 16-row sub-chunks (KK, Aqk, the pairwise backward's P, Q, R) with both factors <= 1, each warp
-//   building its fragments straight from shared memory (small products: no staging tile, no block barrier);
-//   inside a sub-chunk, in
-//   the forward, three 8 x 8 blocks with anchors 4, 12 (factors within e^+-64) and 8, falling back to one
-//   fp32 exponential per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over
-//   four rows; in the pairwise backward on the CUDA cores, a running product along the sub-chunk (one
-//   multiplication per pair). M = (I + L)^-1 is built from its four 16 x 16 diagonal blocks (forward
-//   substitution on CUDA cores), the blocks below them on the tensor cores in 3xTF32, one warp per column block
-//   (no block barriers); W | U = M diag(beta) (eg K | V) by warps that own its
-//   column tiles (fragments from shared memory, row order chosen for 32 banks). The WY backward,
-//   8 warps in two blocks per SM, reads S0 and dS' once for its four chunk products (state_products: dqg, dkl,
-//   dX's k half into a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through
-//   three 16-column stages (two slices in flight); then M^T (beside the first panel) and over panels of 32
-//   columns of [k | v] (dX: that scratch or dVp; X = [W | U]; raw k | v), double-buffered by cp.async,
-//   Y_p = M^T dX_p (M^T's fragments in registers), Y's per-element work (dk's UT part, dv, dbeta's row sums) in
-//   its epilogue, and dL += Y_p X_p^T with dL's accumulators in registers across the panels; dL's mask and
-//   dbeta's dL . KK part at the end. The intra kernel
-//   and the WY backward fit two blocks per SM (about 83 and 108 KB), and so does the pairwise backward (about
-//   107 KB: units of (sub-chunk, 32 channels), each warp's P, Q, R turned around through a 1 KB buffer into the
-//   lanes that run the in-sub-chunk pass, instead of three 64 x (K + 1) fp32 arrays; until session 22 about
-//   200 KB, one block); every per-chunk kernel's block is 8 warps.
-//   Every kernel is also instantiated with K = V = 128 fixed at compile time (the default
-//   models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
+// - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in shared
+//   memory; the matrix products on tensor cores (mma.sync tf32, fp32 accumulated); in the pairwise ones each
+//   exponential exp(gc_i - gc_j) split at an anchor row m into exp(gc_i - gc_m) exp(gc_m - gc_j): across 16-row
+//   sub-chunks (KK, Aqk, the pairwise backward's P, Q, R) with both factors <= 1, each warp building its fragments
+//   straight from shared memory (small products: no staging tile, no block barrier); inside a sub-chunk, in the
+//   forward, three 8 x 8 blocks with anchors 4, 12 (factors within e^+-64) and 8, falling back to one fp32 exponential
+//   per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over four rows; in the pairwise
+//   backward on the CUDA cores, a running product along the sub-chunk (one multiplication per pair). M = (I + L)^-1 is
+//   built from its four 16 x 16 diagonal blocks (forward substitution on CUDA cores), the blocks below them on the
+//   tensor cores in 3xTF32, one warp per column block (no block barriers); W | U = M diag(beta) (eg K | V) by warps
+//   that own its column tiles (fragments from shared memory, row order chosen for 32 banks). The WY backward, 8 warps
+//   in two blocks per SM, reads S0 and dS' once for its four chunk products (state_products: dqg, dkl, dX's k half into
+//   a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through three 16-column stages
+//   (two slices in flight); then M^T (beside the first panel) and over panels of 32 columns of [k | v] (dX: that
+//   scratch or dVp; X = [W | U]; raw k | v), double-buffered by cp.async, Y_p = M^T dX_p (M^T's fragments in
+//   registers), Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and dL += Y_p X_p^T with
+//   dL's accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the end. The intra kernel
+//   and the WY backward fit two blocks per SM (about 83 and 108 KB), and so does the pairwise backward (about 107 KB:
+//   units of (sub-chunk, 32 channels), each warp's P, Q, R turned around through a 1 KB buffer into the lanes that run
+//   the in-sub-chunk pass, instead of three 64 x (K + 1) fp32 arrays; until session 22 about 200 KB, one block); every
+//   per-chunk kernel's block is 8 warps. Every kernel is also instantiated with K = V = 128 fixed at compile time (the
+//   default models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
 // - The L2 norms of q and k are inside: the intra and pairwise kernels normalize the rows as they load them
 //   (load_rows_l2norm, four threads a row), the WY backward scales its raw k by the inverse norms the intra
 //   kernel saved (64 floats a chunk), and the pairwise kernel ends with the norms' backward (its upper four
@@ -77,18 +73,17 @@
 //   ms, session 23; fla's Triton chunk_kda 2.44 / 12.72 ms beside session 22's 7.27). Per kernel (ncu, kernels
 //   serialized, session 22, the WY backward session 23; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate:
 //   bench/README, "Steep gates"), 2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward
-//   2.19, 5.42, 2.47; pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the
-//   state passes stream near what the GPU gives; the three per-chunk kernels, 5.2 of the 7.0 ms, at half of it (the
-//   WY backward at 75%, its state products waiting on memory latency: three stages, two slices in flight, since
-//   session 23). The intra
-//   kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction bound. The
-//   backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state products; the
-//   panels) ran one after another at one block per SM; neither more warps nor earlier loads helped (session 20: 16
-//   warps instead of 8 about 1%); a second block per SM overlaps them (session 21, the WY backward at 108 KB instead
-//   of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of 200: 7.52 -> 7.32 ms in
-//   one command, 17.17 -> 16.77 at 1 x 65536). With few heads and long sequences (1 x 65536 x 16) the state passes are
-//   still the largest part: one warp per SM sub-partition, each instruction waiting on the one before. bench/README
-//   has the per-phase tables.
+//   2.19, 5.42, 2.47; pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the state
+//   passes stream near what the GPU gives; the three per-chunk kernels, 5.2 of the 7.0 ms, at half of it (the WY
+//   backward at 75%, its state products waiting on memory latency: three stages, two slices in flight, since session
+//   23). The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction
+//   bound. The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state
+//   products; the panels) ran one after another at one block per SM; neither more warps nor earlier loads helped
+//   (session 20: 16 warps instead of 8 about 1%); a second block per SM overlaps them (session 21, the WY backward at
+//   108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of 200: 7.52 ->
+//   7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536). With few heads and long sequences (1 x 65536 x 16) the state
+//   passes are still the largest part: one warp per SM sub-partition, each instruction waiting on the one before.
+//   bench/README has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
 //   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
