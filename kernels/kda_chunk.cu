@@ -123,7 +123,7 @@ struct Scratch {
 // c3 (g + 8, 2t + 1). The k order inside an 8-step is free as long as A and B agree: the state kernels let
 // A's slot t hold k = 2t and slot t + 4 hold k = 2t + 1, so that an accumulator tile (C) is directly the A
 // fragment (c0, c2, c1, c3) of the next product, and B's b0, b1 are rows 2t, 2t + 1; the per-chunk kernels'
-// products read both operands from shared memory in the order above (frag_a, frag_b).
+// products read both operands from shared memory in the order above (frag_a).
 // x rounded to tf32 (nearest, ties away from zero, as cvt.rna.tf32.f32 for finite x): half of tf32's last
 // place added to the bits of the magnitude, the 13 bits below it dropped. Two integer instructions; sm_90
 // runs cvt.rna.tf32 as a sequence of about five.
