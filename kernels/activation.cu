@@ -54,8 +54,36 @@ static inline __device__ void store_v(float *p, const float *v) {
 }
 static inline __device__ float sigmoid_f(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
+// The softplus gate's softplus(x) = log(1 + exp(x)) and its slope sigmoid(x), the gate's forward and backward
+// both through softplus_f. Both come from one e = exp(-|x|) in (0, 1], which cannot overflow:
+//   softplus(x) = max(x, 0) + log1p(e),  log1p(e) = e + e^2 R(e)
+//   sigmoid(x)  = (x < 0 ? e : 1) / (1 + e), an approximate division (__fdividef: 1 + e in [1, 2] is far from
+//                 the huge denominators for which it returns 0)
+// R (degree 7, Horner) is the minimax fit on [0, 1] of the relative error of log1p(e) with log1p(e)'s leading
+// term held exact, float coefficients: 3.3e-8 in exact arithmetic, 1.3e-7 evaluated in float. __logf(1 + e) would
+// not do: its absolute error near 1 (2^-21.41) is a large relative error of log1p(e) for small e, the usual case
+// (dt_bias starts the gate near f + dt_bias = -7 .. -2, e = 1e-3 .. 0.1). Emulated on the host against double over
+// every float x in [-30, 30], softplus and sigmoid are within 1.8e-6 relative (2.1e-6 with MUFU.EX2 and RCP off by
+// their 2 and 1 ulp), as the previous log1pf / IEEE-division versions were: __expf's 2 + 1.17 |x| ulp dominates
+// (|x| < 1: 1.9e-7, was 1.4e-7). The forward needs only .value; the compiler drops the division.
+struct Softplus {
+  float value, slope;  // softplus(x), sigmoid(x)
+};
+static inline __device__ Softplus softplus_f(float x) {
+  const float e = __expf(-fabsf(x));
+  float r = 5.365422461e-03f;
+  r = fmaf(r, e, -3.006830066e-02f);
+  r = fmaf(r, e, 7.920882851e-02f);
+  r = fmaf(r, e, -1.375418752e-01f);
+  r = fmaf(r, e, 1.915384829e-01f);
+  r = fmaf(r, e, -2.485721707e-01f);
+  r = fmaf(r, e, 3.332132995e-01f);
+  r = fmaf(r, e, -4.999964833e-01f);
+  const float log1p_e = fmaf(e * r, e, e);
+  return {fmaxf(x, 0.0f) + log1p_e, __fdividef(x < 0.0f ? e : 1.0f, 1.0f + e)};
+}
+
 static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
-static inline __device__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
 
 // Blocks for a grid-stride loop over `items` items of 256 threads.
 static inline unsigned int grid_for(size_t items) {
@@ -174,7 +202,7 @@ static __global__ void kda_gate_forward_kernel(float *g, const bf16_t *f, const 
 #pragma unroll
     for (int k = 0; k < V; k++) {
       float x = u[k] + b[k];
-      u[k] = bounded ? lower_bound * sigmoid_f(a * x) : -a * softplus_f(x);
+      u[k] = bounded ? lower_bound * sigmoid_f(a * x) : -a * softplus_f(x).value;
     }
     store_v<V>(g + e, u);
   }
@@ -185,6 +213,11 @@ static __global__ void kda_gate_forward_kernel(float *g, const bf16_t *f, const 
 // is used (restrict: df cannot alias f or dg), so that each thread has that many loads in flight. One at a time,
 // the kernel waited out a memory latency a row: H100, 8 x 4096 x 16 x 128, bounded 0.28 -> 0.20 ms (2.7 TB/s);
 // softplus 0.23 -> 0.24 ms, bound by its log1p and division instead. The sums keep the rows' order.
+// The softplus form now takes softplus and sigmoid from one exp through softplus_f (a polynomial log1p, an
+// approximate division): per row 2 MUFU.EX2, libdevice's log1pf and an IEEE division with its slow-path branch
+// (about 66 SASS instructions) became 1 MUFU.EX2, 1 MUFU.RCP and 8 FFMA, branch-free (about 32; bounded about 35),
+// same errors to within an ulp (see softplus_f). Its time is unmeasured. dg/dA_log = -a softplus(u) is the
+// forward's g, but reading g (4 more bytes an element on top of 8) would cost more than recomputing it.
 #define GATE_ROWS 64
 #define GATE_BATCH 8
 static __global__ void kda_gate_backward_kernel(bf16_t *__restrict__ df, float *__restrict__ partial_du,
@@ -210,8 +243,9 @@ static __global__ void kda_gate_backward_kernel(bf16_t *__restrict__ df, float *
       if (n0 + r >= end) break;
       float du, da;
       if (!bounded) {
-        du = -a * sigmoid_f(u[r]);
-        da = -a * softplus_f(u[r]);
+        Softplus sp = softplus_f(u[r]);
+        du = -a * sp.slope;
+        da = -a * sp.value;
       } else {
         float s = sigmoid_f(a * u[r]), dz = lower_bound * s * (1.0f - s);
         du = dz * a;
