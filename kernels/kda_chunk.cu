@@ -46,16 +46,17 @@
 //   tensor cores in 3xTF32, one warp per column block (no block barriers); W | U = M diag(beta) (eg K | V) by warps
 //   that own its column tiles (fragments from shared memory, row order chosen for 32 banks). The WY backward, 8 warps
 //   in two blocks per SM, reads S0 and dS' once for its four chunk products (state_products: dqg, dkl, dX's k half into
-//   a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through three 16-column stages
-//   (two slices in flight); then M^T (beside the first panel) and over panels of 32 columns of [k | v] (dX: that
-//   scratch or dVp; X = [W | U]; raw k | v), double-buffered by cp.async, Y_p = M^T dX_p (M^T's fragments in
-//   registers), Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and dL += Y_p X_p^T with
-//   dL's accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the end. The intra kernel
-//   and the WY backward fit two blocks per SM (about 83 and 108 KB), and so does the pairwise backward (about 107 KB:
-//   units of (sub-chunk, 32 channels), each warp's P, Q, R turned around through a 1 KB buffer into the lanes that run
-//   the in-sub-chunk pass, instead of three 64 x (K + 1) fp32 arrays; until session 22 about 200 KB, one block); every
-//   per-chunk kernel's block is 8 warps. Every kernel is also instantiated with K = V = 128 fixed at compile time (the
-//   default models' shape), which folds its index arithmetic (the state passes: 40% fewer instructions).
+//   a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through four 16-column stages
+//   (three slices in flight); then M^T (into the third panel buffer, beside the first two panels) and over panels of 32
+//   columns of [k | v] (dX: that scratch or dVp; X = [W | U]; raw k | v), three buffers deep by cp.async, Y_p = M^T
+//   dX_p (M^T's fragments in registers), Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and
+//   dL += Y_p X_p^T with dL's accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the
+//   end. The intra kernel and the WY backward fit two blocks per SM (about 83 and 106 KB), and so does the pairwise
+//   backward (about 107 KB: units of (sub-chunk, 32 channels), each warp's P, Q, R turned around through a 1 KB buffer
+//   into the lanes that run the in-sub-chunk pass, instead of three 64 x (K + 1) fp32 arrays; until session 22 about
+//   200 KB, one block); every per-chunk kernel's block is 8 warps. Every kernel is also instantiated with K = V = 128
+//   fixed at compile time (the default models' shape), which folds its index arithmetic (the state passes: 40% fewer
+//   instructions).
 // - The L2 norms of q and k are inside: the intra and pairwise kernels normalize the rows as they load them
 //   (load_rows_l2norm, four threads a row), the WY backward scales its raw k by the inverse norms the intra
 //   kernel saved (64 floats a chunk), and the pairwise kernel ends with the norms' backward (its upper four
@@ -75,10 +76,10 @@
 //   bench/README, "Steep gates"), 2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward
 //   2.19, 5.42, 2.47; pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the state
 //   passes stream near what the GPU gives; the three per-chunk kernels, 5.2 of the 7.0 ms, at half of it (the WY
-//   backward at 75%, its state products waiting on memory latency: three stages, two slices in flight, since session
-//   23). The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases: instruction
-//   bound. The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state
-//   products; the panels) ran one after another at one block per SM; neither more warps nor earlier loads helped
+//   backward at 75% with three stages, its state products waiting on memory latency; four stages since, not yet
+//   measured). The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
+//   instruction bound. The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the
+//   state products; the panels) ran one after another at one block per SM; neither more warps nor earlier loads helped
 //   (session 20: 16 warps instead of 8 about 1%); a second block per SM overlaps them (session 21, the WY backward at
 //   108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of 200: 7.52 ->
 //   7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536). With few heads and long sequences (1 x 65536 x 16) the state
@@ -123,7 +124,7 @@ struct Scratch {
 // c3 (g + 8, 2t + 1). The k order inside an 8-step is free as long as A and B agree: the state kernels let
 // A's slot t hold k = 2t and slot t + 4 hold k = 2t + 1, so that an accumulator tile (C) is directly the A
 // fragment (c0, c2, c1, c3) of the next product, and B's b0, b1 are rows 2t, 2t + 1; the per-chunk kernels'
-// products read both operands from shared memory in the order above (frag_a).
+// products read both operands from shared memory in the order above (their tiles' own index functions).
 // x rounded to tf32 (nearest, ties away from zero, as cvt.rna.tf32.f32 for finite x): half of tf32's last
 // place added to the bits of the magnitude, the 13 bits below it dropped. Two integer instructions; sm_90
 // runs cvt.rna.tf32 as a sequence of about five.
@@ -157,13 +158,6 @@ static __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const float (&a
 }
 static __device__ __forceinline__ float4 tf32x4(float4 x) {
   return make_float4(round_tf32(x.x), round_tf32(x.y), round_tf32(x.z), round_tf32(x.w));
-}
-// Fragments of tf32 values already in shared memory, p pointing at (row g, column t) of the 16 x 8 A block or
-// of the 8 (n) x 8 (k) B block, ld the row pitch; plain loads, so the compiler emits LDS (the wmma loads it
-// emitted were generic, waited on as if global).
-static __device__ __forceinline__ void frag_a(unsigned (&a)[4], const float *p, int ld) {
-  a[0] = __float_as_uint(p[0]), a[1] = __float_as_uint(p[8 * ld]), a[2] = __float_as_uint(p[4]);
-  a[3] = __float_as_uint(p[8 * ld + 4]);
 }
 // A warp's 16 x 8 NTL output block (NTL 16 x 8 C fragments) into the output tile Cs (row pitch ld) at p = Cs +
 // 16 wm ld + 8 NTL wn: thread (g, t) writes (g, 8 nt + 2t .. + 1) and (g + 8, ..).
@@ -251,21 +245,30 @@ static __device__ __forceinline__ void tile_async(float *dst, int ld, const floa
 // time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
 // are read once, and on the first pass P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles.
 // Also del_a = sum_d dS'_ad S0_ad from the fp32 values.
-// The operands stream by cp.async through SP_STAGES = 3 shared-memory stages, 16 columns a slice, the slices in
-// order over (n0, k0), the next two slices in flight while one is used: the phase waits on memory latency, not
+// The operands stream by cp.async through SP_STAGES = 4 shared-memory stages, 16 columns a slice, the slices in
+// order over (n0, k0), the next three slices in flight while one is used: the phase waits on memory latency, not
 // on its products, so what it has in flight sets its speed (the stages take M^T's place too: M^T loads after
-// this phase; the kernel still fits two blocks per SM). The block's NT = 256 threads: a thread copies one 16-byte
-// piece of each fp32 operand (row pr, columns pc .. pc + 3) and, for tid < 128, eight bf16 of dO (row tid / 2),
-// and once they are there rounds its own fp32 pieces to tf32 in place and sums its part of del from its S0 and
-// dS' pieces. dO stays bf16 in its tile (exact in tf32: its A fragments are its bits shifted up).
+// this phase; the kernel still fits two blocks per SM). The tiles have no pad columns: their 16-byte pieces are
+// XOR-swizzled (sp_at, sp_do_at) so that the fragment reads and the pieces' copies hit 32 banks. The block's
+// NT = 256 threads: a thread copies one 16-byte piece of each fp32 operand (row pr, columns pc .. pc + 3) and, for
+// tid < 128, eight bf16 of dO (row tid / 2), and once they are there rounds its own fp32 pieces to tf32 in place
+// and sums its part of del from its S0 and dS' pieces. dO stays bf16 in its tile (exact in tf32: its A fragments
+// are its bits shifted up).
 // Warp w computes a 16 x 32 block of each product, rows 16 (w / 2).., columns 32 (w % 2)... epi(p, i, a, value)
 // gets thread (tx, ty) = (tid % 16, tid / 16) the rows ty + 16 r (r < 4) and columns tx + 16 q of each tile; the
 // output tile overlays the stage just used. Synchronizes the block; `stages` (SP_FLOATS) is free again when it
 // returns.
-#define SLD 20                                 // a stage tile's pitch: 16 columns + 4, conflict-free fragments
-#define SDP 24                                 // dO's pitch (bf16): 16 columns + 8, conflict-free fragments
-#define SP_STAGE (4 * 64 * SLD + 64 * SDP / 2)  // floats: Vp, dVp, S0, dS' (fp32, 64 x SLD) and dO (bf16, 64 x SDP)
-#define SP_STAGES 3
+#define SP_STAGE (4 * 64 * 16 + 64 * 16 / 2)  // floats: Vp, dVp, S0, dS' (fp32, 64 x 16) and dO (bf16, 64 x 16)
+#define SP_STAGES 4
+// Element (r, c) of a stage's fp32 tile (64 x 16, row pitch 16): the four 16-byte pieces of row r permuted by
+// (r / 2) % 4, so that rows g = 0..7 of one column piece (a fragment's rows, or a quarter warp's copies) fall in
+// eight different groups of four banks. The same for dO's bf16 tile (two pieces a row, permuted by (r / 4) % 2).
+static __device__ __forceinline__ int sp_at(int r, int c) {
+  return r * 16 + ((((c >> 2) ^ (r >> 1)) & 3) << 2) + (c & 3);
+}
+static __device__ __forceinline__ int sp_do_at(int r, int c) {
+  return r * 16 + ((((c >> 3) ^ (r >> 2)) & 1) << 3) + (c & 7);
+}
 #define SP_FLOATS (SP_STAGES * SP_STAGE)
 static_assert(64 * CLD <= SP_STAGE, "the output tile must fit in a stage");
 template <int N>
@@ -283,22 +286,22 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
   const int g = (tid & 31) >> 2, t = tid & 3;
   const int nv = V / 16, ns = (K + 63) / 64 * nv;  // slice s: state rows n0 = 64 (s / nv), columns k0 = 16 (s % nv)
-  // The thread's fp32 pieces: row pr, columns pc .. pc + 3; the eight threads of a quarter warp take eight
-  // rows of one column piece, whose 16 bytes then fall in eight different groups of four banks (SLD = 20).
-  const int pr = (tid & 7) + 8 * (tid >> 5), pc = 4 * ((tid >> 3) & 3);
+  // The thread's fp32 pieces: row pr, columns pc .. pc + 3 (at pa in each tile); the eight threads of a quarter
+  // warp take eight rows of one column piece, whose 16 bytes then fall in eight different groups of four banks.
+  const int pr = (tid & 7) + 8 * (tid >> 5), pc = 4 * ((tid >> 3) & 3), pa = sp_at(pr, pc);
   const int dr = (tid & 127) >> 1, dc = 8 * (tid & 1);  // its dO piece (tid < 128): row dr, columns dc .. dc + 7
+  const int da = sp_do_at(dr, dc);
   auto issue = [&](int s) {
     if (s < ns) {
       float *st = stages + (s % SP_STAGES) * SP_STAGE;
       const int n0 = 64 * (s / nv), k0 = 16 * (s % nv);
       const bool row_in = n0 + pr < K, t_in = t0 + dr < T;
-      cp_async16(st + pr * SLD + pc, VP + pr * V + k0 + pc);
-      cp_async16(st + (64 + pr) * SLD + pc, DVP + pr * V + k0 + pc);
-      cp_async16z(st + (128 + pr) * SLD + pc, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
-      cp_async16z(st + (192 + pr) * SLD + pc, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      cp_async16(st + pa, VP + pr * V + k0 + pc);
+      cp_async16(st + 64 * 16 + pa, DVP + pr * V + k0 + pc);
+      cp_async16z(st + 128 * 16 + pa, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
+      cp_async16z(st + 192 * 16 + pa, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
       if (tid < 128)
-        cp_async16z((bf16_t *)(st + 256 * SLD) + dr * SDP + dc, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc,
-                    t_in);
+        cp_async16z((bf16_t *)(st + 256 * 16) + da, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
     }
     cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
   };
@@ -318,20 +321,31 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
     }
     cp_async_wait<SP_STAGES - 2>();  // this thread's copies of slice s are there
     {
-      float4 *pv = (float4 *)(st + pr * SLD + pc), *pd = (float4 *)(st + (64 + pr) * SLD + pc);
-      float4 *ps = (float4 *)(st + (128 + pr) * SLD + pc), *pe = (float4 *)(st + (192 + pr) * SLD + pc);
+      float4 *pv = (float4 *)(st + pa), *pd = (float4 *)(st + 64 * 16 + pa);
+      float4 *ps = (float4 *)(st + 128 * 16 + pa), *pe = (float4 *)(st + 192 * 16 + pa);
       const float4 x = *ps, y = *pe;
       dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
       *pv = tf32x4(*pv), *pd = tf32x4(*pd), *ps = tf32x4(x), *pe = tf32x4(y);
     }
     __syncthreads();  // slice s is in place in tf32; every warp is past its products of slice s - 1
     issue(s + SP_STAGES - 1);  // into slice s - 1's stage
-    // A: dO (bf16), Vp, dVp; B: S0, dS'
-    const float *As = st + (16 * wm + g) * SLD + t, *Bs = st + (128 + 32 * wn + g) * SLD + t;
-    const unsigned short *Ad = (const unsigned short *)(st + 256 * SLD) + (16 * wm + g) * SDP + t;
+    // A: dO (bf16), Vp, dVp; B: S0, dS'. Every row this thread reads is g + 8 i, so one swizzle for all: column
+    // ks + t + 4 j of a fp32 tile's row r at 16 r + cs[ks / 4 + j], of dO's at 16 r + cd[ks / 8] + 4 j.
+    int cs[4], cd[2];
+#pragma unroll
+    for (int j = 0; j < 4; j++) cs[j] = sp_at(g, 4 * j + t) - 16 * g;
+#pragma unroll
+    for (int j = 0; j < 2; j++) cd[j] = sp_do_at(g, 8 * j + t) - 16 * g;
+    const float *As = st + 16 * (16 * wm + g), *Bs = st + 16 * (128 + 32 * wn + g);
+    const unsigned short *Ad = (const unsigned short *)(st + 256 * 16) + 16 * (16 * wm + g);
+    auto frag_sw = [&](unsigned(&a)[4], const float *p, int ks) {  // a fp32 tile's A fragment of columns ks..
+      a[0] = __float_as_uint(p[cs[ks >> 2]]), a[1] = __float_as_uint(p[8 * 16 + cs[ks >> 2]]);
+      a[2] = __float_as_uint(p[cs[(ks >> 2) + 1]]), a[3] = __float_as_uint(p[8 * 16 + cs[(ks >> 2) + 1]]);
+    };
     auto frag_do = [&](unsigned(&a)[4], int ks) {  // dO's A fragment of columns ks..: its bf16 bits as tf32
-      a[0] = (unsigned)Ad[ks] << 16, a[1] = (unsigned)Ad[8 * SDP + ks] << 16;
-      a[2] = (unsigned)Ad[ks + 4] << 16, a[3] = (unsigned)Ad[8 * SDP + ks + 4] << 16;
+      const int c = cd[ks >> 3];
+      a[0] = (unsigned)Ad[c] << 16, a[1] = (unsigned)Ad[8 * 16 + c] << 16;
+      a[2] = (unsigned)Ad[c + 4] << 16, a[3] = (unsigned)Ad[8 * 16 + c + 4] << 16;
     };
     if (32 * wn < cols) {
 #pragma unroll
@@ -340,28 +354,29 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
         float bs[4][2], bd[4][2];
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
-          bs[nt][0] = Bs[8 * nt * SLD + ks], bs[nt][1] = Bs[8 * nt * SLD + ks + 4];
-          bd[nt][0] = Bs[(64 + 8 * nt) * SLD + ks], bd[nt][1] = Bs[(64 + 8 * nt) * SLD + ks + 4];
+          bs[nt][0] = Bs[8 * nt * 16 + cs[ks >> 2]], bs[nt][1] = Bs[8 * nt * 16 + cs[(ks >> 2) + 1]];
+          bd[nt][0] = Bs[(64 + 8 * nt) * 16 + cs[ks >> 2]], bd[nt][1] = Bs[(64 + 8 * nt) * 16 + cs[(ks >> 2) + 1]];
         }
         frag_do(a, ks);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
-        frag_a(a, As + ks, SLD);
+        frag_sw(a, As, ks);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
-        frag_a(a, As + 64 * SLD + ks, SLD);
+        frag_sw(a, As + 64 * 16, ks);
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
       }
     }
     if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
-      const float *Bv = st + (32 * wn + g) * SLD + t;
+      const float *Bv = st + 16 * (32 * wn + g);
 #pragma unroll
       for (int ks = 0; ks < 16; ks += 8) {
         unsigned a[4];
         frag_do(a, ks);
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[3][nt], a, Bv[8 * nt * SLD + ks], Bv[8 * nt * SLD + ks + 4]);
+        for (int nt = 0; nt < 4; nt++)
+          mma_tf32(acc[3][nt], a, Bv[8 * nt * 16 + cs[ks >> 2]], Bv[8 * nt * 16 + cs[(ks >> 2) + 1]]);
       }
     }
     if (k0 + 16 < V) continue;
@@ -1053,30 +1068,38 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
 // 8 warps and at most about 108 KB of shared memory, so that two blocks share an SM and one's
 // loads (gates, state slices, panels) overlap the other's products. Two phases:
 //  1. state_products (dqg, dkl, dAqk, del, and dX's k half -dVp S0^T into the per-chunk scratch DXK; dX's v half
-//     is dVp, already in DVP); then M^T, beside the first panel.
+//     is dVp, already in DVP); then M^T, beside the first two panels.
 //  2. over panels of 32 columns of [k | v] (the last one 16 wide when K + V is not a multiple of 32): the panel's
-//     dX, X = [W | U] and raw k | v columns by cp.async (the next panel's loading while this one is used), its
+//     dX, X = [W | U] and raw k | v columns by cp.async (the next two panels loading while this one is used), its
 //     Y = M^T dX on the tensor cores with Y's per-element work (dk's UT part PDK2 = eg beta y, dv = beta y and
 //     dbeta's y . rhs, rhs = eg k | v), then dL += Y_p X_p^T, dL's 64 x 64 accumulators in registers across the
 //     panels; after the last panel dL's epilogue (mask, negate, DL, dbeta's dL . KK).
-// Shared memory, byte offsets (those past M^T at K = 128):
-//        0  phase 1: the state products' three stages (3 SP_STAGE floats, 70656 B, over M^T's place);
-//        0  phase 2: two panel buffers (WY_PANEL floats, 24576 B each): dX (64 x DXP fp32, tf32 once in place),
-//           X (64 x XP, tf32 in place), k | v (bf16, 64 x KVP); after the last panel the free one holds KK
-//           (64 x KKP);
-//    49152  phase 2: the panel's Y (64 x YP, tf32), after the last panel dbeta's row parts (2 x 64);
-//    58368  M^T (64 x MTP; WY_MT floats in): it loads after phase 1, beside the first panel;
-//    75776  gc (64 x (K + 1)); 108800 del (K); 109312 beta, 109568 rk, 109824 seg (64 each); 110080 in all.
-#define DXP 40  // dX's pitch: the Y product's B fragments (rows t, columns g) on 32 banks
-#define XP 36   // X's: the dL product's B fragments (rows g, columns t) on 32 banks
-#define YP 36   // the panel's Y: the dL product's A fragments (rows g, columns t) on 32 banks
-#define KVP 40  // k | v's (bf16; 80-byte rows for the 16-byte copies): the Y epilogue's bf16 pairs (rows g, columns 2t)
+// Shared memory, byte offsets (those past the stages at K = 128):
+//        0  phase 1: the state products' four stages (4 SP_STAGE floats, 73728 B, over the panels, M^T and Y);
+//        0  phase 2: three panel buffers (WY_PANEL floats, 20480 B each): dX (64 x 32 fp32, tf32 once in place),
+//           X (64 x 32, tf32 in place), k | v (bf16, 64 x 32); the buffer after the last panel's holds KK (64 x KKP);
+//    40960  M^T (64 x MTP): it loads after phase 1, beside the first two panels, into the third panel's buffer,
+//           which its first use finds free (M^T's fragments are in registers by then);
+//    61440  phase 2: the panel's Y (64 x 32, tf32), after the last panel dbeta's row parts (2 x 64);
+//    73728  gc (64 x (K + 1)); 106752 del (K); 107264 beta, 107520 rk, 107776 seg (64 each); 108032 in all.
+// The panel tiles have no pad columns: their 16-byte pieces are XOR-swizzled so that the fragment reads hit 32
+// banks. Element (r, c) of dX (the Y product's B fragments: rows t, columns g), of X and Y (rows g, columns t),
+// of k | v (bf16, 8 to a piece; the Y epilogue's pairs: rows g, columns 2t):
+static __device__ __forceinline__ int wy_dx_at(int r, int c) {
+  return r * 32 + ((((c >> 2) ^ (2 * r)) & 7) << 2) + (c & 3);
+}
+static __device__ __forceinline__ int wy_x_at(int r, int c) { return r * 32 + ((((c >> 2) ^ r) & 7) << 2) + (c & 3); }
+static __device__ __forceinline__ int wy_kv_at(int r, int c) {
+  return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3) + (c & 7);
+}
 #define KKP 72  // KK's: the dL epilogue's float2 reads (rows g, columns 2t) on 32 banks in each half warp
 #define MTP 68  // M^T's: the Y product's A fragments (rows g, columns t) on 32 banks
-#define WY_PANEL (CH * DXP + CH * XP + CH * KVP / 2)
-#define WY_MT (2 * WY_PANEL + CH * YP)  // M^T's offset
-static_assert(SP_FLOATS <= WY_MT + CH * MTP, "the state products' stages must end before gc");
-static_assert(CH * KKP <= WY_PANEL && 2 * CH <= CH * YP, "KK fits in a panel buffer, dbeta's row parts in Y's");
+#define WY_PANEL (CH * 32 + CH * 32 + CH * 32 / 2)
+#define WY_MT (2 * WY_PANEL)  // M^T's offset: the third panel buffer
+#define WY_Y (3 * WY_PANEL)   // Y's
+#define WY_GC (SP_FLOATS > WY_Y + CH * 32 ? SP_FLOATS : WY_Y + CH * 32)  // gc's: past the stages and the panels
+static_assert(CH * MTP <= WY_PANEL, "M^T fits in a panel buffer");
+static_assert(CH * KKP <= WY_PANEL && 2 * CH <= CH * 32, "KK fits in a panel buffer, dbeta's row parts in Y's");
 // Warps 2 w2 and 2 w2 + 1 (64 threads) meet at named barrier 1 + w2: the two that write and read the panel's Y
 // rows 16 w2.. (barrier 0 is __syncthreads). Immediate barrier numbers, so that ptxas counts 5 barriers, not 16.
 static __device__ __forceinline__ void pair_sync(int w2) {
@@ -1098,7 +1121,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   const int K = KS ? KS : K_, V = VS ? VS : V_;
   extern __shared__ __align__(128) float smem[];
   const int ld = K + 1, KV = K + V;
-  float *stages = smem, *panels = smem, *Yp = smem + 2 * WY_PANEL, *mts = smem + WY_MT, *gc = mts + CH * MTP;
+  float *stages = smem, *panels = smem, *Yp = smem + WY_Y, *mts = smem + WY_MT, *gc = smem + WY_GC;
   float *delS = gc + CH * ld, *beta = delS + K, *rk = beta + CH;
   int *seg = (int *)(rk + CH);
   // one block per chunk of the range [c_begin, c_end) of every (b, h)
@@ -1119,7 +1142,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
     else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
   });
   // (state_products ended with a block barrier: DXK and del are visible to the whole block, the stages free.)
-  // M^T (pitch MTP) into its region, which the stages overlaid; the first panel loads beside it (below).
+  // M^T (pitch MTP) into the third panel buffer, which the stages overlaid; the first panels load beside it.
   for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(mts + (e >> 4) * MTP + 4 * (e & 15), sc.MT + cC + 4 * e);
   cp_async_commit();
   if (tid < K) sc.DGL[(size_t)ch * K + tid] = delS[tid] * __ldg(sc.EL + (size_t)ch * K + tid);
@@ -1141,26 +1164,32 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   // 16, so no 16-byte piece (4 fp32 or 8 bf16 columns) straddles k and v. Rows past T: k | v zeroed.
   auto width = [&](int p) { return KS && VS && (KS + VS) % 32 == 0 ? 32 : min(32, KV - 32 * p); };
   // The thread's fp32 pieces of a panel: e = tid + NT u < 64 pw / 4, row e / (pw / 4), columns 4 (e % (pw / 4))..
-  auto issue_panel = [&](int p) {
-    float *dxs = panels + (p & 1) * WY_PANEL, *xs = dxs + CH * DXP;
-    bf16_t *kvs = (bf16_t *)(xs + CH * XP);
-    const int c0 = 32 * p, pw = width(p), sh = pw == 32 ? 3 : 2;
-    for (int e = tid; e < CH * pw / 4; e += NT) {
-      const int i = e >> sh, cl = 4 * (e & ((1 << sh) - 1)), a = c0 + cl;
-      cp_async16(dxs + i * DXP + cl, a < K ? DXK + i * K + a : DVP + i * V + (a - K));
-      cp_async16(xs + i * XP + cl, a < K ? W + i * K + a : U + i * V + (a - K));
+  // Slot j of the three-buffer ring (buffer j % 3): panel j, or KK after the last panel (j = np), or nothing.
+  auto issue_slot = [&](int j) {
+    float *dxs = panels + (j % 3) * WY_PANEL, *xs = dxs + CH * 32;
+    if (j == np) {  // KK (pitch KKP), for dL's epilogue
+      for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(dxs + (e >> 4) * KKP + 4 * (e & 15), sc.KK + cC + 4 * e);
+    } else if (j < np) {
+      bf16_t *kvs = (bf16_t *)(xs + CH * 32);
+      const int c0 = 32 * j, pw = width(j), sh = pw == 32 ? 3 : 2;
+      for (int e = tid; e < CH * pw / 4; e += NT) {
+        const int i = e >> sh, cl = 4 * (e & ((1 << sh) - 1)), a = c0 + cl;
+        cp_async16(dxs + wy_dx_at(i, cl), a < K ? DXK + i * K + a : DVP + i * V + (a - K));
+        cp_async16(xs + wy_x_at(i, cl), a < K ? W + i * K + a : U + i * V + (a - K));
+      }
+      for (int e = tid; e < CH * pw / 8; e += NT) {
+        const int i = e >> (sh - 1), cl = 8 * (e & ((1 << (sh - 1)) - 1)), a = c0 + cl;
+        const bool t_in = t0 + i < T;
+        const int it = t_in ? i : 0;
+        cp_async16z(kvs + wy_kv_at(i, cl),
+                    a < K ? (const void *)(kb + it * HK + a) : (const void *)(vb + it * HV + (a - K)), t_in);
+      }
     }
-    for (int e = tid; e < CH * pw / 8; e += NT) {
-      const int i = e >> (sh - 1), cl = 8 * (e & ((1 << (sh - 1)) - 1)), a = c0 + cl;
-      const bool t_in = t0 + i < T;
-      const int it = t_in ? i : 0;
-      cp_async16z(kvs + i * KVP + cl, a < K ? (const void *)(kb + it * HK + a) : (const void *)(vb + it * HV + (a - K)),
-                  t_in);
-    }
+    cp_async_commit();  // (empty past KK: the group count stays the same for every thread)
   };
-  issue_panel(0);
-  cp_async_commit();
-  cp_async_wait<1>();  // this thread's copies of M^T are there (panel 0's may still be in flight)
+  issue_slot(0);
+  issue_slot(1);
+  cp_async_wait<2>();  // this thread's copies of M^T are there (the first two slots' may still be in flight)
   __syncthreads();
   unsigned mta[CH / 8][4];  // M^T's A fragments: rows 16 wm + gq (+ 8), columns 8 ks + t (+ 4), tf32
   {
@@ -1179,29 +1208,24 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
 #pragma unroll 1
   for (int p = 0; p < np; p++) {
     const int c0 = 32 * p, pw = width(p), sh = pw == 32 ? 3 : 2;
-    float *dxs = panels + (p & 1) * WY_PANEL, *xs = dxs + CH * DXP;
-    const bf16_t *kvs = (const bf16_t *)(xs + CH * XP);
-    cp_async_wait_all();  // this thread's copies of panel p are there (the only group in flight)
+    float *dxs = panels + (p % 3) * WY_PANEL, *xs = dxs + CH * 32;
+    const bf16_t *kvs = (const bf16_t *)(xs + CH * 32);
+    cp_async_wait<1>();  // this thread's copies of panel p are there (slot p + 1's may still be in flight)
     for (int e = tid; e < CH * pw / 4; e += NT) {  // its fp32 pieces to tf32, in place
       const int i = e >> sh, cl = 4 * (e & ((1 << sh) - 1));
-      float4 *px = (float4 *)(dxs + i * DXP + cl), *pw4 = (float4 *)(xs + i * XP + cl);
+      float4 *px = (float4 *)(dxs + wy_dx_at(i, cl)), *pw4 = (float4 *)(xs + wy_x_at(i, cl));
       *px = tf32x4(*px), *pw4 = tf32x4(*pw4);
     }
-    __syncthreads();  // panel p is in place; every warp is past its reads of panel p - 1 (its buffer, Y_p)
-    if (p + 1 < np) {
-      issue_panel(p + 1);  // into panel p - 1's buffer
-    } else {               // after the last panel: KK (pitch KKP) into the free buffer, for dL's epilogue
-      float *kks = panels + ((p + 1) & 1) * WY_PANEL;
-      for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(kks + (e >> 4) * KKP + 4 * (e & 15), sc.KK + cC + 4 * e);
-    }
-    cp_async_commit();
+    __syncthreads();  // panel p is in place; every warp is past its reads of panel p - 1 (its buffer, Y_p) and M^T
+    issue_slot(p + 2);  // into panel p - 1's buffer
     if (16 * wn < pw) {  // (warp-uniform) Y_p's block of the warp, then its per-element work
       float y[2][4] = {};
 #pragma unroll
       for (int ks = 0; ks < CH / 8; ks++) {
-        const float *bp = dxs + (8 * ks + t) * DXP + 16 * wn + gq;
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) mma_tf32(y[nt], mta[ks], bp[8 * nt], bp[4 * DXP + 8 * nt]);
+        for (int nt = 0; nt < 2; nt++)
+          mma_tf32(y[nt], mta[ks], dxs[wy_dx_at(8 * ks + t, 16 * wn + 8 * nt + gq)],
+                   dxs[wy_dx_at(8 * ks + t + 4, 16 * wn + 8 * nt + gq)]);
       }
 #pragma unroll
       for (int nt = 0; nt < 2; nt++)
@@ -1209,8 +1233,8 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
         for (int hf = 0; hf < 2; hf++) {
           const int i = 16 * wm + gq + 8 * hf, nl = 16 * wn + 8 * nt + 2 * t, n = c0 + nl;
           const float y0 = y[nt][2 * hf], y1 = y[nt][2 * hf + 1];
-          *(float2 *)(Yp + i * YP + nl) = make_float2(round_tf32(y0), round_tf32(y1));
-          const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + i * KVP + nl);
+          *(float2 *)(Yp + wy_x_at(i, nl)) = make_float2(round_tf32(y0), round_tf32(y1));
+          const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + wy_kv_at(i, nl));
           float r0 = __low2float(r2), r1 = __high2float(r2);
           if (n < K) {
             const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
@@ -1225,14 +1249,19 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
     }
     pair_sync(wm);  // Y_p's rows 16 wm.. are complete
     {
-      const float *ap = Yp + (16 * wm + gq) * YP + t, *bp = xs + (32 * wn + gq) * XP + t;
+      const int r0 = 16 * wm + gq;
 #pragma unroll
       for (int ks = 0; ks < 4; ks++) {
         if (8 * ks >= pw) break;
         unsigned a[4];
-        frag_a(a, ap + 8 * ks, YP);
+        a[0] = __float_as_uint(Yp[wy_x_at(r0, 8 * ks + t)]), a[1] = __float_as_uint(Yp[wy_x_at(r0 + 8, 8 * ks + t)]);
+        a[2] = __float_as_uint(Yp[wy_x_at(r0, 8 * ks + t + 4)]);
+        a[3] = __float_as_uint(Yp[wy_x_at(r0 + 8, 8 * ks + t + 4)]);
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(dacc[nt], a, bp[8 * nt * XP + 8 * ks], bp[8 * nt * XP + 8 * ks + 4]);
+        for (int nt = 0; nt < 4; nt++) {
+          const int r = 32 * wn + 8 * nt + gq;
+          mma_tf32(dacc[nt], a, xs[wy_x_at(r, 8 * ks + t)], xs[wy_x_at(r, 8 * ks + t + 4)]);
+        }
       }
     }
   }
@@ -1240,7 +1269,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   __syncthreads();  // KK is in place; every warp is past its reads of the last Y_p (its region takes the row parts)
   // dL = -Y X^T, strictly lower and same document, and dbeta's sum_j dL_ij KK_ij.
   {
-    const float *kks = panels + (np & 1) * WY_PANEL;
+    const float *kks = panels + (np % 3) * WY_PANEL;
     float *DL = sc.DL + cC;
 #pragma unroll
     for (int nt = 0; nt < 4; nt++)
@@ -1644,10 +1673,10 @@ static int state_warps(int B, int H, int V) {
   if (V % 128 == 0 && 2 * (size_t)B * H * (V / 128) > (size_t)sm_count()) return 8;
   return V % 64 == 0 ? 4 : 1;
 }
-// The WY backward's: stages | panels and Y, M^T, gc, del, beta, rk, seg (see there); V is not in it. At K = 128: 110080
+// The WY backward's: stages | panels, M^T and Y, gc, del, beta, rk, seg (see there); V is not in it. At K = 128: 108032
 // bytes: two blocks fit an SM (H100: 228 KB an SM, 227 KB a block, 1 KB of each block's reserved by the system).
 static constexpr size_t wy_smem(int K) {
-  return ((size_t)WY_MT + CH * MTP + (size_t)CH * (K + 1) + K + 3 * CH) * sizeof(float);
+  return ((size_t)WY_GC + (size_t)CH * (K + 1) + K + 3 * CH) * sizeof(float);
 }
 static_assert(wy_smem(128) <= 110 * 1024 && 2 * (wy_smem(128) + 1024) <= 228 * 1024,
               "two WY backward blocks per SM at K = 128");
