@@ -70,21 +70,21 @@
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
 //   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.43 ms, fwd+bwd 7.04
-//   ms, session 23; fla's Triton chunk_kda 2.44 / 12.72 ms beside session 22's 7.27). Per kernel (ncu, kernels
-//   serialized, session 22, the WY backward session 23; ms, DRAM GB, TB/s): intra 1.50 (1.36 with the bounded gate:
-//   bench/README, "Steep gates"), 2.14, 1.42; state 0.80, 2.15, 2.70; state backward 0.70, 1.88, 2.69; WY backward
-//   2.19, 5.42, 2.47; pairwise backward 1.49, 2.38, 1.59; the gate's kernels 0.16 and 0.24 (0.20 bounded). So the state
-//   passes stream near what the GPU gives; the three per-chunk kernels, 5.2 of the 7.0 ms, at half of it (the WY
-//   backward at 75% with three stages, its state products waiting on memory latency; four stages since, not yet
-//   measured). The intra kernel issues 2.2 instructions a cycle at two blocks per SM, spread over all its phases:
-//   instruction bound. The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the
-//   state products; the panels) ran one after another at one block per SM; neither more warps nor earlier loads helped
-//   (session 20: 16 warps instead of 8 about 1%); a second block per SM overlaps them (session 21, the WY backward at
-//   108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of 200: 7.52 ->
-//   7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536). With few heads and long sequences (1 x 65536 x 16) the state
-//   passes are still the largest part: one warp per SM sub-partition, each instruction waiting on the one before.
-//   bench/README has the per-phase tables.
+// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.44 ms, fwd+bwd 6.77
+//   ms, session 24; fla's Triton chunk_kda 2.45 / 12.63 ms in the same command as 6.87, the tree before the L2 hint).
+//   Per kernel (ncu, kernels serialized, session 24; ms, DRAM GB, TB/s): intra 1.50 (1.39 with the bounded gate or the
+//   op's raw inputs: bench/README, "Steep gates"), 2.14, 1.43; state 0.79, 2.15, 2.72; state backward 0.70, 1.88, 2.68;
+//   WY backward 2.00, 5.30, 2.66; pairwise backward 1.49, 2.38, 1.60; the gate's kernels 0.16 and 0.19. So the state
+//   passes and the WY backward stream at 80% of what the GPU gives (the WY backward's state products still wait on
+//   memory latency: four stages, three slices in flight, each copy asking L2 for the next slices' bytes, since session
+//   24), the intra and pairwise kernels, 3.0 of the 6.8 ms, at half of it. The intra kernel issues 2.2 instructions a
+//   cycle at two blocks per SM, spread over all its phases: instruction bound. The backward kernels' phases (prologue
+//   loads of q, k and the gates, a serial memory latency; the state products; the panels) ran one after another at one
+//   block per SM; neither more warps nor earlier loads helped (session 20: 16 warps instead of 8 about 1%); a second
+//   block per SM overlaps them (session 21, the WY backward at 108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session
+//   22, the pairwise backward at 107 KB instead of 200: 7.52 -> 7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536).
+//   With few heads and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM
+//   sub-partition, each instruction waiting on the one before. bench/README has the per-phase tables.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
 //   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
