@@ -1,0 +1,97 @@
+# Offline numerics (CPU, numpy + autograd) for kda_f16_buffers_next.patch: QG, KL and Aqk stored in fp16 instead of
+# tf32-rounded fp32. Both keep 10 mantissa bits; fp16 differs only below 2^-14 (subnormal: 2^-24 absolute) and in
+# its ties (to even, not away). The chunked KDA forward as bench/dev/bf16_grads.py runs it, every product's operands
+# rounded to tf32 (the kernels' tensor-core inputs) except that QG, KL and Aqk are rounded to fp16 in the second
+# mode, in the forward products and in the backward ones that read them (dS += QG^T dO-type terms); accumulation
+# exact. Relative L2 error of the output and every gradient against fp64.
+# Run: python3 bench/dev/f16_buffers.py [T [scale]]   (pip install autograd; scale: 1/sqrt(K) unless given)
+import sys
+import autograd.numpy as np
+import numpy as onp
+from autograd import grad
+from autograd.extend import primitive, defvjp
+
+
+EXACT = {"on": False}  # the fp64 reference: no rounding anywhere
+
+
+def tf32(x):  # fp64 -> fp32 -> 10 mantissa bits, nearest (ties away, as the kernels' tf32_bits)
+    if EXACT["on"]:
+        return x
+    f = onp.asarray(x, onp.float32).view(onp.uint32).astype(onp.uint64)
+    return ((f + 0x1000) & 0xFFFFE000).astype(onp.uint32).view(onp.float32).astype(onp.float64)
+
+
+def f16(x):  # fp64 -> fp32 -> fp16 (nearest even, subnormals kept), as __float2half_rn
+    if EXACT["on"]:
+        return x
+    return onp.asarray(x, onp.float32).astype(onp.float16).astype(onp.float64)
+
+
+STORED = {"round": tf32}  # how QG, KL and Aqk are stored
+
+
+@primitive
+def mm(A, B):  # a tensor-core product: both operands tf32
+    return tf32(A) @ tf32(B)
+
+
+defvjp(mm, lambda ans, A, B: lambda G: tf32(G) @ tf32(B).T, lambda ans, A, B: lambda G: tf32(A).T @ tf32(G))
+
+
+@primitive
+def mm_stored(A, B):  # a state-pass product whose left operand (QG, KL^T, Aqk) comes from the per-chunk buffers
+    return STORED["round"](A) @ tf32(B)
+
+
+defvjp(mm_stored, lambda ans, A, B: lambda G: tf32(G) @ tf32(B).T,
+       lambda ans, A, B: lambda G: STORED["round"](A).T @ tf32(G))
+
+
+def chunked(q, k, v, g, beta, C=64):
+    T, K = k.shape
+    V = v.shape[1]
+    S = np.zeros((K, V))
+    outs = []
+    for t0 in range(0, T, C):
+        qc, kc, vc, bc = q[t0:t0 + C], k[t0:t0 + C], v[t0:t0 + C], beta[t0:t0 + C]
+        gc = np.cumsum(g[t0:t0 + C], axis=0)
+        D = np.exp(np.minimum(gc[:, None, :] - gc[None, :, :], 0))  # (i, j, channel); only j <= i is kept (<= 0)
+        mask = onp.tril(onp.ones((C, C)))
+        Akk = np.tril(bc[:, None] * np.einsum('ik,jk,ijk->ij', kc, kc, D * mask[:, :, None]), -1)
+        Aqk = np.einsum('ik,jk,ijk->ij', qc, kc, D * mask[:, :, None])
+        M = np.linalg.inv(np.eye(C) + Akk)
+        W = mm(M, bc[:, None] * np.exp(gc) * kc)
+        U = mm(M, bc[:, None] * vc)
+        QG, KL, el = qc * np.exp(gc), kc * np.exp(gc[-1] - gc), np.exp(gc[-1])
+        Vp = U - mm(W, S)
+        outs.append(mm_stored(QG, S) + mm_stored(Aqk, Vp))
+        S = el[:, None] * S + mm_stored(KL.T, Vp)
+    return np.concatenate(outs, axis=0)
+
+
+rng = onp.random.default_rng(0)
+T, K, V = int(sys.argv[1]) if len(sys.argv) > 1 else 256, 128, 128
+scale = float(sys.argv[2]) if len(sys.argv) > 2 else 1 / onp.sqrt(K)
+assert T % 64 == 0
+names = ["O", "dq", "dk", "dv", "dg", "dbeta"]
+print(f"T {T}, K = V = {K}, scale {scale:.4g}: relative L2 error against fp64 (inputs and dO bf16)")
+print("| decays g | QG, KL, Aqk stored | " + " | ".join(names) + " |")
+print("|---|---|" + "---|" * len(names))
+bf16 = lambda x: onp.asarray(x, onp.float32).astype(onp.float64)  # (inputs: fp32 is enough for the comparison)
+for lo, hi in [(-8, -2), (-20, -10), (-1, -0.01), (-1e-4, -1e-6)]:
+    unit = lambda x: x / onp.linalg.norm(x, axis=1, keepdims=True)
+    q = bf16(unit(rng.standard_normal((T, K)))) * scale
+    k = bf16(unit(rng.standard_normal((T, K))))
+    v = bf16(rng.standard_normal((T, V)))
+    beta, g, dO = rng.uniform(0, 1, T), rng.uniform(lo, hi, (T, K)), bf16(rng.standard_normal((T, V)))
+    loss = lambda q, k, v, g, beta: np.sum(chunked(q, k, v, g, beta) * dO)
+    gradf = grad(loss, argnum=[0, 1, 2, 3, 4])
+    EXACT["on"] = True
+    ref = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
+    EXACT["on"] = False
+    for label, rnd in [("tf32 (now)", tf32), ("fp16 (the patch)", f16)]:
+        STORED["round"] = rnd
+        got = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
+        errs = [onp.linalg.norm(a - b) / onp.linalg.norm(b) for a, b in zip(got, ref)]
+        print(f"| [{lo}, {hi}] | {label} | " + " | ".join(f"{e:.2e}" for e in errs) + " |", flush=True)
