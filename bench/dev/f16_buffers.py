@@ -1,9 +1,11 @@
-# Offline numerics (CPU, numpy + autograd) for kda_f16_buffers_next.patch: QG, KL and Aqk stored in fp16 instead of
-# tf32-rounded fp32. Both keep 10 mantissa bits; fp16 differs only below 2^-14 (subnormal: 2^-24 absolute) and in
+# Offline numerics (CPU, numpy + autograd) for kda_f16_buffers_next.patch (QG, KL and Aqk stored in fp16 instead of
+# tf32-rounded fp32) and kda_f16_w_next.patch (W too). Both keep 10 mantissa bits; fp16 differs only below 2^-14 (subnormal: 2^-24 absolute) and in
 # its ties (to even, not away). The chunked KDA forward as bench/dev/bf16_grads.py runs it, every product's operands
-# rounded to tf32 (the kernels' tensor-core inputs) except that QG, KL and Aqk are rounded to fp16 in the second
-# mode, in the forward products and in the backward ones that read them (dS += QG^T dO-type terms); accumulation
-# exact. Relative L2 error of the output and every gradient against fp64.
+# rounded to tf32 (the kernels' tensor-core inputs) except that QG, KL and Aqk (and W) are rounded to fp16, in the
+# forward products and in the backward ones that read them (dS += QG^T dO-type terms); accumulation exact. Relative
+# L2 error of the output and every gradient against fp64. First, the bound fp16's range needs for W: the largest
+# row norm of W over adversarial keys (random, all equal, nearly parallel with alternating signs, rank 2, one
+# dominant channel) and beta in [0, 2].
 # Run: python3 bench/dev/f16_buffers.py [T [scale]]   (pip install autograd; scale: 1/sqrt(K) unless given)
 import sys
 import autograd.numpy as np
@@ -28,7 +30,7 @@ def f16(x):  # fp64 -> fp32 -> fp16 (nearest even, subnormals kept), as __float2
     return onp.asarray(x, onp.float32).astype(onp.float16).astype(onp.float64)
 
 
-STORED = {"round": tf32}  # how QG, KL and Aqk are stored
+STORED = {"round": tf32, "w": tf32}  # how QG, KL and Aqk are stored; how W is
 
 
 @primitive
@@ -48,6 +50,14 @@ defvjp(mm_stored, lambda ans, A, B: lambda G: tf32(G) @ tf32(B).T,
        lambda ans, A, B: lambda G: STORED["round"](A).T @ tf32(G))
 
 
+@primitive
+def mm_w(A, B):  # W S in the state passes: W from the per-chunk buffers
+    return STORED["w"](A) @ tf32(B)
+
+
+defvjp(mm_w, lambda ans, A, B: lambda G: tf32(G) @ tf32(B).T, lambda ans, A, B: lambda G: STORED["w"](A).T @ tf32(G))
+
+
 def chunked(q, k, v, g, beta, C=64):
     T, K = k.shape
     V = v.shape[1]
@@ -64,19 +74,40 @@ def chunked(q, k, v, g, beta, C=64):
         W = mm(M, bc[:, None] * np.exp(gc) * kc)
         U = mm(M, bc[:, None] * vc)
         QG, KL, el = qc * np.exp(gc), kc * np.exp(gc[-1] - gc), np.exp(gc[-1])
-        Vp = U - mm(W, S)
+        Vp = U - mm_w(W, S)
         outs.append(mm_stored(QG, S) + mm_stored(Aqk, Vp))
         S = el[:, None] * S + mm_stored(KL.T, Vp)
     return np.concatenate(outs, axis=0)
 
 
+def w_rows(k, beta, g):  # W of one chunk, fp64
+    C = len(k)
+    gc = onp.cumsum(g, 0)
+    L = onp.tril(beta[:, None] * onp.einsum('ik,jk,ijk->ij', k, k, onp.exp(onp.minimum(gc[:, None] - gc[None], 0))), -1)
+    return onp.linalg.solve(onp.eye(C) + L, beta[:, None] * onp.exp(gc) * k)
+
+
 rng = onp.random.default_rng(0)
+worst = 0.0
+for trial in range(500):
+    C, Kw = 64, 16
+    kind = trial % 5
+    if kind == 0: kw = rng.standard_normal((C, Kw))
+    elif kind == 1: kw = onp.tile(rng.standard_normal(Kw), (C, 1))
+    elif kind == 2: kw = rng.standard_normal(Kw) + 0.05 * rng.standard_normal((C, Kw)); kw[::2] *= -1
+    elif kind == 3: kw = rng.standard_normal((C, 2)) @ rng.standard_normal((2, Kw))
+    else: kw = rng.standard_normal((C, Kw)); kw[:, 1:] *= 0.01
+    kw /= onp.linalg.norm(kw, axis=1, keepdims=True)
+    bw = [rng.uniform(0, 2, C), onp.full(C, 2.0), onp.full(C, 1.0), rng.uniform(1.9, 2, C)][trial % 4]
+    gw = -rng.uniform(0, [0, 1e-3, 0.1, 1][trial % 4], (C, Kw))
+    worst = max(worst, (onp.linalg.norm(w_rows(kw, bw, gw), axis=1) / bw).max())
+print(f"W's largest row norm / beta_i over 500 adversarial chunks, beta in [0, 2]: {worst:.6f} (the bound: 1)")
 T, K, V = int(sys.argv[1]) if len(sys.argv) > 1 else 256, 128, 128
 scale = float(sys.argv[2]) if len(sys.argv) > 2 else 1 / onp.sqrt(K)
 assert T % 64 == 0
 names = ["O", "dq", "dk", "dv", "dg", "dbeta"]
 print(f"T {T}, K = V = {K}, scale {scale:.4g}: relative L2 error against fp64 (inputs and dO bf16)")
-print("| decays g | QG, KL, Aqk stored | " + " | ".join(names) + " |")
+print("| decays g | stored | " + " | ".join(names) + " |")
 print("|---|---|" + "---|" * len(names))
 bf16 = lambda x: onp.asarray(x, onp.float32).astype(onp.float64)  # (inputs: fp32 is enough for the comparison)
 for lo, hi in [(-8, -2), (-20, -10), (-1, -0.01), (-1e-4, -1e-6)]:
@@ -90,8 +121,8 @@ for lo, hi in [(-8, -2), (-20, -10), (-1, -0.01), (-1e-4, -1e-6)]:
     EXACT["on"] = True
     ref = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
     EXACT["on"] = False
-    for label, rnd in [("tf32 (now)", tf32), ("fp16 (the patch)", f16)]:
-        STORED["round"] = rnd
+    for label, rnd, rw in [("all tf32 (now)", tf32, tf32), ("QG, KL, Aqk fp16", f16, tf32), ("W too", f16, f16)]:
+        STORED["round"], STORED["w"] = rnd, rw
         got = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
         errs = [onp.linalg.norm(a - b) / onp.linalg.norm(b) for a, b in zip(got, ref)]
         print(f"| [{lo}, {hi}] | {label} | " + " | ".join(f"{e:.2e}" for e in errs) + " |", flush=True)
