@@ -213,11 +213,11 @@ static __global__ void kda_gate_forward_kernel(float *g, const bf16_t *f, const 
 // is used (restrict: df cannot alias f or dg), so that each thread has that many loads in flight. One at a time,
 // the kernel waited out a memory latency a row: H100, 8 x 4096 x 16 x 128, bounded 0.28 -> 0.20 ms (2.7 TB/s);
 // softplus 0.23 -> 0.24 ms, bound by its log1p and division instead. The sums keep the rows' order.
-// The softplus form now takes softplus and sigmoid from one exp through softplus_f (a polynomial log1p, an
-// approximate division): per row 2 MUFU.EX2, libdevice's log1pf and an IEEE division with its slow-path branch
-// (about 66 SASS instructions) became 1 MUFU.EX2, 1 MUFU.RCP and 8 FFMA, branch-free (about 32; bounded about 35),
-// same errors to within an ulp (see softplus_f). Its time is unmeasured. dg/dA_log = -a softplus(u) is the
-// forward's g, but reading g (4 more bytes an element on top of 8) would cost more than recomputing it.
+// The softplus form now takes softplus and sigmoid from one exp through softplus_f (a polynomial log1p, an approximate
+// division): per row 2 MUFU.EX2, libdevice's log1pf and an IEEE division with its slow-path branch (about 66 SASS
+// instructions) became 1 MUFU.EX2, 1 MUFU.RCP and 8 FFMA, branch-free (about 32; bounded about 35), same errors to
+// within an ulp (see softplus_f): 0.234 -> 0.192 ms, as bounded's (0.195; H100, session 24). dg/dA_log = -a softplus(u)
+// is the forward's g, but reading g (4 more bytes an element on top of 8) would cost more than recomputing it.
 #define GATE_ROWS 64
 #define GATE_BATCH 8
 static __global__ void kda_gate_backward_kernel(bf16_t *__restrict__ df, float *__restrict__ partial_du,
