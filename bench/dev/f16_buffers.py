@@ -5,7 +5,9 @@
 # forward products and in the backward ones that read them (dS += QG^T dO-type terms); accumulation exact. Relative
 # L2 error of the output and every gradient against fp64. First, the bound fp16's range needs for W: the largest
 # row norm of W over adversarial keys (random, all equal, nearly parallel with alternating signs, rank 2, one
-# dominant channel) and beta in [0, 2].
+# dominant channel) and beta in [0, 2]. The last mode also sums del (the gate's gradient through el) from S0 and
+# dS' stored as fp16 with a power-of-two scale per 16 state columns (bench/README "Next" item 2; the products
+# already take them as tf32).
 # Run: python3 bench/dev/f16_buffers.py [T [scale]]   (pip install autograd; scale: 1/sqrt(K) unless given)
 import sys
 import autograd.numpy as np
@@ -58,6 +60,30 @@ def mm_w(A, B):  # W S in the state passes: W from the per-chunk buffers
 defvjp(mm_w, lambda ans, A, B: lambda G: tf32(G) @ tf32(B).T, lambda ans, A, B: lambda G: STORED["w"](A).T @ tf32(G))
 
 
+def f16_scaled(X):  # fp16 times 2^e, e per 16-column slice from its largest magnitude (bench/README Next item 2)
+    if EXACT["on"]:
+        return X
+    Y = onp.array(X, dtype=onp.float64)
+    for c in range(0, Y.shape[1], 16):
+        m = onp.abs(Y[:, c:c + 16]).max()
+        if m > 0:
+            e = 14 - int(onp.floor(onp.log2(m)))
+            Y[:, c:c + 16] = f16(Y[:, c:c + 16] * 2.0 ** e) * 2.0 ** -e
+    return Y
+
+
+DEL = {"round": lambda x: x}  # the values del = rowsum(dS' * S0) is summed from: fp32 now (exact here)
+
+
+@primitive
+def decay(el, S):  # S^T diag(el) of the state update; its gradient to el is del
+    return el[:, None] * S
+
+
+defvjp(decay, lambda ans, el, S: lambda G: onp.sum(DEL["round"](G) * DEL["round"](S), axis=1),
+       lambda ans, el, S: lambda G: el[:, None] * G)
+
+
 def chunked(q, k, v, g, beta, C=64):
     T, K = k.shape
     V = v.shape[1]
@@ -76,7 +102,7 @@ def chunked(q, k, v, g, beta, C=64):
         QG, KL, el = qc * np.exp(gc), kc * np.exp(gc[-1] - gc), np.exp(gc[-1])
         Vp = U - mm_w(W, S)
         outs.append(mm_stored(QG, S) + mm_stored(Aqk, Vp))
-        S = el[:, None] * S + mm_stored(KL.T, Vp)
+        S = decay(el, S) + mm_stored(KL.T, Vp)
     return np.concatenate(outs, axis=0)
 
 
@@ -121,8 +147,9 @@ for lo, hi in [(-8, -2), (-20, -10), (-1, -0.01), (-1e-4, -1e-6)]:
     EXACT["on"] = True
     ref = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
     EXACT["on"] = False
-    for label, rnd, rw in [("all tf32 (now)", tf32, tf32), ("QG, KL, Aqk fp16", f16, tf32), ("W too", f16, f16)]:
-        STORED["round"], STORED["w"] = rnd, rw
+    for label, rnd, rw, rd in [("all tf32 (now)", tf32, tf32, None), ("QG, KL, Aqk fp16", f16, tf32, None),
+                               ("W too", f16, f16, None), ("W too, del from scaled fp16", f16, f16, f16_scaled)]:
+        STORED["round"], STORED["w"], DEL["round"] = rnd, rw, rd or (lambda x: x)
         got = [chunked(q, k, v, g, beta)] + list(gradf(q, k, v, g, beta))
         errs = [onp.linalg.norm(a - b) / onp.linalg.norm(b) for a, b in zip(got, ref)]
         print(f"| [{lo}, {hi}] | {label} | " + " | ".join(f"{e:.2e}" for e in errs) + " |", flush=True)
