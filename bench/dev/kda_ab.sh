@@ -53,7 +53,8 @@ for X in $CANDS; do
 done
 # Bitwise against this tree (BITWISE="B T H K DOC_LEN", several joined by commas; default 2 4096 16 128 1000 and
 # 1 1000 4 48 300: K = 48 takes the general instance and a 16-wide last channel group; BITWISE=none: skip): every
-# array of one fwd+bwd of each kind of inputs (bench_kda --dump), compared file by file with cmp.
+# array of one fwd+bwd of each kind of inputs (bench_kda --dump), compared file by file with cmp; for those that
+# differ, how far (bench/dev/compare_dumps.py: relative L2, largest difference over the largest magnitude).
 if [[ ${BITWISE:-} != none ]]; then
   IFS=, read -ra SHAPES <<< "${BITWISE:-2 4096 16 128 1000,1 1000 4 48 300}"
   for X in A $CANDS; do
@@ -68,6 +69,7 @@ if [[ ${BITWISE:-} != none ]]; then
       if cmp -s $f /tmp/dump_$X/$n.bin; then same="$same $n"; else differ="$differ $n"; fi
     done
     echo "== $X bitwise against A: $(echo $same | wc -w) arrays identical; differ:${differ:- none}"
+    [[ -n "$differ" ]] && python3 bench/dev/compare_dumps.py /tmp/dump_A /tmp/dump_$X $differ 2>&1 | head -40
   done
 fi
 sanitize() {  # sanitize X TOOL FILTER: one compute-sanitizer run of candidate X's tests on the cases FILTER
