@@ -219,7 +219,7 @@ static __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
 static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-static __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+static __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 // rows x cols floats (cols a multiple of 4, rows contiguous in global memory) into shared memory with leading
 // dimension ld (a multiple of 4), 16 bytes a copy, by the block's NTH threads. When the copies divide evenly
 // (always at the fixed shape, where rows and cols are constants too) a thread copies the same column piece of
@@ -272,7 +272,7 @@ static __device__ __forceinline__ int sp_do_at(int r, int c) {
 #define SP_FLOATS (SP_STAGES * SP_STAGE)
 static_assert(64 * CLD <= SP_STAGE, "the output tile must fit in a stage");
 template <int N>
-static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 // 16 bytes, or 16 zeros when !valid (src is not read then, but must be a mapped address).
 static __device__ __forceinline__ void cp_async16z(void *dst, const void *src, bool valid) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
