@@ -1,9 +1,10 @@
-# Host emulation (no GPU) of the WY backward's swizzled shared-memory tiles in two session-23 candidates:
-# kda_wy_four_stages_next.patch (phase 1's stage tiles: sp_at, sp_do_at) and kda_wy_three_panels_next.patch (phase 2's
-# panel tiles: wy_dx_at, wy_x_at, wy_kv_at). For each: the index functions are bijections, the cp.async copy maps put
+# Host emulation (no GPU) of the WY backward's swizzled shared-memory tiles, written for two session-23 candidates
+# (kda_wy_four_stages_next.patch, kda_wy_three_panels_next.patch), both merged in session 24 and now in
+# kernels/kda_chunk.cu: phase 1's stage tiles (sp_at, sp_do_at) and phase 2's panel tiles (wy_dx_at, wy_x_at,
+# wy_kv_at). For each: the index functions are bijections, the cp.async copy maps put
 # every element where the fragment reads look for it (all warps, lanes, ks, nt; panel widths 32 and 16), and the
 # worst shared-memory bank-conflict degree of each access (32 banks of 4 bytes; float2 stores per half warp, float4
-# accesses per quarter warp). The expressions are copied from the patches; run: python3 bench/dev/emulate_wy_swizzles.py
+# accesses per quarter warp). The expressions are those of kernels/kda_chunk.cu; run: python3 bench/dev/emulate_wy_swizzles.py
 # ---- Phase 1 (kda_wy_four_stages_next.patch): state_products' stage tiles, pitch 16, four stages.
 def sp_at(r,c): return r*16 + ((((c>>2) ^ (r>>1)) & 3) << 2) + (c & 3)
 def sp_do_at(r,c): return r*16 + ((((c>>3) ^ (r>>2)) & 1) << 3) + (c & 7)
