@@ -4,7 +4,8 @@
 # wy_kv_at). For each: the index functions are bijections, the cp.async copy maps put
 # every element where the fragment reads look for it (all warps, lanes, ks, nt; panel widths 32 and 16), and the
 # worst shared-memory bank-conflict degree of each access (32 banks of 4 bytes; float2 stores per half warp, float4
-# accesses per quarter warp). The expressions are those of kernels/kda_chunk.cu; run: python3 bench/dev/emulate_wy_swizzles.py
+# accesses per quarter warp). The expressions are those of kernels/kda_chunk.cu (dx_at, x_at, kv_at: the wy_* ones);
+# run: python3 bench/dev/emulate_wy_swizzles.py
 # ---- Phase 1 (kda_wy_four_stages_next.patch): state_products' stage tiles, pitch 16, four stages.
 def sp_at(r,c): return r*16 + ((((c>>2) ^ (r>>1)) & 3) << 2) + (c & 3)
 def sp_do_at(r,c): return r*16 + ((((c>>3) ^ (r>>2)) & 1) << 3) + (c & 7)
