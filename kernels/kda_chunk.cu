@@ -85,6 +85,9 @@
 //   22, the pairwise backward at 107 KB instead of 200: 7.52 -> 7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536).
 //   With few heads and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM
 //   sub-partition, each instruction waiting on the one before. bench/README has the per-phase tables.
+//   Narrower per-chunk buffers (session 25: QG, KL, Aqk, W in fp16; S0, dS', Vp, dVp as fp16 times a power of two)
+//   took 4-5% off at 8 x 4096 and added 5-7% at 1 x 65536: the widening lands on the state passes' chain; QG's and
+//   W's rows (exp(gc_i) q_i, ...) also fall below fp16's range under steep decays. Not merged.
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
 //   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
