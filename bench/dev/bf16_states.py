@@ -1,10 +1,12 @@
-# Offline numerics (CPU, numpy + autograd) for bf16 saved states: the state passes would store S0 (the state entering
-# each chunk), Vp, dS' and dVp in bf16 instead of fp32 (about 1.6 GB less traffic at 8 x 4096 x 16 x 128), and the WY
-# backward would read them as bf16 (exact in tf32: its fragments are their bits shifted up). They enter only the WY
-# backward: its state products (dqg = dO S0^T, dkl = Vp dS'^T, dX's k half = -dVp S0^T, dAqk = dO Vp^T), del =
-# rowsum(dS' * S0) and its Y = M^T dX, dL = -Y X^T over dX = [dX's k half | dVp]. The forward's output, the state
-# passes' own products (fp32 registers, tf32 operands) and so dS0 are unchanged. Last mode: dX's k half (the WY
-# backward's own scratch between its phases) also bf16.
+# Offline numerics (CPU, numpy + autograd) for bf16 per-chunk buffers (bench/README, session 26).
+# "saved five" (kda_bf16_states_next.patch): the state passes store S0 (the state entering each chunk), Vp, dS' and
+# dVp in bf16 instead of fp32, and the WY backward its dX k half. They enter only the WY backward: its state
+# products (dqg = dO S0^T, dkl = Vp dS'^T, dX's k half = -dVp S0^T, dAqk = dO Vp^T), del = rowsum(dS' * S0) and its
+# Y = M^T dX, dL = -Y X^T over dX = [dX's k half | dVp]. The output, the state passes' own products (fp32
+# registers, tf32 operands) and so dS0 are unchanged.
+# "+ passes" (kda_bf16_passes_next.patch): W, QG, KL, Aqk stored bf16 and every state-pass product (forward: W S,
+# QG S, Aqk Vp, KL^T Vp; backward: QG^T dO, W^T dVp, Aqk^T dO, KL dS') on bf16 operands, the states and Vp, dVp
+# rounded to bf16 as A operands; "+ U": U stored bf16 too (the patch stores it so).
 # The chunked forward is bench/dev/f16_buffers.py's (with an initial state); each product's operands tf32 except
 # where a mode says bf16 (nearest even, as __float2bfloat16_rn); accumulation exact. Relative L2 error of every
 # gradient against fp64.
@@ -24,7 +26,7 @@ def keep_bits(x, bits):  # fp64 -> fp32 -> `bits` mantissa bits; tf32 ties away 
 
 
 EXACT = {"on": False}
-BF16 = set()  # which saved arrays are bf16: "S0", "dS", "Vp", "dVp", "dXk"
+BF16 = set()  # which are bf16: saved "S0", "dS", "Vp", "dVp", "dXk"; "passes" (the state products), "U"
 
 
 def tf32(x):
@@ -49,14 +51,26 @@ def mm_dB(ans, A, B):
 defvjp(mm, lambda ans, A, B: lambda G: G @ tf32(B).T, mm_dB)
 
 
+def op(x):  # an operand of the state passes' own products
+    return x if EXACT["on"] else keep_bits(x, 7 if "passes" in BF16 else 10)
+
+
 def make_state_mm(a_name_g, b_name):  # a state product A B; dA = G B^T is a WY product over saved arrays
     @primitive
     def f(A, B):
-        return tf32(A) @ tf32(B)
+        return op(A) @ op(B)
 
     defvjp(f, lambda ans, A, B: lambda G: saved(a_name_g, G) @ saved(b_name, B).T,
-           lambda ans, A, B: lambda G: tf32(A).T @ tf32(G))  # dB: the backward state pass, fp32 registers
+           lambda ans, A, B: lambda G: op(A).T @ op(G))  # dB: the backward state pass, fp32 registers
     return f
+
+
+@primitive
+def stored_u(U):  # U as the state pass reads it
+    return keep_bits(U, 7) if "U" in BF16 and not EXACT["on"] else U
+
+
+defvjp(stored_u, lambda ans, U: lambda G: G)
 
 
 mm_qg = make_state_mm("dO", "S0")   # O += QG S:      dQG = dO S0^T
@@ -99,7 +113,7 @@ def chunked(q, k, v, g, beta, S0, C=64):
         Aqk = np.einsum('ik,jk,ijk->ij', qc, kc, D * mask[:, :, None])
         M = np.linalg.inv(np.eye(C) + Akk)
         W = dx_w(mm(M, bc[:, None] * np.exp(gc) * kc))
-        U = dx_u(mm(M, bc[:, None] * vc))
+        U = stored_u(dx_u(mm(M, bc[:, None] * vc)))
         QG, KL, el = qc * np.exp(gc), kc * np.exp(gc[-1] - gc), np.exp(gc[-1])
         Vp = U - mm_w(W, S)
         outs.append(mm_qg(QG, S) + mm_aq(Aqk, Vp))
@@ -110,7 +124,7 @@ def chunked(q, k, v, g, beta, S0, C=64):
 T, K, V = int(sys.argv[1]) if len(sys.argv) > 1 else 256, 128, 128
 assert T % 64 == 0
 rng = onp.random.default_rng(0)
-names = ["dq", "dk", "dv", "dg", "dbeta", "dS0"]
+names = ["O", "dq", "dk", "dv", "dg", "dbeta", "dS0"]
 print(f"T {T}, K = V = {K}: relative L2 error against fp64 (inputs and dO bf16, an initial state)")
 print("| decays g | bf16 | " + " | ".join(names) + " |")
 print("|---|---|" + "---|" * len(names))
@@ -125,12 +139,13 @@ for lo, hi in [(-40, -10), (-8, -2), (-1, -0.01), (-0.05, -0.001), (-1e-4, -1e-6
     loss = lambda q, k, v, g, beta, S0: np.sum(chunked(q, k, v, g, beta, S0) * dO)
     gradf = grad(loss, argnum=[0, 1, 2, 3, 4, 5])
     EXACT["on"] = True
-    ref = list(gradf(q, k, v, g, beta, S0))
+    ref = [chunked(q, k, v, g, beta, S0)] + list(gradf(q, k, v, g, beta, S0))
     EXACT["on"] = False
-    for label, modes in [("none (now)", set()), ("S0, dS'", {"S0", "dS"}), ("S0, dS', Vp, dVp", {"S0", "dS", "Vp", "dVp"}),
-                         ("and dX's k half", {"S0", "dS", "Vp", "dVp", "dXk"})]:
+    five = {"S0", "dS", "Vp", "dVp", "dXk"}
+    for label, modes in [("none (now)", set()), ("saved five", five), ("five + passes", five | {"passes"}),
+                         ("five + passes + U", five | {"passes", "U"})]:
         BF16.clear()
         BF16.update(modes)
-        got = list(gradf(q, k, v, g, beta, S0))
+        got = [chunked(q, k, v, g, beta, S0)] + list(gradf(q, k, v, g, beta, S0))
         errs = [onp.linalg.norm(a - b) / onp.linalg.norm(b) for a, b in zip(got, ref)]
         print(f"| [{lo}, {hi}] | {label} | " + " | ".join(f"{e:.2e}" for e in errs) + " |", flush=True)

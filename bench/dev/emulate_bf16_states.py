@@ -1,11 +1,11 @@
 # Host emulation (no GPU) of kda_bf16_states_next.patch's thread maps in the WY backward: phase 1's state products
 # on bf16 stage tiles (sp_at in 4-byte words, the cp.async copy map, ldmatrix .x4 addresses, mma m16n8k16 bf16
 # fragments, del and its shuffles, the output tile) and phase 2's dX panel in bf16 (wy_kv_at, its copy map, the Y
-# product's B fragments). For K, V in {128, 48, 16} and their mixes: every product and del against numpy (exact:
-# the values are small integers), and the worst shared-memory bank-conflict degree of the copies (per quarter warp)
-# and of each ldmatrix phase (8 rows of 16 bytes). The expressions are the patch's; run:
+# product's B fragments, read as four base addresses + 256 ks). For K, V in {128, 48, 16} and their mixes: every
+# product and del against numpy (exact: the values are small integers), and the worst shared-memory bank-conflict
+# degree of the copies (per quarter warp) and of each ldmatrix phase (8 rows of 16 bytes). Not modelled: rows past
+# T, the stage ring's cp.async groups and barriers, global addresses. The expressions are the patch's; run:
 #   python3 bench/dev/emulate_bf16_states.py
-import itertools
 import numpy as np
 
 
@@ -33,7 +33,8 @@ def mma_k16(A, B, C):
     out = []
     for l in range(32):
         g, t = l >> 2, l & 3
-        out.append([C[l][0] + D[g, 2 * t], C[l][1] + D[g, 2 * t + 1], C[l][2] + D[g + 8, 2 * t], C[l][3] + D[g + 8, 2 * t + 1]])
+        out.append([C[l][0] + D[g, 2 * t], C[l][1] + D[g, 2 * t + 1],
+                    C[l][2] + D[g + 8, 2 * t], C[l][3] + D[g + 8, 2 * t + 1]])
     return out
 
 
@@ -76,7 +77,8 @@ def state_products(K, V, dO, Vp, dVp, S0, dS):
                 if c >= V:
                     continue
                 row_in = n0 + pr < K
-                srcs = [Vp[pr], dVp[pr], S0[n0 + pr] if row_in else np.zeros(V), dS[n0 + pr] if row_in else np.zeros(V), dO[pr]]
+                z = np.zeros(V)
+                srcs = [Vp[pr], dVp[pr], S0[n0 + pr] if row_in else z, dS[n0 + pr] if row_in else z, dO[pr]]
                 for ti, src in enumerate(srcs):
                     for e in range(4):
                         words[ti * SP_TILE + pa + e] = (src[c + 2 * e], src[c + 2 * e + 1])
@@ -190,6 +192,7 @@ for pw in (32, 16):
                         g, t = l >> 2, l & 3
                         r, n = 8 * ks + t + half, 16 * wn + 8 * nt + g
                         assert tile[wy_kv_at(r, n)] == dx[r, n]
+                        assert wy_kv_at(r, n) == 256 * ks + wy_kv_at(t + half, n)  # the kernel's base + 256 ks
                         words.append(wy_kv_at(r, n) // 2)
                     banks = {}
                     for a in set(words):
