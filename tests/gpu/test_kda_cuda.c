@@ -138,6 +138,10 @@ Test(kda_cuda, k48_steep_decays) { check_shape(2, 150, 3, 48, 48, -40, -10, true
 // intra kernel takes its pair-by-pair path in the steep heads' chunks and the tensor cores in the others.
 Test(kda_cuda, k128_softplus_gates) { check_gates(1, 256, 4, 128, 128, SOFTPLUS, 1, 16, true, DOCS, 17); }
 Test(kda_cuda, k32_v128_short) { check_shape(1, 40, 2, 32, 128, -0.3, -0.01, true, NO_DOCS, 10); }
+// The smallest head dims: one 16-wide channel group in the per-chunk kernels, a single 16-column slice in the WY
+// backward's state products and panels, one-warp state blocks (V = 16, 48).
+Test(kda_cuda, k16_v16_documents) { check_shape(2, 150, 3, 16, 16, -1.0, -0.01, true, DOCS, 21); }
+Test(kda_cuda, k16_v48_strong_decays) { check_shape(2, 150, 3, 16, 48, -8, -2, true, DOCS, 22); }
 // Many heads (B * H = 128, 64, 32) at K = V = 128, as in training and the benchmark.
 Test(kda_cuda, k128_many_heads_documents) { check_shape(2, 130, 64, 128, 128, -1.0, -0.01, true, DOCS, 11); }
 Test(kda_cuda, k128_many_heads_strong_decays) { check_shape(1, 100, 64, 128, 128, -8, -2, true, DOCS, 12); }
