@@ -7,6 +7,9 @@
 # "+ passes" (kda_bf16_passes_next.patch): W, QG, KL, Aqk stored bf16 and every state-pass product (forward: W S,
 # QG S, Aqk Vp, KL^T Vp; backward: QG^T dO, W^T dVp, Aqk^T dO, KL dS') on bf16 operands, the states and Vp, dVp
 # rounded to bf16 as A operands; "+ U": U stored bf16 too (the patch stores it so).
+# "partials" (kda_bf16_partials_next.patch, alone or on top of both): the partial gradients the WY backward hands the
+# pairwise one stored bf16: PDQ = eg dQG, PDK = ekl dKL, PDK2 = eg beta Y, dL (as wl = beta dL), dAqk; the gate's
+# terms from them (q PDQ, k PDK, ...) use the rounded values, as the pairwise kernel does; dbeta's stay fp32.
 # The chunked forward is bench/dev/f16_buffers.py's (with an initial state); each product's operands tf32 except
 # where a mode says bf16 (nearest even, as __float2bfloat16_rn); accumulation exact. Relative L2 error of every
 # gradient against fp64.
@@ -26,7 +29,7 @@ def keep_bits(x, bits):  # fp64 -> fp32 -> `bits` mantissa bits; tf32 ties away 
 
 
 EXACT = {"on": False}
-BF16 = set()  # which are bf16: saved "S0", "dS", "Vp", "dVp", "dXk"; "passes" (the state products), "U"
+BF16 = set()  # bf16: saved "S0", "dS", "Vp", "dVp", "dXk"; "passes" (the state products), "U", "partials"
 
 
 def tf32(x):
@@ -100,6 +103,27 @@ defvjp(decay, lambda ans, el, S: lambda G: onp.sum(saved("dS", G) * saved("S0", 
        lambda ans, el, S: lambda G: el[:, None] * G)
 
 
+def part(G):  # a partial gradient the WY backward hands the pairwise one (PDQ, PDK, PDK2, DL, DA)
+    return keep_bits(G, 7) if "partials" in BF16 and not EXACT["on"] else G
+
+
+@primitive
+def scaled(x, s):  # x * exp(s); the gradient to x is a stored partial P, the one to s is P * x (as the kernels)
+    return x * onp.exp(s)
+
+
+defvjp(scaled, lambda ans, x, s: lambda G: part(G * onp.exp(s)),
+       lambda ans, x, s: lambda G: part(G * onp.exp(s)) * x)
+
+
+@primitive
+def rg(X):  # identity; its gradient is a stored partial
+    return X
+
+
+defvjp(rg, lambda ans, X: lambda G: part(G))
+
+
 def chunked(q, k, v, g, beta, S0, C=64):
     T, K = k.shape
     S = S0
@@ -109,12 +133,12 @@ def chunked(q, k, v, g, beta, S0, C=64):
         gc = np.cumsum(g[t0:t0 + C], axis=0)
         D = np.exp(np.minimum(gc[:, None, :] - gc[None, :, :], 0))
         mask = onp.tril(onp.ones((C, C)))
-        Akk = np.tril(bc[:, None] * np.einsum('ik,jk,ijk->ij', kc, kc, D * mask[:, :, None]), -1)
-        Aqk = np.einsum('ik,jk,ijk->ij', qc, kc, D * mask[:, :, None])
+        Akk = np.tril(bc[:, None] * rg(np.einsum('ik,jk,ijk->ij', kc, kc, D * mask[:, :, None])), -1)
+        Aqk = rg(np.einsum('ik,jk,ijk->ij', qc, kc, D * mask[:, :, None]))
         M = np.linalg.inv(np.eye(C) + Akk)
-        W = dx_w(mm(M, bc[:, None] * np.exp(gc) * kc))
+        W = dx_w(mm(M, bc[:, None] * scaled(kc, gc)))
         U = stored_u(dx_u(mm(M, bc[:, None] * vc)))
-        QG, KL, el = qc * np.exp(gc), kc * np.exp(gc[-1] - gc), np.exp(gc[-1])
+        QG, KL, el = scaled(qc, gc), scaled(kc, gc[-1] - gc), np.exp(gc[-1])
         Vp = U - mm_w(W, S)
         outs.append(mm_qg(QG, S) + mm_aq(Aqk, Vp))
         S = decay(el, S) + mm_kl(KL.T, Vp)
@@ -142,8 +166,8 @@ for lo, hi in [(-40, -10), (-8, -2), (-1, -0.01), (-0.05, -0.001), (-1e-4, -1e-6
     ref = [chunked(q, k, v, g, beta, S0)] + list(gradf(q, k, v, g, beta, S0))
     EXACT["on"] = False
     five = {"S0", "dS", "Vp", "dVp", "dXk"}
-    for label, modes in [("none (now)", set()), ("saved five", five), ("five + passes", five | {"passes"}),
-                         ("five + passes + U", five | {"passes", "U"})]:
+    for label, modes in [("none (now)", set()), ("saved five", five), ("five + passes + U", five | {"passes", "U"}),
+                         ("partials", {"partials"}), ("all + partials", five | {"passes", "U", "partials"})]:
         BF16.clear()
         BF16.update(modes)
         got = [chunked(q, k, v, g, beta, S0)] + list(gradf(q, k, v, g, beta, S0))
