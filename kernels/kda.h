@@ -51,18 +51,19 @@ void kda_chunk_backward(real *dq, real *dk, real *dv, real *dg, real *dbeta, rea
  * of 128) that carries the fp32 state in registers and writes the output. Backward: the state pass again (saving
  * the state entering each chunk) unless the forward kept it in `saved`, a reverse state pass, then two parallel
  * kernels per chunk (the WY/UT backward; the pairwise backward with the gate's reverse cumulative sum). fp32
- * arithmetic except the matrix products, which take tf32 operands on the tensor cores (fp32 accumulation); fixed
- * summation order (deterministic). K and V multiples of 16 up to 128; q, k, v and dout 16-byte aligned (as
- * cudaMalloc gives). All gradients are overwritten; dinitial_state, dfinal_state and the state pointers may be
- * NULL.
+ * arithmetic except the matrix products, which take tf32 or bf16 operands on the tensor cores (fp32 accumulation):
+ * the per-chunk buffers between the kernels (W, U, decayed q and k, Aqk, the states saved per chunk and their
+ * gradients) are stored bf16; fixed summation order (deterministic). K and V multiples of 16 up to 128; q, k, v
+ * and dout 16-byte aligned (as cudaMalloc gives). All gradients are overwritten; dinitial_state, dfinal_state and
+ * the state pointers may be NULL.
  *
- * `saved` (kda_chunk_saved_floats floats, fp32; about 273 KB per 64-token chunk and head at K = V = 128, i.e.
- * 34 bytes per token and channel) keeps from the forward, for the backward of the same inputs, the per-chunk
+ * `saved` (kda_chunk_saved_floats floats, fp32 and bf16; about 153 KB per 64-token chunk and head at K = V = 128,
+ * i.e. 19 bytes per token and channel) keeps from the forward, for the backward of the same inputs, the per-chunk
  * kernel's results and the state entering each chunk with its Vp; the backward then skips recomputing them
  * (its first two kernels).
  * With saved = NULL the forward keeps nothing and the backward recomputes; the results are bitwise the same.
- * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.26 MB per chunk
- * and head at K = V = 128 with `saved`, 0.54 MB without). */
+ * The backward's own intermediates live in device scratch slot 2, grown on demand (about 0.13 MB per chunk
+ * and head at K = V = 128 with `saved`, 0.29 MB without). */
 #include <stddef.h>
 
 #include "kernels/device.h"

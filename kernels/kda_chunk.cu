@@ -22,18 +22,18 @@
 //
 // Design note (what is fused, where things live, where fp32 is needed, what limits it):
 // - Five kernels, per chunk or per (b, h) (a sixth, the forward state pass without the output, recomputes what a
-//   backward without `saved` needs); nothing between them but fp32 per-chunk buffers: the forward's W U QG
-//   KL (64 x 128), Aqk KK M^T (64 x 64), el, Vp (64 x 128) and S0 (128 x 128) in the caller's `saved` (or
-//   device_scratch slot 2), the backward's dS' (128 x 128), dVp, three partial gradients (dq, dk and its UT
-//   part), the last row's gate term, dL, dAqk in slot 2, and dX's k half (64 x 128) between the WY backward's
-//   two phases. The forward's output is fused into its state pass.
+//   backward without `saved` needs); nothing between them but per-chunk buffers: the forward's W U QG KL (64 x
+//   128), Aqk (64 x 64) (bf16), KK M^T (64 x 64), el (fp32), Vp (64 x 128) and S0 (128 x 128) (bf16) in the
+//   caller's `saved` (or device_scratch slot 2), the backward's dS' (128 x 128), dVp, three partial gradients
+//   (dq, dk and its UT part), dL, dAqk (bf16), the last row's gate term (fp32) in slot 2, and dX's k half (64 x
+//   128, bf16) between the WY backward's two phases. The forward's output is fused into its state pass.
 // - State passes: one block of 8 warps per (b, h) at V = 128 (4 warps, two blocks, when that leaves more than
 //   half of the SMs idle; 4 or 1 warp per block when V is not a multiple of 128; see state_warps); each warp
 //   holds S^T (or dS^T) for its 16 state columns in fp32 registers (64 per thread) for the whole sequence,
-//   and every product is mma.sync m16n8k8 tf32 with fp32 accumulation, the accumulator tiles feeding the
-//   next product as A fragments without a trip through shared memory. W, QG, KL, Aqk (stored tf32-rounded
-//   by the intra kernel) stream through shared memory by cp.async, one operand pair loading while the
-//   other is used; dO comes with Aqk and KL.
+//   and every product is mma.sync m16n8k16 on bf16 with fp32 accumulation, the accumulator tiles feeding the
+//   next product as A fragments (rounded to bf16) without a trip through shared memory. W, QG, KL, Aqk (stored
+//   bf16 by the intra kernel) stream through shared memory by cp.async, one operand pair loading while the
+//   other is used, their fragments by ldmatrix; dO comes with Aqk and KL.
 // - Per-chunk kernels: q, k (bf16, row pitch K + 2), gc (fp32, padded rows) and the 64 x 64 KK / Aqk / M in shared
 //   memory; the matrix products on tensor cores (mma.sync tf32, fp32 accumulated); in the pairwise ones each
 //   exponential exp(gc_i - gc_j) split at an anchor row m into exp(gc_i - gc_m) exp(gc_m - gc_j): across 16-row
@@ -46,12 +46,13 @@
 //   tensor cores in 3xTF32, one warp per column block (no block barriers); W | U = M diag(beta) (eg K | V) by warps
 //   that own its column tiles (fragments from shared memory, row order chosen for 32 banks). The WY backward, 8 warps
 //   in two blocks per SM, reads S0 and dS' once for its four chunk products (state_products: dqg, dkl, dX's k half into
-//   a per-chunk scratch and, from the same dO and Vp tiles, dAqk), streamed by cp.async through four 16-column stages
-//   (three slices in flight); then M^T (into the third panel buffer, beside the first two panels) and over panels of 32
+//   a per-chunk scratch and, from the same dO and Vp tiles, dAqk; every operand bf16, so mma.sync m16n8k16 on bf16
+//   with ldmatrix fragments), streamed by cp.async through three 32-column stages (two slices in flight); then M^T
+//   (into the third panel buffer, beside the first two panels) and over panels of 32
 //   columns of [k | v] (dX: that scratch or dVp; X = [W | U]; raw k | v), three buffers deep by cp.async, Y_p = M^T
 //   dX_p (M^T's fragments in registers), Y's per-element work (dk's UT part, dv, dbeta's row sums) in its epilogue, and
 //   dL += Y_p X_p^T with dL's accumulators in registers across the panels; dL's mask and dbeta's dL . KK part at the
-//   end. The intra kernel and the WY backward fit two blocks per SM (about 83 and 106 KB), and so does the pairwise
+//   end. The intra kernel and the WY backward fit two blocks per SM (about 83 and 102 KB), and so does the pairwise
 //   backward (about 107 KB: units of (sub-chunk, 32 channels), each warp's P, Q, R turned around through a 1 KB buffer
 //   into the lanes that run the in-sub-chunk pass, instead of three 64 x (K + 1) fp32 arrays; until session 22 about
 //   200 KB, one block); every per-chunk kernel's block is 8 warps. Every kernel is also instantiated with K = V = 128
@@ -68,26 +69,32 @@
 //   the last row's kl term): with steep decays dg is ~e^-10 of those terms, and their rounding was a 3% error.
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
-//   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands; bf16 only for q, k, v,
-//   out, dout and the bf16 gradients, as the contract says.
-// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside: fwd 2.44 ms, fwd+bwd 6.77
-//   ms, session 24; fla's Triton chunk_kda 2.45 / 12.63 ms in the same command as 6.87, the tree before the L2 hint).
-//   Per kernel (ncu, kernels serialized, session 24; ms, DRAM GB, TB/s): intra 1.50 (1.39 with the bounded gate or the
-//   op's raw inputs: bench/README, "Steep gates"), 2.14, 1.43; state 0.79, 2.15, 2.72; state backward 0.70, 1.88, 2.68;
-//   WY backward 2.00, 5.30, 2.66; pairwise backward 1.49, 2.38, 1.60; the gate's kernels 0.16 and 0.19. So the state
-//   passes and the WY backward stream at 80% of what the GPU gives (the WY backward's state products still wait on
-//   memory latency: four stages, three slices in flight, each copy asking L2 for the next slices' bytes, since session
-//   24), the intra and pairwise kernels, 3.0 of the 6.8 ms, at half of it. The intra kernel issues 2.2 instructions a
-//   cycle at two blocks per SM, spread over all its phases: instruction bound. The backward kernels' phases (prologue
-//   loads of q, k and the gates, a serial memory latency; the state products; the panels) ran one after another at one
-//   block per SM; neither more warps nor earlier loads helped (session 20: 16 warps instead of 8 about 1%); a second
-//   block per SM overlaps them (session 21, the WY backward at 108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session
-//   22, the pairwise backward at 107 KB instead of 200: 7.52 -> 7.32 ms in one command, 17.17 -> 16.77 at 1 x 65536).
-//   With few heads and long sequences (1 x 65536 x 16) the state passes are still the largest part: one warp per SM
-//   sub-partition, each instruction waiting on the one before. bench/README has the per-phase tables.
-//   Narrower per-chunk buffers (session 25: QG, KL, Aqk, W in fp16; S0, dS', Vp, dVp as fp16 times a power of two)
-//   took 4-5% off at 8 x 4096 and added 5-7% at 1 x 65536: the widening lands on the state passes' chain; QG's and
-//   W's rows (exp(gc_i) q_i, ...) also fall below fp16's range under steep decays. Not merged.
+//   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands (the per-chunk
+//   kernels' own products); bf16 for q, k, v, out, dout and the bf16 gradients, as the contract says, and for the
+//   per-chunk buffers between the kernels: W, U, QG, KL, Aqk (the state passes' operands, with the states rounded to
+//   bf16 as A operands), S0, Vp, dS', dVp and dX's k half (the WY backward's), PDQ, PDK, PDK2, dL and dAqk (the
+//   pairwise backward's; dbeta and DGL stay fp32). The offline model
+//   (bench/dev/bf16_states.py, relative L2 against fp64 at T = 2048): every output and gradient within about 5e-3
+//   (dk 5.3e-3 and dg 5.0e-3 at decays near 1, O 4.3e-3, dS0 3.1e-3), about three bf16 roundings; tf32 buffers
+//   gave 6.5e-4. The GPU tests' worst (outputs rounded to bf16 too): 5.6e-3 (dg), 2.6e-3 with fp32 buffers; the
+//   contract is 1e-2.
+// - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside, session 26 with the bf16
+//   per-chunk buffers: fwd 2.23 ms, fwd+bwd 5.79 ms; fla's Triton chunk_kda 2.41 / 12.45 ms in the same command).
+//   Per kernel (ncu, kernels serialized; ms, DRAM GB, TB/s): intra 1.42 (1.30 with the bounded gate or the op's raw
+//   inputs: bench/README, "Steep gates"), 1.53, 1.08; state 0.62, 1.15, 1.86; state backward 0.49, 1.01, 2.05; WY
+//   backward 1.45, 3.01, 2.08; pairwise backward 1.40, 1.73, 1.24; the gate's kernels 0.16 and 0.19. The bf16 buffers
+//   took 5.4 GB of 13.9 off (fwd+bwd 6.82 -> 5.79 ms in one command; 16.0 -> 13.9 at 1 x 65536), and the kernels that
+//   streamed at 2.7 TB/s now run at about 2: they wait on latency and instructions more than on bytes. The intra and
+//   pairwise kernels, 2.8 of the 5.8 ms, are instruction bound (the intra kernel issues 2.2 instructions a cycle at
+//   two blocks per SM, spread over all its phases). The backward kernels' phases (prologue loads of q, k and the
+//   gates, a serial memory latency; the state products; the panels) ran one after another at one block per SM; a
+//   second block per SM overlaps them (session 21, the WY backward at 108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms;
+//   session 22, the pairwise backward at 107 KB instead of 200: 7.52 -> 7.32 ms). With few heads and long sequences
+//   (1 x 65536 x 16) the state passes are still the largest part: one warp per SM sub-partition, each instruction
+//   waiting on the one before (the bf16 products halved that chain: fwd 6.3 -> 6.1 ms there). bench/README has the
+//   per-phase tables. Tried and dropped: fp16 per-chunk buffers (session 25: the widening on the state passes' chain,
+//   and QG's, W's rows below fp16's range under steep decays), an L2 prefetch of the next chunk's operands in the state
+//   passes (session 26: 1 x 65536 fwd -1.4% but fwd+bwd +2.7%, 2 x 16384 +1.7%).
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
 //   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
@@ -114,26 +121,25 @@
 
 // Per-chunk scratch, chunk index ch = (b * H + h) * NC + c.
 struct Scratch {
-  float *W, *U, *QG, *KL, *EL, *AQ, *KK, *MT;  // (64,K) (64,V) (64,K) (64,K) (K) (64,64) x3
-  float *RK;                                   // (64): k's inverse L2 norms
-  float *VP, *S0, *DVP, *DS;              // (64,V) (K,V) (64,V) (K,V)
-  float *PDQ, *PDK, *PDK2, *DGL, *DL, *DA;  // (64,K) x3, (K), (64,64) x2: partial gradients
-  float *DXK;                               // (64,K): the WY backward's dX, k half (-dVp S0^T), between its phases
+  bf16_t *W, *U, *QG, *KL, *AQ;  // (64,K) (64,V) (64,K) (64,K) (64,64), bf16: the state passes' operands (and X)
+  float *EL, *KK, *MT;             // (K) (64,64) x2
+  float *RK;                       // (64): k's inverse L2 norms
+  bf16_t *VP, *S0, *DVP, *DS;          // (64,V) (K,V) (64,V) (K,V), bf16: only the WY backward reads them
+  bf16_t *PDQ, *PDK, *PDK2, *DL, *DA;  // (64,K) x3, (64,64) x2, bf16: the WY backward's partial gradients
+  float *DGL;                          // (K): the gate gradient at gc_last
+  bf16_t *DXK;                         // (64,K) bf16: the WY backward's dX, k half (-dVp S0^T), between its phases
 };
 
 // Tensor-core helpers: mma.sync m16n8k8 with tf32 inputs and fp32
 // accumulation. Fragments (g = lane / 4, t = lane % 4): A (16 x 8) a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
 // a3 (g + 8, t + 4); B (8 x 8) b0 (t, g), b1 (t + 4, g); C (16 x 8) c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t),
-// c3 (g + 8, 2t + 1). The k order inside an 8-step is free as long as A and B agree: the state kernels let
-// A's slot t hold k = 2t and slot t + 4 hold k = 2t + 1, so that an accumulator tile (C) is directly the A
-// fragment (c0, c2, c1, c3) of the next product, and B's b0, b1 are rows 2t, 2t + 1; the per-chunk kernels'
-// products read both operands from shared memory in the order above (their tiles' own index functions).
+// c3 (g + 8, 2t + 1). The per-chunk kernels' products read both operands from shared memory in that order
+// (their tiles' own index functions).
 // x rounded to tf32 (nearest, ties away from zero, as cvt.rna.tf32.f32 for finite x): half of tf32's last
 // place added to the bits of the magnitude, the 13 bits below it dropped. Two integer instructions; sm_90
 // runs cvt.rna.tf32 as a sequence of about five.
 static __device__ __forceinline__ unsigned tf32_bits(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
-// x rounded to the nearest tf32 (kept as a float): what the per-chunk kernels store for the state kernels'
-// B operands, which then go to the tensor cores as they are.
+// x rounded to the nearest tf32 (kept as a float), as a B operand.
 static __device__ __forceinline__ float round_tf32(float x) { return __uint_as_float(tf32_bits(x)); }
 static __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], float b0, float b1) {
   asm volatile(
@@ -142,10 +148,49 @@ static __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
 }
-// An accumulator tile as the A fragment of the next product (rounded to tf32; negated if neg).
-static __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c)[4], bool neg = false) {
-  const unsigned s = neg ? 0x80000000u : 0u;
-  a[0] = tf32_bits(c[0]) ^ s, a[1] = tf32_bits(c[2]) ^ s, a[2] = tf32_bits(c[1]) ^ s, a[3] = tf32_bits(c[3]) ^ s;
+// mma.sync m16n8k16 with bf16 inputs and fp32 accumulation (the state passes' products and the WY backward's state
+// products, whose operands are all stored bf16). Fragments, each register two bf16 (the lower column first): A (16 x
+// 16) a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..); B (16 x 8) b0 (2t.., g), b1 (2t +
+// 8.., g); C as above.
+static __device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four 8 x 8 bf16 matrices from shared memory (ldmatrix .x4): lane l gives the address of row l % 8 of matrix
+// l / 8 (16 contiguous bytes); register i gets matrix i's (row g, columns 2t, 2t + 1). So matrices (rows 0-7,
+// columns 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) of a row-major 16 x 16 tile are its A fragment, and (n
+// 0-7, k 0-7), (n 0-7, k 8-15) of a B stored n-major (k contiguous) are its b0, b1.
+static __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void *p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+// The same transposed (ldmatrix .x4 .trans): register i gets matrix i's (rows 2t, 2t + 1, column g). So a B
+// stored k-major (n contiguous: matrices (k 0-7, n 0-7), (k 8-15, n 0-7)) gives b0, b1, and an A stored
+// column-major (matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15)) its fragment.
+static __device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], const void *p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+// Two accumulator tiles (C of m16n8, columns 8 j.. and 8 j + 8..) as the A fragment (16 x 16) of an m16n8k16
+// product, rounded to bf16 (nearest even; negated if neg): that A layout is two C layouts side by side.
+static __device__ __forceinline__ unsigned bf16x2_bits(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *(const unsigned *)&v;
+}
+static __device__ __forceinline__ void acc_to_a_bf16(unsigned (&a)[4], const float (&c0)[4], const float (&c1)[4],
+                                                     bool neg = false) {
+  const unsigned s = neg ? 0x80008000u : 0u;
+  a[0] = bf16x2_bits(c0[0], c0[1]) ^ s, a[1] = bf16x2_bits(c0[2], c0[3]) ^ s;
+  a[2] = bf16x2_bits(c1[0], c1[1]) ^ s, a[3] = bf16x2_bits(c1[2], c1[3]) ^ s;
 }
 // d += a b at about fp32's accuracy on the tensor cores (3xTF32): a = ah + al, b = bh + bl, each part tf32,
 // al bh + ah bl + ah bh accumulated (the smallest first), al bl dropped. For products whose result is kept
@@ -158,9 +203,6 @@ static __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const float (&a
   mma_tf32(d, al, b0h, b1h);
   mma_tf32(d, ah, round_tf32(b0 - b0h), round_tf32(b1 - b1h));
   mma_tf32(d, ah, b0h, b1h);
-}
-static __device__ __forceinline__ float4 tf32x4(float4 x) {
-  return make_float4(round_tf32(x.x), round_tf32(x.y), round_tf32(x.z), round_tf32(x.w));
 }
 // A warp's 16 x 8 NTL output block (NTL 16 x 8 C fragments) into the output tile Cs (row pitch ld) at p = Cs +
 // 16 wm ld + 8 NTL wn: thread (g, t) writes (g, 8 nt + 2t .. + 1) and (g + 8, ..).
@@ -227,50 +269,50 @@ static __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.as
 // dimension ld (a multiple of 4), 16 bytes a copy, by the block's NTH threads. When the copies divide evenly
 // (always at the fixed shape, where rows and cols are constants too) a thread copies the same column piece of
 // rows r0, r0 + NTH / (cols / 4), ...: one address computation, then constant offsets.
-template <int NTH>
-static __device__ __forceinline__ void tile_async(float *dst, int ld, const float *src, int rows, int cols) {
-  const int per_row = cols / 4, n = rows * per_row;
+// (E: fp32 or bf16; cols and ld then count its elements, 16 bytes = PE of them.)
+template <int NTH, class E>
+static __device__ __forceinline__ void tile_async(E *dst, int ld, const E *src, int rows, int cols) {
+  constexpr int PE = 16 / sizeof(E);
+  const int per_row = cols / PE, n = rows * per_row;
   if (NTH % per_row == 0 && n % NTH == 0) {
-    const int step = NTH / per_row, r0 = threadIdx.x / per_row, c4 = (threadIdx.x % per_row) * 4;
-    float *d = dst + r0 * ld + c4;
-    const float *s = src + (size_t)r0 * cols + c4;
+    const int step = NTH / per_row, r0 = threadIdx.x / per_row, c4 = (threadIdx.x % per_row) * PE;
+    E *d = dst + r0 * ld + c4;
+    const E *s = src + (size_t)r0 * cols + c4;
 #pragma unroll
     for (int i = 0; i < n / NTH; i++) cp_async16(d + i * step * ld, s + (size_t)i * step * cols);
   } else {
     for (int e = threadIdx.x; e < n; e += NTH) {
-      const int r = e / per_row, c4 = (e % per_row) * 4;
+      const int r = e / per_row, c4 = (e % per_row) * PE;
       cp_async16(dst + r * ld + c4, src + (size_t)r * cols + c4);
     }
   }
 }
 
-// The WY backward's three products with the chunk's states in one pass over the V columns, 64 state rows a at a
-// time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, tf32 in, fp32 accumulated), so that S0 and dS'
-// are read once, and on the first pass P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles.
-// Also del_a = sum_d dS'_ad S0_ad from the fp32 values.
-// The operands stream by cp.async through SP_STAGES = 4 shared-memory stages, 16 columns a slice, the slices in
-// order over (n0, k0), the next three slices in flight while one is used: the phase waits on memory latency, not
+// The WY backward's three products with the chunk's states in one pass over the V columns, 64 state rows at a
+// time: P0 = dO S0^T, P1 = Vp dS'^T, P2 = dVp S0^T (64 x 64 each, fp32 accumulated), so that S0 and dS' are read
+// once, and on the first pass P3 = dO Vp^T (64 x 64, the chunk's dAqk) from the same dO and Vp tiles. Also del_a =
+// sum_d dS'_ad S0_ad. Every operand is bf16 as stored (dO the caller's; S0, Vp by the forward state pass, dS', dVp
+// by the backward one), so the products are mma.sync m16n8k16 on bf16, their fragments loaded by ldmatrix.
+// The operands stream by cp.async through SP_STAGES = 3 shared-memory stages, 32 columns a slice, the slices in
+// order over (n0, k0), the next two slices in flight while one is used: the phase waits on memory latency, not
 // on its products, so what it has in flight sets its speed (the stages take M^T's place too: M^T loads after
-// this phase; the kernel still fits two blocks per SM). The tiles have no pad columns: their 16-byte pieces are
-// XOR-swizzled (sp_at, sp_do_at) so that the fragment reads and the pieces' copies hit 32 banks. The block's
-// NT = 256 threads: a thread copies one 16-byte piece of each fp32 operand (row pr, columns pc .. pc + 3) and, for
-// tid < 128, eight bf16 of dO (row tid / 2), and once they are there rounds its own fp32 pieces to tf32 in place
-// and sums its part of del from its S0 and dS' pieces. dO stays bf16 in its tile (exact in tf32: its A fragments
-// are its bits shifted up).
+// this phase; the kernel still fits two blocks per SM). Each tile is 64 rows of 32 bf16, four 16-byte pieces a
+// row, XOR-swizzled (sp_at, in 4-byte words) so that the eight rows of an ldmatrix phase and the eight pieces of a
+// quarter warp's copies hit 32 banks. The block's NT = 256 threads: a thread copies one piece of each of the five
+// tiles (row pr, columns 8 pp .. 8 pp + 7) and, once they are there, sums its part of del from its S0 and dS'
+// pieces. A last slice of 16 columns (V not a multiple of 32) fills pieces 0 and 1 only.
 // Warp w computes a 16 x 32 block of each product, rows 16 (w / 2).., columns 32 (w % 2)... epi(p, i, a, value)
 // gets thread (tx, ty) = (tid % 16, tid / 16) the rows ty + 16 r (r < 4) and columns tx + 16 q of each tile; the
 // output tile overlays the stage just used. Synchronizes the block; `stages` (SP_FLOATS) is free again when it
 // returns.
-#define SP_STAGE (4 * 64 * 16 + 64 * 16 / 2)  // floats: Vp, dVp, S0, dS' (fp32, 64 x 16) and dO (bf16, 64 x 16)
-#define SP_STAGES 4
-// Element (r, c) of a stage's fp32 tile (64 x 16, row pitch 16): the four 16-byte pieces of row r permuted by
-// (r / 2) % 4, so that rows g = 0..7 of one column piece (a fragment's rows, or a quarter warp's copies) fall in
-// eight different groups of four banks. The same for dO's bf16 tile (two pieces a row, permuted by (r / 4) % 2).
-static __device__ __forceinline__ int sp_at(int r, int c) {
-  return r * 16 + ((((c >> 2) ^ (r >> 1)) & 3) << 2) + (c & 3);
-}
-static __device__ __forceinline__ int sp_do_at(int r, int c) {
-  return r * 16 + ((((c >> 3) ^ (r >> 2)) & 1) << 3) + (c & 7);
+#define SP_TILE (64 * 32 / 2)    // floats: a 64 x 32 bf16 tile
+#define SP_STAGE (5 * SP_TILE)   // Vp, dVp, S0, dS', dO
+#define SP_STAGES 3
+// Word (4 bytes: two bf16 columns) w < 16 of a stage tile's row r: the row's four 16-byte pieces permuted by
+// (r / 2) % 4, so that rows r0 .. r0 + 7 (r0 a multiple of 8) of one piece fall in eight different groups of four
+// banks.
+static __device__ __forceinline__ int sp_at(int r, int w) {
+  return r * 16 + ((((w >> 2) ^ (r >> 1)) & 3) << 2) + (w & 3);
 }
 #define SP_FLOATS (SP_STAGES * SP_STAGE)
 static_assert(64 * CLD <= SP_STAGE, "the output tile must fit in a stage");
@@ -282,7 +324,8 @@ static __device__ __forceinline__ void cp_async16z(void *dst, const void *src, b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
 }
 // The same, asking L2 to fetch the 256-byte segment around src: a state-products slice reads 64 bytes of a
-// 512-byte row, so the next three slices' pieces of that row come in with it (session 24: fwd+bwd 1-3% faster).
+// 256-byte row (V = 128), so the next three slices' pieces of that row come in with it (session 24: fwd+bwd 1-3%
+// faster, with fp32 rows).
 static __device__ __forceinline__ void cp_async16_l2(void *dst, const void *src) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(d), "l"(src));
@@ -291,39 +334,58 @@ static __device__ __forceinline__ void cp_async16z_l2(void *dst, const void *src
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
 }
+// A bf16 value as a float (exact in tf32: its bits shifted up); a bf16 pair (the lower column in the low half) as two.
+static __device__ __forceinline__ float bf_tf32(const bf16_t *p) {
+  return __uint_as_float((unsigned)__bfloat16_as_ushort(*p) << 16);
+}
+static __device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }
+static __device__ __forceinline__ float bf_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
 template <class FE>
-static __device__ __forceinline__ void state_products(const bf16_t *dout, const float *VP, const float *DVP,
-                                                      const float *S0, const float *DS, float *stages, float *delS,
+static __device__ __forceinline__ void state_products(const bf16_t *dout, const bf16_t *VP, const bf16_t *DVP,
+                                                      const bf16_t *S0, const bf16_t *DS, float *stages, float *delS,
                                                       int b, int h, int t0, int T, int H, int K, int V, FE epi) {
   static_assert(NT == 256, "state_products' thread maps are for 8 warps");
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
-  const int g = (tid & 31) >> 2, t = tid & 3;
-  const int nv = V / 16, ns = (K + 63) / 64 * nv;  // slice s: state rows n0 = 64 (s / nv), columns k0 = 16 (s % nv)
-  // The thread's fp32 pieces: row pr, columns pc .. pc + 3 (at pa in each tile); the eight threads of a quarter
-  // warp take eight rows of one column piece, whose 16 bytes then fall in eight different groups of four banks.
-  const int pr = (tid & 7) + 8 * (tid >> 5), pc = 4 * ((tid >> 3) & 3), pa = sp_at(pr, pc);
-  const int dr = (tid & 127) >> 1, dc = 8 * (tid & 1);  // its dO piece (tid < 128): row dr, columns dc .. dc + 7
-  const int da = sp_do_at(dr, dc);
+  const int lane = tid & 31;
+  // slice s: state rows n0 = 64 (s / nv), columns k0 = 32 (s % nv)
+  const int nv = (V + 31) / 32, ns = (K + 63) / 64 * nv;
+  // The thread's pieces: row pr, columns 8 pp .. 8 pp + 7 (at word pa of each tile); the eight threads of a
+  // quarter warp take eight rows of one piece.
+  const int pr = (tid & 7) + 8 * (tid >> 5), pp = (tid >> 3) & 3, pa = sp_at(pr, 4 * pp);
   auto issue = [&](int s) {
     if (s < ns) {
       float *st = stages + (s % SP_STAGES) * SP_STAGE;
-      const int n0 = 64 * (s / nv), k0 = 16 * (s % nv);
-      const bool row_in = n0 + pr < K, t_in = t0 + dr < T;
-      cp_async16_l2(st + pa, VP + pr * V + k0 + pc);
-      cp_async16_l2(st + 64 * 16 + pa, DVP + pr * V + k0 + pc);
-      cp_async16z_l2(st + 128 * 16 + pa, S0 + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
-      cp_async16z_l2(st + 192 * 16 + pa, DS + (size_t)(row_in ? n0 + pr : 0) * V + k0 + pc, row_in);
-      if (tid < 128)
-        cp_async16z((bf16_t *)(st + 256 * 16) + da, dout + AT(b, t_in ? t0 + dr : t0, h, V) + k0 + dc, t_in);
+      const int n0 = 64 * (s / nv), k0 = 32 * (s % nv), c = k0 + 8 * pp;
+      if (c < V) {  // (only a last 16-column slice leaves pieces 2 and 3 out)
+        const bool row_in = n0 + pr < K, t_in = t0 + pr < T;
+        cp_async16_l2(st + pa, VP + pr * V + c);
+        cp_async16_l2(st + SP_TILE + pa, DVP + pr * V + c);
+        cp_async16z_l2(st + 2 * SP_TILE + pa, S0 + (size_t)(row_in ? n0 + pr : 0) * V + c, row_in);
+        cp_async16z_l2(st + 3 * SP_TILE + pa, DS + (size_t)(row_in ? n0 + pr : 0) * V + c, row_in);
+        cp_async16z(st + 4 * SP_TILE + pa, dout + AT(b, t_in ? t0 + pr : t0, h, V) + c, t_in);
+      }
     }
     cp_async_commit();  // (empty past the last slice: the group count stays the same for every thread)
+  };
+  // ldmatrix addresses (words from a tile's start) for the columns 16 kk.. (pieces 2 kk, 2 kk + 1): lane l names
+  // row l % 8 of matrix l / 8. A (rows 16 wm..): matrices (rows 0-7, piece 2 kk), (8-15, 2 kk), (0-7, 2 kk + 1),
+  // (8-15, 2 kk + 1); B (rows 32 wn + 16 j.., n-tiles 2 j and 2 j + 1): (n-tile 2 j, piece 2 kk), (2 j, 2 kk + 1),
+  // (2 j + 1, 2 kk), (2 j + 1, 2 kk + 1).
+  const int lr = lane & 7, lm = lane >> 3;
+  const int arow = 16 * wm + lr + 8 * (lm & 1), brow = 32 * wn + lr + 8 * (lm >> 1);
+  auto a_at = [&](int kk) { return sp_at(arow, 8 * kk + 4 * (lm >> 1)); };
+  auto b_at = [&](int j, int kk) { return sp_at(brow + 16 * j, 8 * kk + 4 * (lm & 1)); };
+  // c[nt] += A B_nt for the warp's four n-tiles, b[j] holding n-tiles 2 j, 2 j + 1 (b0, b1 each)
+  auto mma4 = [](float(&c)[4][4], const unsigned(&a)[4], const unsigned(&b)[2][4]) {
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) mma_bf16(c[nt], a, b[nt >> 1][2 * (nt & 1)], b[nt >> 1][2 * (nt & 1) + 1]);
   };
   float acc[4][4][4];  // product p's 16 x 32 block of the warp: rows 16 wm.., columns 32 wn + 8 nt..
   float dl = 0.0f;     // the thread's part of del for row n0 + pr
 #pragma unroll
   for (int s = 0; s < SP_STAGES - 1; s++) issue(s);
   for (int s = 0; s < ns; s++) {
-    const int n0 = 64 * (s / nv), k0 = 16 * (s % nv), cols = min(64, K - n0);
+    const int n0 = 64 * (s / nv), k0 = 32 * (s % nv), cols = min(64, K - n0), steps = min(32, V - k0) / 16;
     float *st = stages + (s % SP_STAGES) * SP_STAGE;
     if (k0 == 0) {
 #pragma unroll
@@ -333,71 +395,49 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
       dl = 0.0f;
     }
     cp_async_wait<SP_STAGES - 2>();  // this thread's copies of slice s are there
-    {
-      float4 *pv = (float4 *)(st + pa), *pd = (float4 *)(st + 64 * 16 + pa);
-      float4 *ps = (float4 *)(st + 128 * 16 + pa), *pe = (float4 *)(st + 192 * 16 + pa);
-      const float4 x = *ps, y = *pe;
-      dl = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dl))));
-      *pv = tf32x4(*pv), *pd = tf32x4(*pd), *ps = tf32x4(x), *pe = tf32x4(y);
+    if (pp < 2 * steps) {
+      const uint4 x = *(const uint4 *)(st + 2 * SP_TILE + pa), y = *(const uint4 *)(st + 3 * SP_TILE + pa);
+      const unsigned xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int e = 0; e < 4; e++) dl = fmaf(bf_lo(xs[e]), bf_lo(ys[e]), fmaf(bf_hi(xs[e]), bf_hi(ys[e]), dl));
     }
-    __syncthreads();  // slice s is in place in tf32; every warp is past its products of slice s - 1
+    __syncthreads();  // slice s is in place; every warp is past its products of slice s - 1
     issue(s + SP_STAGES - 1);  // into slice s - 1's stage
-    // A: dO (bf16), Vp, dVp; B: S0, dS'. Every row this thread reads is g + 8 i, so one swizzle for all: column
-    // ks + t + 4 j of a fp32 tile's row r at 16 r + cs[ks / 4 + j], of dO's at 16 r + cd[ks / 8] + 4 j.
-    int cs[4], cd[2];
-#pragma unroll
-    for (int j = 0; j < 4; j++) cs[j] = sp_at(g, 4 * j + t) - 16 * g;
-#pragma unroll
-    for (int j = 0; j < 2; j++) cd[j] = sp_do_at(g, 8 * j + t) - 16 * g;
-    const float *As = st + 16 * (16 * wm + g), *Bs = st + 16 * (128 + 32 * wn + g);
-    const unsigned short *Ad = (const unsigned short *)(st + 256 * 16) + 16 * (16 * wm + g);
-    auto frag_sw = [&](unsigned(&a)[4], const float *p, int ks) {  // a fp32 tile's A fragment of columns ks..
-      a[0] = __float_as_uint(p[cs[ks >> 2]]), a[1] = __float_as_uint(p[8 * 16 + cs[ks >> 2]]);
-      a[2] = __float_as_uint(p[cs[(ks >> 2) + 1]]), a[3] = __float_as_uint(p[8 * 16 + cs[(ks >> 2) + 1]]);
-    };
-    auto frag_do = [&](unsigned(&a)[4], int ks) {  // dO's A fragment of columns ks..: its bf16 bits as tf32
-      const int c = cd[ks >> 3];
-      a[0] = (unsigned)Ad[c] << 16, a[1] = (unsigned)Ad[8 * 16 + c] << 16;
-      a[2] = (unsigned)Ad[c + 4] << 16, a[3] = (unsigned)Ad[8 * 16 + c + 4] << 16;
-    };
+    // A: dO, Vp, dVp (rows 16 wm..); B: S0, dS' (rows 32 wn..), and Vp for P3.
+    const float *Vs = st, *DVs = st + SP_TILE, *Ss = st + 2 * SP_TILE, *DSs = st + 3 * SP_TILE;
+    const float *DOs = st + 4 * SP_TILE;
     if (32 * wn < cols) {
 #pragma unroll
-      for (int ks = 0; ks < 16; ks += 8) {
-        unsigned a[4];
-        float bs[4][2], bd[4][2];
+      for (int kk = 0; kk < 2; kk++) {
+        if (kk >= steps) break;
+        unsigned a[4], bs[2][4], bd[2][4];
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-          bs[nt][0] = Bs[8 * nt * 16 + cs[ks >> 2]], bs[nt][1] = Bs[8 * nt * 16 + cs[(ks >> 2) + 1]];
-          bd[nt][0] = Bs[(64 + 8 * nt) * 16 + cs[ks >> 2]], bd[nt][1] = Bs[(64 + 8 * nt) * 16 + cs[(ks >> 2) + 1]];
-        }
-        frag_do(a, ks);
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[0][nt], a, bs[nt][0], bs[nt][1]);
-        frag_sw(a, As, ks);
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[1][nt], a, bd[nt][0], bd[nt][1]);
-        frag_sw(a, As + 64 * 16, ks);
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) mma_tf32(acc[2][nt], a, bs[nt][0], bs[nt][1]);
+        for (int j = 0; j < 2; j++) ldsm_x4(bs[j], Ss + b_at(j, kk)), ldsm_x4(bd[j], DSs + b_at(j, kk));
+        ldsm_x4(a, DOs + a_at(kk));
+        mma4(acc[0], a, bs);
+        ldsm_x4(a, Vs + a_at(kk));
+        mma4(acc[1], a, bd);
+        ldsm_x4(a, DVs + a_at(kk));
+        mma4(acc[2], a, bs);
       }
     }
     if (n0 == 0) {  // P3 = dO Vp^T: Vp's rows (A operand 1) as the B operand
-      const float *Bv = st + 16 * (32 * wn + g);
 #pragma unroll
-      for (int ks = 0; ks < 16; ks += 8) {
-        unsigned a[4];
-        frag_do(a, ks);
+      for (int kk = 0; kk < 2; kk++) {
+        if (kk >= steps) break;
+        unsigned a[4], bv[2][4];
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++)
-          mma_tf32(acc[3][nt], a, Bv[8 * nt * 16 + cs[ks >> 2]], Bv[8 * nt * 16 + cs[(ks >> 2) + 1]]);
+        for (int j = 0; j < 2; j++) ldsm_x4(bv[j], Vs + b_at(j, kk));
+        ldsm_x4(a, DOs + a_at(kk));
+        mma4(acc[3], a, bv);
       }
     }
-    if (k0 + 16 < V) continue;
+    if (k0 + 32 < V) continue;
     // The last slice of these 64 state rows: del (a row's four threads are lanes l, l + 8, l + 16, l + 24), then
     // the products through the output tile Cs, over this slice's stage.
     dl += __shfl_xor_sync(0xffffffffu, dl, 8);
     dl += __shfl_xor_sync(0xffffffffu, dl, 16);
-    if (pc == 0 && pr < cols) delS[n0 + pr] = dl;
+    if (pp == 0 && pr < cols) delS[n0 + pr] = dl;
     float *Cs = st;
 #pragma unroll
     for (int p = 0; p < 4; p++) {
@@ -518,7 +558,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // one block per chunk of the range [c_begin, c_end) of every (b, h)
   const int nr = c_end - c_begin, bh = blockIdx.x / nr, c = c_begin + blockIdx.x % nr, ch = bh * NC + c;
   const int b = bh / H, h = bh % H, t0 = c * CH, tid = threadIdx.x;
-  float *AQ = sc.AQ + (size_t)ch * CH * CH;
+  bf16_t *AQ = sc.AQ + (size_t)ch * CH * CH;
   load_rows_l2norm(qh, pl, NULL, q, b, h, t0, T, H, K);
   load_rows_l2norm(kh, pl, sc.RK + (size_t)ch * CH, k, b, h, t0, T, H, K);  // k's inverse norms for the WY backward
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
@@ -527,7 +567,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // are zeroed here; the products below write those left of it.
   for (int e = tid; e < CH * CH; e += NT) {
     const int i = e >> 6, j = e & 63;
-    if ((j >> 4) > (i >> 4) || ((j >> 4) == (i >> 4) && j > i)) AQ[e] = kks[e] = 0.0f;
+    if ((j >> 4) > (i >> 4) || ((j >> 4) == (i >> 4) && j > i)) AQ[e] = __float2bfloat16(0.0f), kks[e] = 0.0f;
   }
   // On the tensor cores when no channel's cumulative gate falls by more than DIAG_RANGE over four rows around
   // the anchors below (a mean decay above -16 a token): each sub-chunk's 16 x 16 block as three 8 x 8 blocks,
@@ -572,7 +612,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
     auto put = [&](int i, int j, float x) {
       if (j > i) return;
       x = seg[i] == seg[j] ? x : 0.0f;
-      if (isq) AQ[i * CH + j] = round_tf32(x);
+      if (isq) AQ[i * CH + j] = __float2bfloat16(x);
       else kks[i * CH + j] = j < i ? x : 0.0f;
     };
 #pragma unroll
@@ -609,7 +649,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       kk += __shfl_xor_sync(0xffffffffu, kk, 2);
       qk += __shfl_xor_sync(0xffffffffu, qk, 2);
       if (c == 0) {
-        AQ[i * CH + j] = round_tf32(scale * qk);
+        AQ[i * CH + j] = __float2bfloat16(scale * qk);
         kks[i * CH + j] = j < i ? kk : 0.0f;
       }
     }
@@ -647,7 +687,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
         const int i = I0 + g + 8 * (r >> 1), j = n8 + 2 * t + (r & 1);
         const bool same = seg[i] == seg[j];
         kks[i * CH + j] = same ? ck[r] : 0.0f;
-        AQ[i * CH + j] = same ? round_tf32(cq[r]) : 0.0f;
+        AQ[i * CH + j] = __float2bfloat16(same ? cq[r] : 0.0f);
       }
     }
   }
@@ -655,13 +695,21 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   float *KKg = sc.KK + (size_t)ch * CH * CH;
   for (int e = tid; e < CH * CH; e += NT) KKg[e] = kks[e];
   // qg, kl, el.
-  float *QG = sc.QG + (size_t)ch * CH * K, *KL = sc.KL + (size_t)ch * CH * K;
+  // (bf16, two channels a store)
+  __nv_bfloat162 *QG = (__nv_bfloat162 *)(sc.QG + (size_t)ch * CH * K);
+  __nv_bfloat162 *KL = (__nv_bfloat162 *)(sc.KL + (size_t)ch * CH * K);
   const int last = seg[CH - 1];
-  for (int e = tid; e < CH * K; e += NT) {
-    const int i = e / K, a = e % K;
-    const float gi = gc[i * ld + a], gl = gc[(CH - 1) * ld + a];
-    QG[e] = round_tf32(seg[i] == 0 ? __expf(gi) * (scale * bf(qh + i * pl + a)) : 0.0f);
-    KL[e] = round_tf32(seg[i] == last ? __expf(gl - gi) * bf(kh + i * pl + a) : 0.0f);
+  for (int e = tid; e < CH * K / 2; e += NT) {
+    const int i = e / (K / 2), a = 2 * (e % (K / 2));
+    float qg[2], kl[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+      const float gi = gc[i * ld + a + u], gl = gc[(CH - 1) * ld + a + u];
+      qg[u] = seg[i] == 0 ? __expf(gi) * (scale * bf(qh + i * pl + a + u)) : 0.0f;
+      kl[u] = seg[i] == last ? __expf(gl - gi) * bf(kh + i * pl + a + u) : 0.0f;
+    }
+    QG[e] = __floats2bfloat162_rn(qg[0], qg[1]);
+    KL[e] = __floats2bfloat162_rn(kl[0], kl[1]);
   }
   if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? __expf(gc[(CH - 1) * ld + tid]) : 0.0f;
   // M = (I + diag(beta) KK)^-1 (unit lower triangular) in 16-row blocks, into Ms over q (free from here on):
@@ -767,10 +815,9 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       }
       column_tiles_step(acc, Ms, lm, r[0], r[1], nn, rhs);
     }
-    float *Wc = sc.W + (size_t)ch * CH * K, *Uc = sc.U + (size_t)ch * CH * V;
+    bf16_t *Wc = sc.W + (size_t)ch * CH * K, *Uc = sc.U + (size_t)ch * CH * V;
     column_tiles_epilogue(acc, nn, [&](int, int i, int n, float x0, float x1) {
-      if (n < K) *(float2 *)(Wc + i * K + n) = make_float2(round_tf32(x0), round_tf32(x1));
-      else *(float2 *)(Uc + i * V + n - K) = make_float2(x0, x1);
+      *(__nv_bfloat162 *)(n < K ? Wc + i * K + n : Uc + i * V + n - K) = __floats2bfloat162_rn(x0, x1);
     });
   }
 }
@@ -779,24 +826,30 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
 // A warp's accumulator tiles X[j] (j < n) against a row-major array p of row pitch V, as the state passes hold
 // S^T (their 16 state columns from v0; tile j: rows 8 j .. 8 j + 7 of the (K, V) state) and a chunk's U^T, Vp^T
 // (tile j: rows 8 j .. of its (64, V) rows): element r of tile j is p[(8 j + 2 t + (r & 1)) V + v0 + g + 8 (r >> 1)].
-template <int N>
-static __device__ __forceinline__ void tiles_load(float (&X)[N][4], const float *p, int n, int V, int v0) {
+// (from fp32: the initial state; from bf16: U)
+static __device__ __forceinline__ float load_elem(const float *p) { return __ldg(p); }
+static __device__ __forceinline__ float load_elem(const bf16_t *p) { return __bfloat162float(__ldg(p)); }
+template <int N, class E>
+static __device__ __forceinline__ void tiles_load(float (&X)[N][4], const E *p, int n, int V, int v0) {
   const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const float *q = p + 2 * t * V + v0 + g;  // element 0 of the thread's first tile
+  const E *q = p + 2 * t * V + v0 + g;  // element 0 of the thread's first tile
 #pragma unroll
   for (int j = 0; j < N; j++)
 #pragma unroll
-    for (int r = 0; r < 4; r++) X[j][r] = j < n ? __ldg(q + (8 * j + (r & 1)) * V + 8 * (r >> 1)) : 0.0f;
+    for (int r = 0; r < 4; r++) X[j][r] = j < n ? load_elem(q + (8 * j + (r & 1)) * V + 8 * (r >> 1)) : 0.0f;
 }
-template <int N>
-static __device__ __forceinline__ void tiles_store(float *p, const float (&X)[N][4], int n, int V, int v0) {
+// (into fp32: the final state; into bf16, rounded to nearest even: the saved S0, Vp, dS', dVp)
+static __device__ __forceinline__ void store_elem(float *p, float x) { *p = x; }
+static __device__ __forceinline__ void store_elem(bf16_t *p, float x) { *p = __float2bfloat16(x); }
+template <int N, class E>
+static __device__ __forceinline__ void tiles_store(E *p, const float (&X)[N][4], int n, int V, int v0) {
   const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  float *q = p + 2 * t * V + v0 + g;
+  E *q = p + 2 * t * V + v0 + g;
 #pragma unroll
   for (int j = 0; j < N; j++)
 #pragma unroll
     for (int r = 0; r < 4; r++)
-      if (j < n) q[(8 * j + (r & 1)) * V + 8 * (r >> 1)] = X[j][r];
+      if (j < n) store_elem(q + (8 * j + (r & 1)) * V + 8 * (r >> 1), X[j][r]);
 }
 // S^T <- S^T diag(el): tile j's columns are the state rows 8 j + 2 t and 8 j + 2 t + 1.
 static __device__ __forceinline__ void decay_tiles(float (&S)[16][4], const float *els, int KT) {
@@ -808,48 +861,74 @@ static __device__ __forceinline__ void decay_tiles(float (&S)[16][4], const floa
       S[j][0] *= e0, S[j][1] *= e1, S[j][2] *= e0, S[j][3] *= e1;
     }
 }
+// The state passes' operands W, QG, KL, Aqk are bf16 tiles in shared memory with a row pitch of K + 8 (Aqk: 72)
+// elements, an odd multiple of 16 bytes, so that the eight rows of an ldmatrix phase hit 32 banks; every product
+// is mma.sync m16n8k16 on bf16 (fp32 accumulated), its A fragments the warp's accumulator tiles rounded to bf16
+// (acc_to_a_bf16) or dO^T by ldmatrix .trans, its B fragments by ldmatrix: two n-tiles (16 n) of a 16-deep step a
+// load. Lane l's row and column offsets (bench/dev/emulate_bf16_passes.py checks them): (nrow, ncol) for a B stored
+// n-major (rows n, k contiguous: W, QG, Aqk as the forward reads them; KL in the backward's dS^T KL^T), matrices
+// (n-tile 0, k 0-7), (0, 8-15), (1, 0-7), (1, 8-15), and by .trans for dO^T (stored k-major: rows i, columns v),
+// matrices (rows i 0-7, v 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15), its A fragment; (krow, kcol) for a B
+// stored k-major (rows k: KL in the forward's update; Aqk, QG, W in the backward's dO^T Aqk, dO^T QG, dVp^T W),
+// by .trans, matrices (k 0-7, n-tile 0), (k 8-15, 0), (0-7, 1), (8-15, 1).
+struct LdsmLanes {
+  int nrow, ncol, krow, kcol;
+  __device__ LdsmLanes() {
+    const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
+    nrow = lr + 8 * (lm >> 1), ncol = 8 * (lm & 1);
+    krow = lr + 8 * (lm & 1), kcol = 8 * (lm >> 1);
+  }
+};
+// c[2 np] and c[2 np + 1] += A B for the n-tiles whose ldmatrix result is b.
+static __device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const unsigned (&a)[4],
+                                                const unsigned (&b)[4]) {
+  mma_bf16(c0, a, b[0], b[1]);
+  mma_bf16(c1, a, b[2], b[3]);
+}
 // The forward state passes' update once the chunk's products have read S: S^T <- S^T diag(el) + Vp^T KL, with
-// Vp^T's tiles (accumulators, u) as A fragments and KL (64 x K, pitch ldk) in shared memory as B.
-static __device__ __forceinline__ void update_state(float (&S)[16][4], const float (&u)[8][4], const float *KLs,
-                                                    int ldk, const float *els, int KT) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+// Vp^T's A fragments va (four 16-row steps of the chunk) and KL (64 x K, pitch pk, k-major) in shared memory as B.
+static __device__ __forceinline__ void update_state(float (&S)[16][4], const unsigned (&va)[4][4], const bf16_t *KLs,
+                                                    int pk, const float *els, int KT, const LdsmLanes &L) {
   decay_tiles(S, els, KT);
 #pragma unroll
-  for (int ks = 0; ks < 8; ks++) {
-    unsigned a[4];
-    acc_to_a(a, u[ks]);
+  for (int kk = 0; kk < 4; kk++)
 #pragma unroll
-    for (int n = 0; n < 16; n++)
-      if (n < KT) mma_tf32(S[n], a, KLs[(8 * ks + 2 * t) * ldk + 8 * n + g], KLs[(8 * ks + 2 * t + 1) * ldk + 8 * n + g]);
-  }
+    for (int np = 0; np < 8; np++)
+      if (2 * np < KT) {
+        unsigned b[4];
+        ldsm_x4_t(b, KLs + (16 * kk + L.krow) * pk + 16 * np + L.kcol);
+        mma_pair(S[2 * np], S[2 * np + 1], va[kk], b);
+      }
 }
 
 // Forward state pass on the tensor cores: one block per (b, h, slice of 16 NW state columns), warp w owning
 // columns v0 = col0 + 16 w .. v0 + 15, chunks in order. The warp keeps S^T (its 16 columns x K) in
-// registers as K / 8 accumulator tiles; per chunk (all products tf32 in, fp32 accumulated):
+// registers as K / 8 accumulator tiles; per chunk (all products bf16 in, fp32 accumulated):
 //   Vp^T = U^T - S^T W^T                     (16 x 64; S^T's tiles are the A fragments)
 //   O^T  = S^T QG^T + Vp^T Aqk^T             (16 x 64; only with out)
 //   S^T  = S^T diag(el) + Vp^T KL            (16 x K; Vp^T's tiles are the A fragments)
-// W, QG, KL, Aqk (tf32-rounded by the intra kernel) come into shared memory by cp.async, staggered: W and
-// QG of the next chunk load while this chunk's Aqk and KL products run, and the other way round. The
-// padded leading dimensions make every fragment read conflict-free. Writes the output (if out), the
-// final state (if final_state), and with save the state entering each chunk (S0) and Vp for the backward.
+// W, QG, KL, Aqk (bf16, written so by the intra kernel) come into shared memory by cp.async, staggered: W and
+// QG of the next chunk load while this chunk's Aqk and KL products run, and the other way round. Writes the
+// output (if out), the final state (if final_state), and with save the state entering each chunk (S0) and Vp
+// for the backward (bf16).
 template <int NW, int KVS>
 static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, float *final_state, Scratch sc,
                                                                    bool save, const float *initial_state, int T,
                                                                    int H, int K_, int V_, int NC, int c_begin, int c_end) {
   const int K = KVS ? KVS : K_, V = KVS ? KVS : V_;
   extern __shared__ __align__(128) float smem[];
-  const int ldw = K + 8, ldk = K + 4, lda = CH + 8, KT = K / 8;
-  float *Ws = smem, *QGs = Ws + CH * ldw, *KLs = QGs + CH * ldw, *AQs = KLs + CH * ldk, *els = AQs + CH * lda;
+  const int pk = K + 8, pa = CH + 8, KT = K / 8;
+  bf16_t *Ws = (bf16_t *)smem, *QGs = Ws + CH * pk, *KLs = QGs + CH * pk, *AQs = KLs + CH * pk;
+  float *els = (float *)(AQs + CH * pa);
   const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
   const bool with_out = out != NULL;
+  const LdsmLanes L;
   float S[16][4] = {};  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
   if (initial_state) tiles_load(S, initial_state + (size_t)bh * K * V, KT, V, v0);
   auto load_wq = [&](size_t ch) {
-    tile_async<32 * NW>(Ws, ldw, sc.W + ch * CH * K, CH, K);
-    if (with_out) tile_async<32 * NW>(QGs, ldw, sc.QG + ch * CH * K, CH, K);
+    tile_async<32 * NW>(Ws, pk, sc.W + ch * CH * K, CH, K);
+    if (with_out) tile_async<32 * NW>(QGs, pk, sc.QG + ch * CH * K, CH, K);
     cp_async_commit();
   };
   load_wq((size_t)bh * NC + c_begin);
@@ -859,8 +938,8 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
     tiles_load(u, sc.U + ch * CH * V, 8, V, v0);
     cp_async_wait_all();
     __syncthreads();
-    tile_async<32 * NW>(KLs, ldk, sc.KL + ch * CH * K, CH, K);
-    if (with_out) tile_async<32 * NW>(AQs, lda, sc.AQ + ch * CH * CH, CH, CH);
+    tile_async<32 * NW>(KLs, pk, sc.KL + ch * CH * K, CH, K);
+    if (with_out) tile_async<32 * NW>(AQs, pa, sc.AQ + ch * CH * CH, CH, CH);
     tile_async<32 * NW>(els, K, sc.EL + ch * K, 1, K);
     cp_async_commit();
     if (save) tiles_store(sc.S0 + ch * K * V, S, KT, V, v0);
@@ -870,17 +949,19 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
 #pragma unroll
       for (int r = 0; r < 4; r++) P[n][r] = O[n][r] = 0.0f;
 #pragma unroll
-    for (int ks = 0; ks < 16; ks++) {
-      if (ks >= KT) break;
+    for (int kk = 0; kk < 8; kk++) {
+      if (2 * kk >= KT) break;
       unsigned a[4];
-      acc_to_a(a, S[ks]);
+      acc_to_a_bf16(a, S[2 * kk], S[2 * kk + 1]);
 #pragma unroll
-      for (int n = 0; n < 8; n++) {
-        const float2 w = *(const float2 *)(Ws + (8 * n + g) * ldw + 8 * ks + 2 * t);
-        mma_tf32(P[n], a, w.x, w.y);
+      for (int np = 0; np < 4; np++) {
+        const int o = (16 * np + L.nrow) * pk + 16 * kk + L.ncol;
+        unsigned w[4];
+        ldsm_x4(w, Ws + o);
+        mma_pair(P[2 * np], P[2 * np + 1], a, w);
         if (with_out) {
-          const float2 q = *(const float2 *)(QGs + (8 * n + g) * ldw + 8 * ks + 2 * t);
-          mma_tf32(O[n], a, q.x, q.y);
+          ldsm_x4(w, QGs + o);
+          mma_pair(O[2 * np], O[2 * np + 1], a, w);
         }
       }
     }
@@ -889,20 +970,21 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
 #pragma unroll
       for (int r = 0; r < 4; r++) u[n][r] -= P[n][r];  // u is now Vp^T
     if (save) tiles_store(sc.VP + ch * CH * V, u, 8, V, v0);
+    unsigned va[4][4];  // Vp^T's A fragments for Aqk and the update
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) acc_to_a_bf16(va[kk], u[2 * kk], u[2 * kk + 1]);
     cp_async_wait_all();
     __syncthreads();  // KL, Aqk, el are in; W and QG are free
     if (c + 1 < c_end) load_wq(ch + 1);
     if (with_out) {
 #pragma unroll
-      for (int ks = 0; ks < 8; ks++) {
-        unsigned a[4];
-        acc_to_a(a, u[ks]);
+      for (int kk = 0; kk < 4; kk++)
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
-          const float2 x = *(const float2 *)(AQs + (8 * n + g) * lda + 8 * ks + 2 * t);
-          mma_tf32(O[n], a, x.x, x.y);
+        for (int np = 0; np < 4; np++) {
+          unsigned x[4];
+          ldsm_x4(x, AQs + (16 * np + L.nrow) * pa + 16 * kk + L.ncol);
+          mma_pair(O[2 * np], O[2 * np + 1], va[kk], x);
         }
-      }
       const size_t row = (size_t)H * V;
       size_t o = AT(b, c * CH + 2 * t, h, V) + v0 + g;  // rows c CH + 8 n + 2 t (+ 1), column v0 + g
       const int rows = T - (c * CH + 2 * t);
@@ -912,14 +994,14 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_kernel(bf16_t *out, 
         for (int r = 0; r < 4; r++)
           if (8 * n + (r & 1) < rows) out[o + (r & 1) * row + 8 * (r >> 1)] = __float2bfloat16(O[n][r]);
     }
-    update_state(S, u, KLs, ldk, els, KT);
+    update_state(S, va, KLs, pk, els, KT, L);
   }
   if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
 }
 
 // Forward state pass without the output (the backward's recomputation of what a forward without `saved` did not
 // keep): per chunk only Vp^T = U^T - S^T W^T and S^T = S^T diag(el) + Vp^T KL, so W, KL and el fit twice
-// in shared memory (about 138 KB at K = 128) and the next chunk's load into the other half of the ring while this
+// in shared memory (about 70 KB at K = 128) and the next chunk's load into the other half of the ring while this
 // chunk's products run: one barrier a chunk and a whole chunk's time for the loads to land (kda_state_kernel,
 // with QG and Aqk as well, has two, each load hidden behind half a chunk). Layout and fragments as there.
 template <int NW, int KVS>
@@ -928,23 +1010,25 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
                                                                         int V_, int NC, int c_begin, int c_end) {
   const int K = KVS ? KVS : K_, V = KVS ? KVS : V_;
   extern __shared__ __align__(128) float smem[];
-  const int ldw = K + 8, ldk = K + 4, KT = K / 8, stage = CH * (ldw + ldk) + K;
+  const int pk = K + 8, KT = K / 8, stage = CH * pk + K;  // (floats: W and KL bf16, el)
   const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
+  const int v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
+  const LdsmLanes L;
   float S[16][4] = {};  // S^T tile j: columns a = 8 j .. 8 j + 7 of the state's rows
   if (initial_state) tiles_load(S, initial_state + (size_t)bh * K * V, KT, V, v0);
   auto load = [&](int c) {  // W, KL, el of chunk c into ring stage c % 2
-    float *st = smem + (c & 1) * stage;
+    bf16_t *st = (bf16_t *)(smem + (c & 1) * stage);
     const size_t ch = (size_t)bh * NC + c;
-    tile_async<32 * NW>(st, ldw, sc.W + ch * CH * K, CH, K);
-    tile_async<32 * NW>(st + CH * ldw, ldk, sc.KL + ch * CH * K, CH, K);
-    tile_async<32 * NW>(st + CH * (ldw + ldk), K, sc.EL + ch * K, 1, K);
+    tile_async<32 * NW>(st, pk, sc.W + ch * CH * K, CH, K);
+    tile_async<32 * NW>(st + CH * pk, pk, sc.KL + ch * CH * K, CH, K);
+    tile_async<32 * NW>((float *)(st + 2 * CH * pk), K, sc.EL + ch * K, 1, K);
     cp_async_commit();
   };
   load(c_begin);
   for (int c = c_begin; c < c_end; c++) {
     const size_t ch = (size_t)bh * NC + c;
-    const float *Ws = smem + (c & 1) * stage, *KLs = Ws + CH * ldw, *els = KLs + CH * ldk;
+    const bf16_t *Ws = (const bf16_t *)(smem + (c & 1) * stage), *KLs = Ws + CH * pk;
+    const float *els = (const float *)(KLs + CH * pk);
     float u[8][4];  // U^T tiles of this chunk, in flight during the first products
     tiles_load(u, sc.U + ch * CH * V, 8, V, v0);
     cp_async_wait_all();
@@ -957,14 +1041,15 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
 #pragma unroll
       for (int r = 0; r < 4; r++) P[n][r] = 0.0f;
 #pragma unroll
-    for (int ks = 0; ks < 16; ks++) {
-      if (ks >= KT) break;
+    for (int kk = 0; kk < 8; kk++) {
+      if (2 * kk >= KT) break;
       unsigned a[4];
-      acc_to_a(a, S[ks]);
+      acc_to_a_bf16(a, S[2 * kk], S[2 * kk + 1]);
 #pragma unroll
-      for (int n = 0; n < 8; n++) {
-        const float2 w = *(const float2 *)(Ws + (8 * n + g) * ldw + 8 * ks + 2 * t);
-        mma_tf32(P[n], a, w.x, w.y);
+      for (int np = 0; np < 4; np++) {
+        unsigned w[4];
+        ldsm_x4(w, Ws + (16 * np + L.nrow) * pk + 16 * kk + L.ncol);
+        mma_pair(P[2 * np], P[2 * np + 1], a, w);
       }
     }
 #pragma unroll
@@ -972,7 +1057,10 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
 #pragma unroll
       for (int r = 0; r < 4; r++) u[n][r] -= P[n][r];  // u is now Vp^T
     if (save) tiles_store(sc.VP + ch * CH * V, u, 8, V, v0);
-    update_state(S, u, KLs, ldk, els, KT);
+    unsigned va[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) acc_to_a_bf16(va[kk], u[2 * kk], u[2 * kk + 1]);
+    update_state(S, va, KLs, pk, els, KT, L);
   }
   if (final_state) tiles_store(final_state + (size_t)bh * K * V, S, KT, V, v0);
 }
@@ -982,9 +1070,9 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_ring_kernel(float *f
 // state leaving the chunk, its 16 columns x K) in registers; per chunk:
 //   dVp^T = dO^T Aqk + dS^T KL^T                       (16 x 64)
 //   dS^T  = dS^T diag(el) + dO^T QG - dVp^T W          (16 x K)
-// dO^T (bf16 values are exact in tf32) comes into shared memory with Aqk and KL, and from there into A
-// fragments. Saves dS (as DS, before the update) and dVp per chunk; Aqk, KL and dO of the next (earlier)
-// chunk load during the QG and W products, QG and W during the Aqk and KL products.
+// dO^T (bf16) comes into shared memory with Aqk and KL, and from there into A fragments by ldmatrix .trans.
+// Saves dS (as DS, before the update) and dVp per chunk (bf16); Aqk, KL and dO of the next (earlier) chunk load
+// during the QG and W products, QG and W during the Aqk and KL products.
 template <int NW, int KVS>
 static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(float *dinitial_state, Scratch sc,
                                                                             const bf16_t *dout,
@@ -992,20 +1080,22 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
                                                                             int K_, int V_, int NC, int c_begin, int c_end) {
   const int K = KVS ? KVS : K_, V = KVS ? KVS : V_;
   extern __shared__ __align__(128) float smem[];
-  const int ldw = K + 8, ldk = K + 4, lda = CH + 4, KT = K / 8;
-  float *KLs = smem, *QGs = KLs + CH * ldw, *Ws = QGs + CH * ldk, *AQs = Ws + CH * ldk, *els = AQs + CH * lda;
+  const int pk = K + 8, pa = CH + 8, KT = K / 8;
+  bf16_t *KLs = (bf16_t *)smem, *QGs = KLs + CH * pk, *Ws = QGs + CH * pk, *AQs = Ws + CH * pk;
+  float *els = (float *)(AQs + CH * pa);
   const int slices = V / (16 * NW), slice = blockIdx.x % slices, bh = blockIdx.x / slices, b = bh / H, h = bh % H;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
+  const int v0 = slice * 16 * NW + 16 * (threadIdx.x >> 5);
+  const LdsmLanes L;
   float dS[16][4] = {};
   if (dfinal_state) tiles_load(dS, dfinal_state + (size_t)bh * K * V, KT, V, v0);
   // dO of the chunk (its 64 rows, the block's 16 NW columns, bf16) comes with Aqk and KL; the row pitch's 16
-  // bytes of padding make the fragment reads conflict-free.
+  // bytes of padding make the ldmatrix phases conflict-free.
   const int dop = 16 * NW + 8;
   bf16_t *DOs = (bf16_t *)(els + K);
   auto load_ak = [&](int c) {
     const size_t ch = (size_t)bh * NC + c;
-    tile_async<32 * NW>(AQs, lda, sc.AQ + ch * CH * CH, CH, CH);
-    tile_async<32 * NW>(KLs, ldw, sc.KL + ch * CH * K, CH, K);
+    tile_async<32 * NW>(AQs, pa, sc.AQ + ch * CH * CH, CH, CH);
+    tile_async<32 * NW>(KLs, pk, sc.KL + ch * CH * K, CH, K);
     tile_async<32 * NW>(els, K, sc.EL + ch * K, 1, K);
     // 16-byte pieces, 2 NW a row: thread x copies piece x % (2 NW) of rows x / (2 NW) + 16 i (zeros past T)
     const int r0 = threadIdx.x / (2 * NW), c8 = (threadIdx.x % (2 * NW)) * 8;
@@ -1023,14 +1113,11 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
     const size_t ch = (size_t)bh * NC + c;
     cp_async_wait_all();
     __syncthreads();
-    unsigned dOa[8][4];  // dO^T as A fragments: slot t = row 8 ks + 2 t, slot t + 4 = row 8 ks + 2 t + 1
+    unsigned dOa[4][4];  // dO^T (16 columns x the chunk's 64 rows) as A fragments, four 16-row steps
 #pragma unroll
-    for (int ks = 0; ks < 8; ks++)
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-        dOa[ks][r] = (unsigned)__bfloat16_as_ushort(dOw[(8 * ks + 2 * t + (r >> 1)) * dop + g + 8 * (r & 1)]) << 16;
-    tile_async<32 * NW>(QGs, ldk, sc.QG + ch * CH * K, CH, K);
-    tile_async<32 * NW>(Ws, ldk, sc.W + ch * CH * K, CH, K);
+    for (int kk = 0; kk < 4; kk++) ldsm_x4_t(dOa[kk], dOw + (16 * kk + L.nrow) * dop + L.ncol);
+    tile_async<32 * NW>(QGs, pk, sc.QG + ch * CH * K, CH, K);
+    tile_async<32 * NW>(Ws, pk, sc.W + ch * CH * K, CH, K);
     cp_async_commit();
     tiles_store(sc.DS + ch * K * V, dS, KT, V, v0);
     float dVp[8][4];
@@ -1039,19 +1126,23 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
 #pragma unroll
       for (int r = 0; r < 4; r++) dVp[n][r] = 0.0f;
 #pragma unroll
-    for (int ks = 0; ks < 8; ks++)
+    for (int kk = 0; kk < 4; kk++)
 #pragma unroll
-      for (int n = 0; n < 8; n++)
-        mma_tf32(dVp[n], dOa[ks], AQs[(8 * ks + 2 * t) * lda + 8 * n + g], AQs[(8 * ks + 2 * t + 1) * lda + 8 * n + g]);
+      for (int np = 0; np < 4; np++) {
+        unsigned x[4];
+        ldsm_x4_t(x, AQs + (16 * kk + L.krow) * pa + 16 * np + L.kcol);
+        mma_pair(dVp[2 * np], dVp[2 * np + 1], dOa[kk], x);
+      }
 #pragma unroll
-    for (int ks = 0; ks < 16; ks++) {
-      if (ks >= KT) break;
+    for (int kk = 0; kk < 8; kk++) {
+      if (2 * kk >= KT) break;
       unsigned a[4];
-      acc_to_a(a, dS[ks]);
+      acc_to_a_bf16(a, dS[2 * kk], dS[2 * kk + 1]);
 #pragma unroll
-      for (int n = 0; n < 8; n++) {
-        const float2 x = *(const float2 *)(KLs + (8 * n + g) * ldw + 8 * ks + 2 * t);
-        mma_tf32(dVp[n], a, x.x, x.y);
+      for (int np = 0; np < 4; np++) {
+        unsigned x[4];
+        ldsm_x4(x, KLs + (16 * np + L.nrow) * pk + 16 * kk + L.ncol);
+        mma_pair(dVp[2 * np], dVp[2 * np + 1], a, x);
       }
     }
     tiles_store(sc.DVP + ch * CH * V, dVp, 8, V, v0);
@@ -1060,15 +1151,18 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
     __syncthreads();  // QG, W are in; Aqk, KL, el are free
     if (c > c_begin) load_ak(c - 1);
 #pragma unroll
-    for (int ks = 0; ks < 8; ks++) {
+    for (int kk = 0; kk < 4; kk++) {
       unsigned a[4];
-      acc_to_a(a, dVp[ks], true);
+      acc_to_a_bf16(a, dVp[2 * kk], dVp[2 * kk + 1], true);
 #pragma unroll
-      for (int n = 0; n < 16; n++)
-        if (n < KT) {
-          const int r0 = (8 * ks + 2 * t) * ldk + 8 * n + g;
-          mma_tf32(dS[n], dOa[ks], QGs[r0], QGs[r0 + ldk]);
-          mma_tf32(dS[n], a, Ws[r0], Ws[r0 + ldk]);
+      for (int np = 0; np < 8; np++)
+        if (2 * np < KT) {
+          const int o = (16 * kk + L.krow) * pk + 16 * np + L.kcol;
+          unsigned x[4];
+          ldsm_x4_t(x, QGs + o);
+          mma_pair(dS[2 * np], dS[2 * np + 1], dOa[kk], x);
+          ldsm_x4_t(x, Ws + o);
+          mma_pair(dS[2 * np], dS[2 * np + 1], a, x);
         }
     }
   }
@@ -1078,29 +1172,27 @@ static __global__ void __launch_bounds__(32 * NW) kda_state_backward_kernel(floa
 // WY / UT backward, one block per chunk: the non-pairwise parts of dq and dk into PDQ (through qg), PDK (through
 // kl) and PDK2 (through the UT transform's eg k), the gate gradient that reaches gc_last through el into DGL (the
 // pairwise kernel derives the rest of dg from these and q, k); dL and dAqk (masked) into DL, DA; dv, dbeta final.
-// 8 warps and at most about 108 KB of shared memory, so that two blocks share an SM and one's
+// 8 warps and at most about 104 KB of shared memory, so that two blocks share an SM and one's
 // loads (gates, state slices, panels) overlap the other's products. Two phases:
 //  1. state_products (dqg, dkl, dAqk, del, and dX's k half -dVp S0^T into the per-chunk scratch DXK; dX's v half
 //     is dVp, already in DVP); then M^T, beside the first two panels.
 //  2. over panels of 32 columns of [k | v] (the last one 16 wide when K + V is not a multiple of 32): the panel's
-//     dX, X = [W | U] and raw k | v columns by cp.async (the next two panels loading while this one is used), its
-//     Y = M^T dX on the tensor cores with Y's per-element work (dk's UT part PDK2 = eg beta y, dv = beta y and
-//     dbeta's y . rhs, rhs = eg k | v), then dL += Y_p X_p^T, dL's 64 x 64 accumulators in registers across the
-//     panels; after the last panel dL's epilogue (mask, negate, DL, dbeta's dL . KK).
+//     dX, X = [W | U] (both bf16, their values exact in tf32) and raw k | v columns by cp.async (the next two
+//     panels loading while this one is used), its Y = M^T dX on the tensor cores with Y's per-element work (dk's UT
+//     part PDK2 = eg beta y, dv = beta y and dbeta's y . rhs, rhs = eg k | v), then dL += Y_p X_p^T, dL's 64 x 64
+//     accumulators in registers across the panels; after the last panel dL's epilogue (mask, negate, DL, dbeta's
+//     dL . KK).
 // Shared memory, byte offsets (those past the stages at K = 128):
-//        0  phase 1: the state products' four stages (4 SP_STAGE floats, 73728 B, over the panels, M^T and Y);
-//        0  phase 2: three panel buffers (WY_PANEL floats, 20480 B each): dX (64 x 32 fp32, tf32 once in place),
-//           X (64 x 32, tf32 in place), k | v (bf16, 64 x 32); the buffer after the last panel's holds KK (64 x KKP);
+//        0  phase 1: the state products' three stages (3 SP_STAGE floats, 61440 B, over the panels and M^T);
+//        0  phase 2: three panel buffers (WY_PANEL floats, 20480 B each): dX and X (bf16, 64 x 32, each in the
+//           first half of its 8 KB), k | v (bf16, 64 x 32); the buffer after the last panel's holds KK (64 x KKP);
 //    40960  M^T (64 x MTP): it loads after phase 1, beside the first two panels, into the third panel's buffer,
 //           which its first use finds free (M^T's fragments are in registers by then);
 //    61440  phase 2: the panel's Y (64 x 32, tf32), after the last panel dbeta's row parts (2 x 64);
-//    73728  gc (64 x (K + 1)); 106752 del (K); 107264 beta, 107520 rk, 107776 seg (64 each); 108032 in all.
+//    69632  gc (64 x (K + 1)); 102656 del (K); 103168 beta, 103424 rk, 103680 seg (64 each); 103936 in all.
 // The panel tiles have no pad columns: their 16-byte pieces are XOR-swizzled so that the fragment reads hit 32
-// banks. Element (r, c) of dX (the Y product's B fragments: rows t, columns g), of X and Y (rows g, columns t),
-// of k | v (bf16, 8 to a piece; the Y epilogue's pairs: rows g, columns 2t):
-static __device__ __forceinline__ int wy_dx_at(int r, int c) {
-  return r * 32 + ((((c >> 2) ^ (2 * r)) & 7) << 2) + (c & 3);
-}
+// banks. Element (r, c) of Y (rows g, columns t), of k | v, dX and X (bf16, 8 to a piece; the Y epilogue's pairs
+// of k | v: rows g, columns 2t; the Y product's B fragments of dX: rows t, columns g; dL's of X: rows g, columns t):
 static __device__ __forceinline__ int wy_x_at(int r, int c) { return r * 32 + ((((c >> 2) ^ r) & 7) << 2) + (c & 3); }
 static __device__ __forceinline__ int wy_kv_at(int r, int c) {
   return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3) + (c & 7);
@@ -1145,14 +1237,15 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
   __syncthreads();
   const int last = seg[CH - 1];
-  const float *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
-  float *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK, *DXK = sc.DXK + cK;
+  const bf16_t *S0 = sc.S0 + cS, *DS = sc.DS + cS, *VP = sc.VP + cV, *DVP = sc.DVP + cV;
+  bf16_t *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK, *DXK = sc.DXK + cK;
   // Phase 1: dqg = dO S0^T, dkl = Vp dS'^T, dX's k half = -dVp S0^T, del = rowsum(dS' * S0), dAqk = dO Vp^T
   state_products(dout, VP, DVP, S0, DS, stages, delS, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
-    if (p == 0) PDQ[i * K + n] = seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f;
-    else if (p == 1) PDK[i * K + n] = seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f;
-    else if (p == 2) DXK[i * K + n] = -x;
-    else sc.DA[cC + i * CH + n] = n <= i && seg[i] == seg[n] ? x : 0.0f;  // dAqk (lower, same document)
+    if (p == 0) PDQ[i * K + n] = __float2bfloat16(seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f);
+    else if (p == 1)
+      PDK[i * K + n] = __float2bfloat16(seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f);
+    else if (p == 2) DXK[i * K + n] = __float2bfloat16(-x);
+    else sc.DA[cC + i * CH + n] = __float2bfloat16(n <= i && seg[i] == seg[n] ? x : 0.0f);  // dAqk (lower, same doc.)
   });
   // (state_products ended with a block barrier: DXK and del are visible to the whole block, the stages free.)
   // M^T (pitch MTP) into the third panel buffer, which the stages overlaid; the first panels load beside it.
@@ -1169,26 +1262,26 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   // thread's rows are the same in both, 16 wm + g + 8 hf: its dbeta parts (y . rhs, then dL . KK) sum in two
   // registers, quad shuffles, then the pair's two in shared memory.
   const int warp = tid >> 5, gq = (tid & 31) >> 2, t = tid & 3, wm = warp >> 1, wn = warp & 1;
-  const float *W = sc.W + cK, *U = sc.U + cV;
+  const bf16_t *W = sc.W + cK, *U = sc.U + cV;
   const bf16_t *kb = k + AT(b, t0, h, K), *vb = v + AT(b, t0, h, V);
   const size_t HK = (size_t)H * K, HV = (size_t)H * V;
   const int np = (KV + 31) / 32;
   // Panel p: columns c0 = 32 p .. c0 + pw - 1 of [k | v] (pw = 32, or 16 for a last one). K and V are multiples of
-  // 16, so no 16-byte piece (4 fp32 or 8 bf16 columns) straddles k and v. Rows past T: k | v zeroed.
+  // 16, so no 16-byte piece (8 bf16 columns) straddles k and v. Rows past T: k | v zeroed.
   auto width = [&](int p) { return KS && VS && (KS + VS) % 32 == 0 ? 32 : min(32, KV - 32 * p); };
-  // The thread's fp32 pieces of a panel: e = tid + NT u < 64 pw / 4, row e / (pw / 4), columns 4 (e % (pw / 4))..
+  // The thread's pieces of a panel (X, k | v, dX: all bf16): e = tid + NT u < 64 pw / 8, row e / (pw / 8), columns
+  // 8 (e % (pw / 8))..
   // Slot j of the three-buffer ring (buffer j % 3): panel j, or KK after the last panel (j = np), or nothing.
   auto issue_slot = [&](int j) {
     float *dxs = panels + (j % 3) * WY_PANEL, *xs = dxs + CH * 32;
     if (j == np) {  // KK (pitch KKP), for dL's epilogue
       for (int e = tid; e < CH * CH / 4; e += NT) cp_async16(dxs + (e >> 4) * KKP + 4 * (e & 15), sc.KK + cC + 4 * e);
     } else if (j < np) {
-      bf16_t *kvs = (bf16_t *)(xs + CH * 32);
+      bf16_t *kvs = (bf16_t *)(xs + CH * 32), *dxb = (bf16_t *)dxs, *xb = (bf16_t *)xs;
       const int c0 = 32 * j, pw = width(j), sh = pw == 32 ? 3 : 2;
-      for (int e = tid; e < CH * pw / 4; e += NT) {
-        const int i = e >> sh, cl = 4 * (e & ((1 << sh) - 1)), a = c0 + cl;
-        cp_async16(dxs + wy_dx_at(i, cl), a < K ? DXK + i * K + a : DVP + i * V + (a - K));
-        cp_async16(xs + wy_x_at(i, cl), a < K ? W + i * K + a : U + i * V + (a - K));
+      for (int e = tid; e < CH * pw / 8; e += NT) {
+        const int i = e >> (sh - 1), cl = 8 * (e & ((1 << (sh - 1)) - 1)), a = c0 + cl;
+        cp_async16(xb + wy_kv_at(i, cl), a < K ? W + i * K + a : U + i * V + (a - K));
       }
       for (int e = tid; e < CH * pw / 8; e += NT) {
         const int i = e >> (sh - 1), cl = 8 * (e & ((1 << (sh - 1)) - 1)), a = c0 + cl;
@@ -1196,6 +1289,10 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
         const int it = t_in ? i : 0;
         cp_async16z(kvs + wy_kv_at(i, cl),
                     a < K ? (const void *)(kb + it * HK + a) : (const void *)(vb + it * HV + (a - K)), t_in);
+      }
+      for (int e = tid; e < CH * pw / 8; e += NT) {
+        const int i = e >> (sh - 1), cl = 8 * (e & ((1 << (sh - 1)) - 1)), a = c0 + cl;
+        cp_async16(dxb + wy_kv_at(i, cl), a < K ? DXK + i * K + a : DVP + i * V + (a - K));
       }
     }
     cp_async_commit();  // (empty past KK: the group count stays the same for every thread)
@@ -1220,25 +1317,28 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   bf16_t *dvb = dv + AT(b, t0, h, V);
 #pragma unroll 1
   for (int p = 0; p < np; p++) {
-    const int c0 = 32 * p, pw = width(p), sh = pw == 32 ? 3 : 2;
-    float *dxs = panels + (p % 3) * WY_PANEL, *xs = dxs + CH * 32;
-    const bf16_t *kvs = (const bf16_t *)(xs + CH * 32);
+    const int c0 = 32 * p, pw = width(p);
+    const float *xs = panels + (p % 3) * WY_PANEL + CH * 32;
+    const bf16_t *kvs = (const bf16_t *)(xs + CH * 32), *dxb = (const bf16_t *)(xs - CH * 32);
+    const bf16_t *xb = (const bf16_t *)xs;
     cp_async_wait<1>();  // this thread's copies of panel p are there (slot p + 1's may still be in flight)
-    for (int e = tid; e < CH * pw / 4; e += NT) {  // its fp32 pieces to tf32, in place
-      const int i = e >> sh, cl = 4 * (e & ((1 << sh) - 1));
-      float4 *px = (float4 *)(dxs + wy_dx_at(i, cl)), *pw4 = (float4 *)(xs + wy_x_at(i, cl));
-      *px = tf32x4(*px), *pw4 = tf32x4(*pw4);
-    }
     __syncthreads();  // panel p is in place; every warp is past its reads of panel p - 1 (its buffer, Y_p) and M^T
     issue_slot(p + 2);  // into panel p - 1's buffer
     if (16 * wn < pw) {  // (warp-uniform) Y_p's block of the warp, then its per-element work
       float y[2][4] = {};
+      // dX's B fragments (rows 8 ks + t (+ 4), column n): wy_kv_at(8 ks + r, n) = 256 ks + wy_kv_at(r, n) for r < 8,
+      // so four base addresses serve every ks (fewer live registers than an index per ks and row).
+      const bf16_t *db[2][2];
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++) {
+        const int n = 16 * wn + 8 * nt + gq;
+        db[nt][0] = dxb + wy_kv_at(t, n), db[nt][1] = dxb + wy_kv_at(t + 4, n);
+      }
 #pragma unroll
       for (int ks = 0; ks < CH / 8; ks++) {
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
-          mma_tf32(y[nt], mta[ks], dxs[wy_dx_at(8 * ks + t, 16 * wn + 8 * nt + gq)],
-                   dxs[wy_dx_at(8 * ks + t + 4, 16 * wn + 8 * nt + gq)]);
+          mma_tf32(y[nt], mta[ks], bf_tf32(db[nt][0] + 256 * ks), bf_tf32(db[nt][1] + 256 * ks));
       }
 #pragma unroll
       for (int nt = 0; nt < 2; nt++)
@@ -1253,7 +1353,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
             const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
             const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
             r0 = l2norm_bf16(r0, rk[i]) * e0, r1 = l2norm_bf16(r1, rk[i]) * e1;
-            *(float2 *)(PDK2 + i * K + n) = make_float2(e0 * beta[i] * y0, e1 * beta[i] * y1);
+            *(__nv_bfloat162 *)(PDK2 + i * K + n) = __floats2bfloat162_rn(e0 * beta[i] * y0, e1 * beta[i] * y1);
           } else if (t0 + i < T) {
             *(__nv_bfloat162 *)(dvb + i * HV + (n - K)) = __floats2bfloat162_rn(beta[i] * y0, beta[i] * y1);
           }
@@ -1273,7 +1373,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
           const int r = 32 * wn + 8 * nt + gq;
-          mma_tf32(dacc[nt], a, xs[wy_x_at(r, 8 * ks + t)], xs[wy_x_at(r, 8 * ks + t + 4)]);
+          mma_tf32(dacc[nt], a, bf_tf32(xb + wy_kv_at(r, 8 * ks + t)), bf_tf32(xb + wy_kv_at(r, 8 * ks + t + 4)));
         }
       }
     }
@@ -1283,7 +1383,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   // dL = -Y X^T, strictly lower and same document, and dbeta's sum_j dL_ij KK_ij.
   {
     const float *kks = panels + (np % 3) * WY_PANEL;
-    float *DL = sc.DL + cC;
+    bf16_t *DL = sc.DL + cC;
 #pragma unroll
     for (int nt = 0; nt < 4; nt++)
 #pragma unroll
@@ -1291,7 +1391,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
         const int i = 16 * wm + gq + 8 * hf, j = 32 * wn + 8 * nt + 2 * t;
         const float d0 = j < i && seg[i] == seg[j] ? -dacc[nt][2 * hf] : 0.0f;
         const float d1 = j + 1 < i && seg[i] == seg[j + 1] ? -dacc[nt][2 * hf + 1] : 0.0f;
-        *(float2 *)(DL + i * CH + j) = make_float2(d0, d1);
+        *(__nv_bfloat162 *)(DL + i * CH + j) = __floats2bfloat162_rn(d0, d1);
         const float2 kk = *(const float2 *)(kks + i * KKP + j);
         part[hf] = fmaf(d0, kk.x, fmaf(d1, kk.y, part[hf]));
       }
@@ -1339,7 +1439,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
 // H100 at K = 128 and 48, session 22).
 // Shared memory, byte offsets at K = 128:
 //        0  gc (64 x (K + 1) fp32); after each round, that round's channels of dgc
-//    33024  wa (64 x WAP float2; dL and dA arrive raw by cp.async); after the last round, dg's prefix sums
+//    33024  wa (64 x WAP float2; dL and dA arrive raw, bf16, by cp.async); after the last round, dg's prefix sums
 //           (64 x (K + 1) fp32)
 //    66816  the warps' transposition buffers (8 x PBUF floats)
 //    75008  beta, 75264 rq, 75520 rk (q's and k's inverse norms), 75776 seg (64 each)
@@ -1371,11 +1471,11 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
   int ch = (blockIdx.x / nr) * NC + c_begin + blockIdx.x % nr, b = blockIdx.x / nr / H, h = blockIdx.x / nr % H;
   int t0 = (c_begin + blockIdx.x % nr) * CH;
   const size_t cC = (size_t)ch * CH * CH;
-  // dL and dA come by cp.async into wa's space (as two 64 x 64 arrays) while q, k and the gates load.
-  float *raw = (float *)wa;
-  for (int e = tid; e < CH * CH / 4; e += NT) {
-    cp_async16(raw + 4 * e, sc.DL + cC + 4 * e);
-    cp_async16(raw + CH * CH + 4 * e, sc.DA + cC + 4 * e);
+  // dL and dA (bf16) come by cp.async into wa's space (as two 64 x 64 arrays) while q, k and the gates load.
+  bf16_t *raw = (bf16_t *)wa;
+  for (int e = tid; e < CH * CH / 8; e += NT) {
+    cp_async16(raw + 8 * e, sc.DL + cC + 8 * e);
+    cp_async16(raw + CH * CH + 8 * e, sc.DA + cC + 8 * e);
   }
   cp_async_commit();
   load_rows_l2norm(qh, pl, rq, q, b, h, t0, T, H, K);
@@ -1388,7 +1488,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
 #pragma unroll
     for (int u = 0; u < CH * CH / NT; u++) {
       const int e = tid + u * NT;
-      wl[u] = beta[e >> 6] * raw[e], da[u] = raw[CH * CH + e];
+      wl[u] = beta[e >> 6] * bf(raw + e), da[u] = bf(raw + CH * CH + e);
     }
     __syncthreads();
 #pragma unroll
@@ -1543,7 +1643,8 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
       for (int j = 0; j < 16; j++) {
         const int i = I0 + j;
         const size_t o = cKu + (size_t)i * K + a;
-        const float pq = __ldg(sc.PDQ + o), k2 = __ldg(sc.PDK2 + o), k1 = __ldg(sc.PDK + o);
+        const float pq = __bfloat162float(__ldg(sc.PDQ + o)), k2 = __bfloat162float(__ldg(sc.PDK2 + o));
+        const float k1 = __bfloat162float(__ldg(sc.PDK + o));
         const float dd = wa[i * WAP + i].y;  // wl_ii = 0 (dL is strictly lower)
         dgc[j] = fmaf(pq, qv[j], k2 * kv[j]) + kv[j] * (P[j] - R[j]) + qv[j] * Q[j];
         dn[j] = __floats2bfloat162_rn(scale * (pq + fmaf(dd, kv[j], Q[j])), k1 + k2 + P[j] + fmaf(dd, qv[j], R[j]));
@@ -1575,13 +1676,13 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
     const size_t row = (size_t)H * K;
     {
       const bf16_t *kp = k + AT(b, t0, h, K) + tid;  // row t0 + i at kp + i * row (read while t0 + i < T)
-      const float *k1p = sc.PDK + cK + tid;
+      const bf16_t *k1p = sc.PDK + cK + tid;
       float p = 0.0f;
 #pragma unroll 8
       for (int i = 0; i < CH; i++) {
         const float kv = t0 + i < T ? l2norm_bf16(bf(kp + i * row), rk[i]) : 0.0f;
-        const float x = __fmul_rn(__ldg(k1p + i * K), kv);  // (not fused into p's sum: the one-block kernel's
-                                                             // product went through shared memory, rounded)
+        // (not fused into p's sum: the one-block kernel's product went through shared memory, rounded)
+        const float x = __fmul_rn(__bfloat162float(__ldg(k1p + i * K)), kv);
         pre[i * ld + tid] = p;
         p += x;
       }
@@ -1620,11 +1721,13 @@ static void check_shape(int K, int V) {
         "KDA on the GPU needs K and V multiples of 16 up to 128 (got K %d, V %d)", K, V);
 }
 
-// The forward's per-chunk intermediates, floats per chunk: W, QG, KL (64 x K), U (64 x V), Aqk, KK, M^T (64 x 64),
-// el (K), k's inverse norms (64); then what its state pass gives the backward: Vp (64 x V) and the entering state
-// S0 (K x V).
-static size_t intra_per_chunk(int K, int V) { return 3 * (size_t)CH * K + (size_t)CH * V + 3 * CH * CH + K + CH; }
-static size_t saved_per_chunk(int K, int V) { return intra_per_chunk(K, V) + (size_t)CH * V + (size_t)K * V; }
+// The forward's per-chunk intermediates, floats per chunk: W, QG, KL (64 x K), U (64 x V), Aqk (64 x 64), all bf16
+// (half as many floats), KK, M^T (64 x 64), el (K), k's inverse norms (64); then what its state pass gives the
+// backward: Vp (64 x V) and the entering state S0 (K x V), both bf16.
+static size_t intra_per_chunk(int K, int V) {
+  return (3 * (size_t)CH * K + (size_t)CH * V + CH * CH) / 2 + 2 * CH * CH + K + CH;
+}
+static size_t saved_per_chunk(int K, int V) { return intra_per_chunk(K, V) + ((size_t)CH * V + (size_t)K * V) / 2; }
 
 extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
   return (size_t)B * H * ((T + CH - 1) / CH) * saved_per_chunk(K, V);
@@ -1635,7 +1738,7 @@ extern "C" size_t kda_chunk_saved_floats(int B, int T, int H, int K, int V) {
 // the backward's own in slot 2.
 static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved) {
   const size_t cK = CH * (size_t)K, cV = CH * (size_t)V, cC = CH * CH, kv = (size_t)K * V;
-  size_t per = backward ? cV + kv + 4 * cK + K + 2 * cC : 0;
+  size_t per = backward ? (cV + kv + 4 * cK + 2 * cC) / 2 + K : 0;  // (all bf16 but DGL)
   if (!saved) per += backward ? saved_per_chunk(K, V) : intra_per_chunk(K, V);
   float *p = per ? (float *)device_scratch(2, nch * per * sizeof(float)) : NULL;
   Scratch s = {};
@@ -1644,15 +1747,16 @@ static Scratch scratch_get(size_t nch, int K, int V, bool backward, float *saved
     from += nch * n;
     return r;
   };
-  float *in = saved ? saved : p;  // every size is a multiple of 16 floats: all stay 64-byte aligned
-  s.W = take(in, cK), s.U = take(in, cV), s.QG = take(in, cK), s.KL = take(in, cK), s.AQ = take(in, cC);
-  s.KK = take(in, cC), s.MT = take(in, cC), s.EL = take(in, K), s.RK = take(in, CH);
-  if (saved || backward) s.VP = take(in, cV), s.S0 = take(in, kv);
+  auto take_bf16 = [&](float *&from, size_t n) { return (bf16_t *)take(from, n / 2); };  // n bf16 (n even)
+  float *in = saved ? saved : p;  // every size is a multiple of 16 floats (the bf16 ones too): all stay 64-byte aligned
+  s.W = take_bf16(in, cK), s.U = take_bf16(in, cV), s.QG = take_bf16(in, cK), s.KL = take_bf16(in, cK);
+  s.AQ = take_bf16(in, cC), s.KK = take(in, cC), s.MT = take(in, cC), s.EL = take(in, K), s.RK = take(in, CH);
+  if (saved || backward) s.VP = take_bf16(in, cV), s.S0 = take_bf16(in, kv);
   if (!saved) p = in;
   if (backward) {
-    s.DVP = take(p, cV), s.DS = take(p, kv);
-    s.PDQ = take(p, cK), s.PDK = take(p, cK), s.PDK2 = take(p, cK), s.DGL = take(p, K), s.DL = take(p, cC);
-    s.DA = take(p, cC), s.DXK = take(p, cK);
+    s.DVP = take_bf16(p, cV), s.DS = take_bf16(p, kv);
+    s.PDQ = take_bf16(p, cK), s.PDK = take_bf16(p, cK), s.PDK2 = take_bf16(p, cK), s.DGL = take(p, K);
+    s.DL = take_bf16(p, cC), s.DA = take_bf16(p, cC), s.DXK = take_bf16(p, cK);
   }
   return s;
 }
@@ -1661,12 +1765,11 @@ static size_t intra_smem(int K, int V) {
   return ((size_t)CH * (K + 1) + CH * (CH + 1) + 2 * CH) * sizeof(float) +
          ((size_t)q_region(K) + CH * QK_PITCH(K)) * sizeof(bf16_t);
 }
-// The state kernels' shared memory: W, QG (K + 8), KL (K + 4), Aqk (72), el forward; KL (K + 8), QG, W
-// (K + 4), Aqk (68), el and dO (bf16, 64 x (16 NW + 8)) backward.
-static size_t state_smem(int K) { return ((size_t)CH * (3 * K + 20 + CH + 8) + K) * sizeof(float); }
-static size_t state_backward_smem(int K, int NW) {
-  return ((size_t)CH * (3 * K + 16 + CH + 4) + K) * sizeof(float) + CH * (16 * NW + 8) * sizeof(bf16_t);
-}
+// The state kernels' shared memory: W, QG, KL (bf16, pitch K + 8), Aqk (bf16, pitch 72), el; backward also dO
+// (bf16, 64 x (16 NW + 8)). The ring kernel's: two stages of W, KL (bf16, pitch K + 8) and el.
+static size_t state_smem(int K) { return (size_t)CH * (3 * (K + 8) + CH + 8) * sizeof(bf16_t) + K * sizeof(float); }
+static size_t state_backward_smem(int K, int NW) { return state_smem(K) + CH * (16 * NW + 8) * sizeof(bf16_t); }
+static size_t state_ring_smem(int K) { return 2 * ((size_t)CH * 2 * (K + 8) * sizeof(bf16_t) + K * sizeof(float)); }
 // Warps per state block (16 state columns each): 8 when V is a multiple of 128, one block per (b, h) and 128
 // columns whose threads share the per-chunk loads of W, QG, KL and Aqk; 4 (twice the blocks) when 8 would leave
 // more than half of the SMs idle or V is a multiple of 64 only; else 1. Measured on an H100 at K = V = 128
@@ -1686,7 +1789,7 @@ static int state_warps(int B, int H, int V) {
   if (V % 128 == 0 && 2 * (size_t)B * H * (V / 128) > (size_t)sm_count()) return 8;
   return V % 64 == 0 ? 4 : 1;
 }
-// The WY backward's: stages | panels, M^T and Y, gc, del, beta, rk, seg (see there); V is not in it. At K = 128: 108032
+// The WY backward's: stages | panels, M^T and Y, gc, del, beta, rk, seg (see there); V is not in it. At K = 128: 103936
 // bytes: two blocks fit an SM (H100: 228 KB an SM, 227 KB a block, 1 KB of each block's reserved by the system).
 static constexpr size_t wy_smem(int K) {
   return ((size_t)WY_GC + (size_t)CH * (K + 1) + K + 3 * CH) * sizeof(float);
@@ -1722,7 +1825,7 @@ static void launch_state(bool backward, bf16 *out, float *state_out, const Scrat
                          const float *state_in, const bf16 *dout, int B, int T, int H, int K, int V, int NC, Range r) {
   const int blocks = B * H * (V / (16 * NW));
   if (!backward && !out) {
-    const size_t smem = 2 * ((size_t)CH * (2 * K + 12) + K) * sizeof(float);
+    const size_t smem = state_ring_smem(K);
     allow_smem(kda_state_ring_kernel<NW, KVS>, smem);
     kda_state_ring_kernel<NW, KVS><<<blocks, 32 * NW, smem, r.stream>>>(state_out, sc, save, state_in, H, K, V, NC,
                                                                         r.begin, r.end);

@@ -1,4 +1,4 @@
-# Offline numerics (CPU, numpy + autograd) for bf16 per-chunk buffers (bench/README, session 26).
+# Offline numerics (CPU, numpy + autograd) for bf16 per-chunk buffers (bench/README, session 26: all three merged).
 # "saved five" (kda_bf16_states_next.patch): the state passes store S0 (the state entering each chunk), Vp, dS' and
 # dVp in bf16 instead of fp32, and the WY backward its dX k half. They enter only the WY backward: its state
 # products (dqg = dO S0^T, dkl = Vp dS'^T, dX's k half = -dVp S0^T, dAqk = dO Vp^T), del = rowsum(dS' * S0) and its

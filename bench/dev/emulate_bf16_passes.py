@@ -1,10 +1,11 @@
-# Host emulation (no GPU) of kda_bf16_passes_next.patch's thread maps: the state passes on bf16 operands (W, QG, KL,
-# Aqk in shared memory with row pitch K + 8 or 72, ldmatrix .x4 with and without .trans, mma m16n8k16 bf16, the
-# accumulator tiles as A fragments by acc_to_a_bf16, dO^T's A fragments by .trans) for one warp and one chunk,
-# forward (Vp^T = U^T - S^T W^T, O^T = S^T QG^T + Vp^T Aqk^T, S^T = S^T diag(el) + Vp^T KL) and backward (dVp^T =
-# dO^T Aqk + dS^T KL^T, dS^T = dS^T diag(el) + dO^T QG - dVp^T W), against numpy on integer inputs (exact), for K in
-# {128, 64, 48, 16}; the worst bank degree of each ldmatrix phase; and the WY backward's X panel in bf16 (wy_kv_at),
-# its copy map and the dL product's B reads (rows 32 wn + 8 nt + g, columns 8 ks + t (+ 4)). Run:
+# Host emulation (no GPU) of the bf16 state passes' thread maps (session 26's kda_bf16_passes_next.patch, merged): the
+# state passes on bf16 operands (W, QG, KL, Aqk in shared memory with row pitch K + 8 or 72, ldmatrix .x4 with and
+# without .trans, mma m16n8k16 bf16, the accumulator tiles as A fragments by acc_to_a_bf16, dO^T's A fragments by
+# .trans) for one warp and one chunk, forward (Vp^T = U^T - S^T W^T, O^T = S^T QG^T + Vp^T Aqk^T, S^T = S^T diag(el) +
+# Vp^T KL) and backward (dVp^T = dO^T Aqk + dS^T KL^T, dS^T = dS^T diag(el) + dO^T QG - dVp^T W), against numpy on
+# integer inputs (exact), for K in {128, 64, 48, 16}; the worst bank degree of each ldmatrix phase; and the WY
+# backward's X panel in bf16 (wy_kv_at), its copy map and the dL product's B reads (rows 32 wn + 8 nt + g, columns 8 ks
+# + t (+ 4)). Run:
 #   python3 bench/dev/emulate_bf16_passes.py
 import numpy as np
 

@@ -1,10 +1,10 @@
-# Host emulation (no GPU) of kda_bf16_states_next.patch's thread maps in the WY backward: phase 1's state products
-# on bf16 stage tiles (sp_at in 4-byte words, the cp.async copy map, ldmatrix .x4 addresses, mma m16n8k16 bf16
-# fragments, del and its shuffles, the output tile) and phase 2's dX panel in bf16 (wy_kv_at, its copy map, the Y
-# product's B fragments, read as four base addresses + 256 ks). For K, V in {128, 48, 16} and their mixes: every
-# product and del against numpy (exact: the values are small integers), and the worst shared-memory bank-conflict
-# degree of the copies (per quarter warp) and of each ldmatrix phase (8 rows of 16 bytes). Not modelled: rows past
-# T, the stage ring's cp.async groups and barriers, global addresses. The expressions are the patch's; run:
+# Host emulation (no GPU) of the WY backward's bf16 thread maps (session 26's kda_bf16_states_next.patch, merged): phase
+# 1's state products on bf16 stage tiles (sp_at in 4-byte words, the cp.async copy map, ldmatrix .x4 addresses, mma
+# m16n8k16 bf16 fragments, del and its shuffles, the output tile) and phase 2's dX panel in bf16 (wy_kv_at, its copy
+# map, the Y product's B fragments, read as four base addresses + 256 ks). For K, V in {128, 48, 16} and their mixes:
+# every product and del against numpy (exact: the values are small integers), and the worst shared-memory bank-conflict
+# degree of the copies (per quarter warp) and of each ldmatrix phase (8 rows of 16 bytes). Not modelled: rows past T,
+# the stage ring's cp.async groups and barriers, global addresses. The expressions are the patch's; run:
 #   python3 bench/dev/emulate_bf16_states.py
 import numpy as np
 
