@@ -163,6 +163,12 @@ static __device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&
 // l / 8 (16 contiguous bytes); register i gets matrix i's (row g, columns 2t, 2t + 1). So matrices (rows 0-7,
 // columns 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) of a row-major 16 x 16 tile are its A fragment, and (n
 // 0-7, k 0-7), (n 0-7, k 8-15) of a B stored n-major (k contiguous) are its b0, b1.
+// c0 and c1 += A B for two n-tiles whose B fragments one ldmatrix .x4 gave (b0, b1 of the first, then the second's).
+static __device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const unsigned (&a)[4],
+                                                const unsigned (&b)[4]) {
+  mma_bf16(c0, a, b[0], b[1]);
+  mma_bf16(c1, a, b[2], b[3]);
+}
 static __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void *p) {
   const unsigned a = (unsigned)__cvta_generic_to_shared(p);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -334,10 +340,7 @@ static __device__ __forceinline__ void cp_async16z_l2(void *dst, const void *src
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
 }
-// A bf16 value as a float (exact in tf32: its bits shifted up); a bf16 pair (the lower column in the low half) as two.
-static __device__ __forceinline__ float bf_tf32(const bf16_t *p) {
-  return __uint_as_float((unsigned)__bfloat16_as_ushort(*p) << 16);
-}
+// A bf16 pair (the lower column in the low half) as two floats.
 static __device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }
 static __device__ __forceinline__ float bf_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
 template <class FE>
@@ -375,10 +378,9 @@ static __device__ __forceinline__ void state_products(const bf16_t *dout, const 
   const int arow = 16 * wm + lr + 8 * (lm & 1), brow = 32 * wn + lr + 8 * (lm >> 1);
   auto a_at = [&](int kk) { return sp_at(arow, 8 * kk + 4 * (lm >> 1)); };
   auto b_at = [&](int j, int kk) { return sp_at(brow + 16 * j, 8 * kk + 4 * (lm & 1)); };
-  // c[nt] += A B_nt for the warp's four n-tiles, b[j] holding n-tiles 2 j, 2 j + 1 (b0, b1 each)
+  // c[nt] += A B_nt for the warp's four n-tiles, b[j] holding n-tiles 2 j, 2 j + 1
   auto mma4 = [](float(&c)[4][4], const unsigned(&a)[4], const unsigned(&b)[2][4]) {
-#pragma unroll
-    for (int nt = 0; nt < 4; nt++) mma_bf16(c[nt], a, b[nt >> 1][2 * (nt & 1)], b[nt >> 1][2 * (nt & 1) + 1]);
+    mma_pair(c[0], c[1], a, b[0]), mma_pair(c[2], c[3], a, b[1]);
   };
   float acc[4][4][4];  // product p's 16 x 32 block of the warp: rows 16 wm.., columns 32 wn + 8 nt..
   float dl = 0.0f;     // the thread's part of del for row n0 + pr
@@ -879,12 +881,6 @@ struct LdsmLanes {
     krow = lr + 8 * (lm & 1), kcol = 8 * (lm >> 1);
   }
 };
-// c[2 np] and c[2 np + 1] += A B for the n-tiles whose ldmatrix result is b.
-static __device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const unsigned (&a)[4],
-                                                const unsigned (&b)[4]) {
-  mma_bf16(c0, a, b[0], b[1]);
-  mma_bf16(c1, a, b[2], b[3]);
-}
 // The forward state passes' update once the chunk's products have read S: S^T <- S^T diag(el) + Vp^T KL, with
 // Vp^T's A fragments va (four 16-row steps of the chunk) and KL (64 x K, pitch pk, k-major) in shared memory as B.
 static __device__ __forceinline__ void update_state(float (&S)[16][4], const unsigned (&va)[4][4], const bf16_t *KLs,
@@ -1290,7 +1286,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
         cp_async16z(kvs + wy_kv_at(i, cl),
                     a < K ? (const void *)(kb + it * HK + a) : (const void *)(vb + it * HV + (a - K)), t_in);
       }
-      for (int e = tid; e < CH * pw / 8; e += NT) {
+      for (int e = tid; e < CH * pw / 8; e += NT) {  // (a loop of its own: merged into the one above, 12 bytes spill)
         const int i = e >> (sh - 1), cl = 8 * (e & ((1 << (sh - 1)) - 1)), a = c0 + cl;
         cp_async16(dxb + wy_kv_at(i, cl), a < K ? DXK + i * K + a : DVP + i * V + (a - K));
       }
@@ -1338,7 +1334,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
       for (int ks = 0; ks < CH / 8; ks++) {
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
-          mma_tf32(y[nt], mta[ks], bf_tf32(db[nt][0] + 256 * ks), bf_tf32(db[nt][1] + 256 * ks));
+          mma_tf32(y[nt], mta[ks], bf(db[nt][0] + 256 * ks), bf(db[nt][1] + 256 * ks));
       }
 #pragma unroll
       for (int nt = 0; nt < 2; nt++)
@@ -1373,7 +1369,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
           const int r = 32 * wn + 8 * nt + gq;
-          mma_tf32(dacc[nt], a, bf_tf32(xb + wy_kv_at(r, 8 * ks + t)), bf_tf32(xb + wy_kv_at(r, 8 * ks + t + 4)));
+          mma_tf32(dacc[nt], a, bf(xb + wy_kv_at(r, 8 * ks + t)), bf(xb + wy_kv_at(r, 8 * ks + t + 4)));
         }
       }
     }
