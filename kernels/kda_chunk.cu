@@ -224,7 +224,7 @@ static __device__ __forceinline__ void store_c(float *p, int ld, const float (&c
 // One 8-deep step of a 64-row product over at most 32 8-column tiles, by a block of NW warps, warp owning the
 // tiles warp + NW nt (nt < NTW = 32 / NW; those below nn): acc[mt][nt] += M(rows 16 mt.., k slots k0 | k1)
 // B(k0 | k1, the tile's columns), A fragments read straight from M (row pitch lm), B's values from b(k, n),
-// rounded to tf32 here (zeros past the last tile). The intra kernel's W | U = M (beta eg K | V) (8 warps).
+// rounded to tf32 here (zeros past the last tile); M's values are tf32 already. The intra kernel's W | U = M (beta eg K | V) (8 warps).
 template <int NW = 8, int NTW, class FB>
 static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][NTW][4], const float *M, int lm, int k0,
                                                          int k1, int nn, FB b) {
@@ -241,7 +241,8 @@ static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][NTW][4]
 #pragma unroll
   for (int mt = 0; mt < 4; mt++) {
     const float *m0 = M + (16 * mt + g) * lm, *m8 = m0 + 8 * lm;
-    const unsigned a[4] = {tf32_bits(m0[k0]), tf32_bits(m8[k0]), tf32_bits(m0[k1]), tf32_bits(m8[k1])};
+    const unsigned a[4] = {__float_as_uint(m0[k0]), __float_as_uint(m8[k0]), __float_as_uint(m0[k1]),
+                           __float_as_uint(m8[k1])};  // (M is stored tf32-rounded)
 #pragma unroll
     for (int nt = 0; nt < NTW; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
   }
@@ -571,62 +572,23 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
     const int i = e >> 6, j = e & 63;
     if ((j >> 4) > (i >> 4) || ((j >> 4) == (i >> 4) && j > i)) AQ[e] = __float2bfloat16(0.0f), kks[e] = 0.0f;
   }
-  // On the tensor cores when no channel's cumulative gate falls by more than DIAG_RANGE over four rows around
-  // the anchors below (a mean decay above -16 a token): each sub-chunk's 16 x 16 block as three 8 x 8 blocks,
-  // exp(gc_i - gc_j) = exp(gc_i - gc_m) exp(gc_m - gc_j) with anchor m = row 4 for the top-left block, 12 for
-  // the bottom-right (every factor within e^-64..e^64) and 8 for the bottom-left (every factor <= 1). Warp w
-  // takes sub-chunk w / 2, KK (even w) or Aqk (odd); three m16n8k8 products a step of 8 channels, thread t's
-  // k slots on channels 8 t + .. so that a warp's reads of gc rows hit 32 banks (K a multiple of 32).
+  // The pairs inside each 16-row sub-chunk. On the tensor cores when no channel's cumulative gate falls by more
+  // than DIAG_RANGE over four rows around the anchors below (a mean decay above -16 a token): each sub-chunk's
+  // 16 x 16 block as three 8 x 8 blocks, exp(gc_i - gc_j) = exp(gc_i - gc_m) exp(gc_m - gc_j) with anchor m =
+  // row 4 for the top-left block, 12 for the bottom-right (every factor within e^-64..e^64) and 8 for the
+  // bottom-left (every factor <= 1); warp w < 4 takes sub-chunk w, KK and Aqk together (they share the B
+  // fragments and the exponentials), below. Else pair by pair in fp32, here.
   bool steep = false;
   for (int e = tid; e < 4 * K; e += NT) {
     const float *gb = gc + 16 * (e / K) * ld + e % K;
     steep |= gb[0] - gb[4 * ld] > DIAG_RANGE || gb[4 * ld] - gb[7 * ld] > DIAG_RANGE ||
              gb[8 * ld] - gb[12 * ld] > DIAG_RANGE || gb[12 * ld] - gb[15 * ld] > DIAG_RANGE;
   }
-  if (!__syncthreads_or(steep)) {
-    const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3, i0 = 16 * (warp >> 1);
-    const bool isq = warp & 1;
-    const bf16_t *ar = (isq ? qh : kh) + (i0 + g) * pl, *br = kh + (i0 + g) * pl;  // rows i0 + g, + 8 at + 8 pl
-    const float *gr = gc + (i0 + g) * ld, *g4 = gc + (i0 + 4) * ld, *g8 = gc + (i0 + 8) * ld;
-    const float *g12 = gc + (i0 + 12) * ld, amul = isq ? scale : 1.0f;
-    float cx[4] = {}, cy[4] = {}, cz[4] = {};  // top-left (rows g), bottom-right and bottom-left (rows g + 8)
-    for (int ks = 0; ks < K / 8; ks++) {
-      unsigned ax[4], az[4];
-      float bx[2], by[2], bz[2];
-#pragma unroll
-      for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk
-        const int c = 2 * ks + hk, a = K % 32 == 0 ? 8 * t + (c & 7) + 32 * (c >> 3) : 8 * ks + t + 4 * hk;
-        const float lo = gr[a], hi = gr[8 * ld + a];  // gc of rows i0 + g and i0 + g + 8
-        const float a_lo = amul * bf(ar + a), a_hi = amul * bf(ar + 8 * pl + a);
-        const float k_lo = bf(br + a), k_hi = bf(br + 8 * pl + a);
-        ax[2 * hk] = tf32_bits(a_lo * __expf(lo - g4[a]));
-        ax[2 * hk + 1] = tf32_bits(a_hi * __expf(hi - g12[a]));
-        az[2 * hk] = 0u;
-        az[2 * hk + 1] = tf32_bits(a_hi * __expf(hi - g8[a]));
-        bx[hk] = round_tf32(k_lo * __expf(g4[a] - lo));
-        by[hk] = round_tf32(k_hi * __expf(g12[a] - hi));
-        bz[hk] = round_tf32(k_lo * __expf(g8[a] - lo));
-      }
-      mma_tf32(cx, ax, bx[0], bx[1]);
-      mma_tf32(cy, ax, by[0], by[1]);
-      mma_tf32(cz, az, bz[0], bz[1]);
-    }
-    auto put = [&](int i, int j, float x) {
-      if (j > i) return;
-      x = seg[i] == seg[j] ? x : 0.0f;
-      if (isq) AQ[i * CH + j] = __float2bfloat16(x);
-      else kks[i * CH + j] = j < i ? x : 0.0f;
-    };
-#pragma unroll
-    for (int u = 0; u < 2; u++) {
-      put(i0 + g, i0 + 2 * t + u, cx[u]);
-      put(i0 + 8 + g, i0 + 8 + 2 * t + u, cy[2 + u]);
-      put(i0 + 8 + g, i0 + 2 * t + u, cz[2 + u]);
-    }
-  } else {
-    // Else pair by pair in fp32 (136 pairs j <= i in each sub-chunk): four neighbouring lanes share a pair, lane c
-    // taking the channels a0 + 8 c + r (a0 a multiple of 32, r < 8), so that the eight pairs of a warp, neighbours
-    // in j, read gc_j from 32 different banks; the four partial sums meet by shuffles.
+  steep = __syncthreads_or(steep);
+  if (steep) {
+    // 136 pairs j <= i in each sub-chunk: four neighbouring lanes share a pair, lane c taking the channels a0 + 8 c
+    // + r (a0 a multiple of 32, r < 8), so that the eight pairs of a warp, neighbours in j, read gc_j from 32
+    // different banks; the four partial sums meet by shuffles.
     for (int w = tid; w < 4 * 4 * 136; w += NT) {  // 2176 = 68 whole warps: the shuffles see full warps
       const int c = w & 3, p = (w >> 2) % 136, blk = (w >> 2) / 136;
       int il = (int)((sqrtf(8.0f * p + 1.0f) - 1.0f) * 0.5f);  // p = il (il + 1) / 2 + jl, 0 <= jl <= il
@@ -656,40 +618,101 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       }
     }
   }
-  // Sub-chunk I against all earlier rows j < I0, anchored at gc_I0: [k_i; qs_i] exp(gc_i - gc_I0) against
-  // k_j exp(gc_I0 - gc_j), every factor <= 1, on the tensor cores with the fragments built straight from shared
-  // memory (no staging, no block barrier; the entries are not those the products above write): warp w takes
-  // the units w, w + 8 of (I0, 8 columns j), KK and Aqk sharing B and the row exponentials; k slots on channels
-  // as above.
+  // Eight units on the tensor cores, one a warp, fragments built straight from shared memory (no staging, no
+  // block barrier; no two units write the same entries), k slots on channels 8 t + .. so that a warp's reads of
+  // gc rows hit 32 banks (K a multiple of 32). Warp w < 4 (unless steep): sub-chunk w's block, as above, KK and
+  // Aqk (six m16n8k8 products a step of 8 channels). Warp 4 + u: sub-chunk I against 8 n columns j < I0 of the
+  // earlier rows, anchored at gc_I0, [k_i; qs_i] exp(gc_i - gc_I0) against k_j exp(gc_I0 - gc_j), every factor
+  // <= 1, KK and Aqk sharing the B fragments and the A rows' exponentials: (I0, first column, n) = (48, 0, 24),
+  // (48, 24, 24), (32, 0, 32), (16, 0, 16), so that every unit costs about the same.
   {
     const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
-    for (int u = warp; u < 12; u += NT / 32) {  // (I0, n8): (16, 0..8), (32, 0..24), (48, 0..40)
-      const int I0 = u < 2 ? 16 : u < 6 ? 32 : 48, n8 = 8 * (u < 2 ? u : u < 6 ? u - 2 : u - 6);
-      const bf16_t *kr = kh + (I0 + g) * pl, *qr = qh + (I0 + g) * pl, *kc = kh + (n8 + g) * pl;
-      const float *gr = gc + (I0 + g) * ld, *gj = gc + (n8 + g) * ld, *an = gc + I0 * ld;
-      float ck[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    auto slot = [&](int ks, int hk) {  // the channel of k slot t + 4 hk at step ks
+      const int c = 2 * ks + hk;
+      return K % 32 == 0 ? 8 * t + (c & 7) + 32 * (c >> 3) : 8 * ks + t + 4 * hk;
+    };
+    if (warp < 4 && !steep) {
+      const int i0 = 16 * warp;
+      const bf16_t *kr = kh + (i0 + g) * pl, *qr = qh + (i0 + g) * pl;  // rows i0 + g, + 8 at + 8 pl
+      const float *gr = gc + (i0 + g) * ld, *g4 = gc + (i0 + 4) * ld, *g8 = gc + (i0 + 8) * ld;
+      const float *g12 = gc + (i0 + 12) * ld;
+      // top-left (rows g), bottom-right and bottom-left (rows g + 8), of KK and of Aqk
+      float kx[4] = {}, ky[4] = {}, kz[4] = {}, qx[4] = {}, qy[4] = {}, qz[4] = {};
       for (int ks = 0; ks < K / 8; ks++) {
-        unsigned ak[4], aq[4];
-        float bk[2];
+        unsigned kax[4], kaz[4], qax[4], qaz[4];
+        float bx[2], by[2], bz[2];
 #pragma unroll
         for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk
-          const int c = 2 * ks + hk, a = K % 32 == 0 ? 8 * t + (c & 7) + 32 * (c >> 3) : 8 * ks + t + 4 * hk;
+          const int a = slot(ks, hk);
+          const float lo = gr[a], hi = gr[8 * ld + a];  // gc of rows i0 + g and i0 + g + 8
+          const float k_lo = bf(kr + a), k_hi = bf(kr + 8 * pl + a);
+          const float q_lo = scale * bf(qr + a), q_hi = scale * bf(qr + 8 * pl + a);
+          const float ex = __expf(lo - g4[a]), ey = __expf(hi - g12[a]), ez = __expf(hi - g8[a]);
+          kax[2 * hk] = tf32_bits(k_lo * ex), kax[2 * hk + 1] = tf32_bits(k_hi * ey);
+          qax[2 * hk] = tf32_bits(q_lo * ex), qax[2 * hk + 1] = tf32_bits(q_hi * ey);
+          kaz[2 * hk] = qaz[2 * hk] = 0u;
+          kaz[2 * hk + 1] = tf32_bits(k_hi * ez), qaz[2 * hk + 1] = tf32_bits(q_hi * ez);
+          bx[hk] = round_tf32(k_lo * __expf(g4[a] - lo));
+          by[hk] = round_tf32(k_hi * __expf(g12[a] - hi));
+          bz[hk] = round_tf32(k_lo * __expf(g8[a] - lo));
+        }
+        mma_tf32(kx, kax, bx[0], bx[1]);
+        mma_tf32(ky, kax, by[0], by[1]);
+        mma_tf32(kz, kaz, bz[0], bz[1]);
+        mma_tf32(qx, qax, bx[0], bx[1]);
+        mma_tf32(qy, qax, by[0], by[1]);
+        mma_tf32(qz, qaz, bz[0], bz[1]);
+      }
+      auto put = [&](int i, int j, float xk, float xq) {
+        if (j > i) return;
+        const bool same = seg[i] == seg[j];
+        AQ[i * CH + j] = __float2bfloat16(same ? xq : 0.0f);
+        kks[i * CH + j] = same && j < i ? xk : 0.0f;
+      };
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        put(i0 + g, i0 + 2 * t + u, kx[u], qx[u]);
+        put(i0 + 8 + g, i0 + 8 + 2 * t + u, ky[2 + u], qy[2 + u]);
+        put(i0 + 8 + g, i0 + 2 * t + u, kz[2 + u], qz[2 + u]);
+      }
+    } else if (warp >= 4) {
+      const int u = warp - 4, I0 = u < 2 ? 48 : u == 2 ? 32 : 16, n0 = u == 1 ? 24 : 0;
+      const int nn = u < 2 ? 3 : u == 2 ? 4 : 2;  // (warp-uniform) 8-column tiles n0 + 8 nt, nt < nn
+      const bf16_t *kr = kh + (I0 + g) * pl, *qr = qh + (I0 + g) * pl, *kc = kh + (n0 + g) * pl;
+      const float *gr = gc + (I0 + g) * ld, *gj = gc + (n0 + g) * ld, *an = gc + I0 * ld;
+      float ck[4][4] = {}, cq[4][4] = {};
+      for (int ks = 0; ks < K / 8; ks++) {
+        unsigned ak[4], aq[4];
+        float bk[4][2];
+#pragma unroll
+        for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk
+          const int a = slot(ks, hk);
           const float e_lo = __expf(gr[a] - an[a]), e_hi = __expf(gr[8 * ld + a] - an[a]);
           ak[2 * hk] = tf32_bits(bf(kr + a) * e_lo);
           ak[2 * hk + 1] = tf32_bits(bf(kr + 8 * pl + a) * e_hi);
           aq[2 * hk] = tf32_bits(scale * bf(qr + a) * e_lo);
           aq[2 * hk + 1] = tf32_bits(scale * bf(qr + 8 * pl + a) * e_hi);
-          bk[hk] = round_tf32(bf(kc + a) * __expf(an[a] - gj[a]));
+#pragma unroll
+          for (int nt = 0; nt < 4; nt++)
+            if (nt < nn) bk[nt][hk] = round_tf32(bf(kc + 8 * nt * pl + a) * __expf(an[a] - gj[8 * nt * ld + a]));
         }
-        mma_tf32(ck, ak, bk[0], bk[1]);
-        mma_tf32(cq, aq, bk[0], bk[1]);
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+          if (nt >= nn) continue;
+          mma_tf32(ck[nt], ak, bk[nt][0], bk[nt][1]);
+          mma_tf32(cq[nt], aq, bk[nt][0], bk[nt][1]);
+        }
       }
 #pragma unroll
-      for (int r = 0; r < 4; r++) {
-        const int i = I0 + g + 8 * (r >> 1), j = n8 + 2 * t + (r & 1);
-        const bool same = seg[i] == seg[j];
-        kks[i * CH + j] = same ? ck[r] : 0.0f;
-        AQ[i * CH + j] = __float2bfloat16(same ? cq[r] : 0.0f);
+      for (int nt = 0; nt < 4; nt++) {
+        if (nt >= nn) continue;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+          const int i = I0 + g + 8 * (r >> 1), j = n0 + 8 * nt + 2 * t + (r & 1);
+          const bool same = seg[i] == seg[j];
+          kks[i * CH + j] = same ? ck[nt][r] : 0.0f;
+          AQ[i * CH + j] = __float2bfloat16(same ? cq[nt][r] : 0.0f);
+        }
       }
     }
   }
@@ -701,17 +724,22 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   __nv_bfloat162 *QG = (__nv_bfloat162 *)(sc.QG + (size_t)ch * CH * K);
   __nv_bfloat162 *KL = (__nv_bfloat162 *)(sc.KL + (size_t)ch * CH * K);
   const int last = seg[CH - 1];
-  for (int e = tid; e < CH * K / 2; e += NT) {
-    const int i = e / (K / 2), a = 2 * (e % (K / 2));
-    float qg[2], kl[2];
-#pragma unroll
-    for (int u = 0; u < 2; u++) {
-      const float gi = gc[i * ld + a + u], gl = gc[(CH - 1) * ld + a + u];
-      qg[u] = seg[i] == 0 ? __expf(gi) * (scale * bf(qh + i * pl + a + u)) : 0.0f;
-      kl[u] = seg[i] == last ? __expf(gl - gi) * bf(kh + i * pl + a + u) : 0.0f;
+  {
+    // thread: channels a, a + 1 of rows i0, i0 + step, .. (threads past step rows' pairs idle)
+    const int pr = K / 2, step = NT / pr, a = 2 * (tid % pr);
+    const float gl0 = gc[(CH - 1) * ld + a], gl1 = gc[(CH - 1) * ld + a + 1];
+    if (tid < step * pr) {
+      for (int i = tid / pr; i < CH; i += step) {
+        const float gi0 = gc[i * ld + a], gi1 = gc[i * ld + a + 1];
+        const float2 qv = __bfloat1622float2(*(const __nv_bfloat162 *)(qh + i * pl + a));
+        const float2 kv = __bfloat1622float2(*(const __nv_bfloat162 *)(kh + i * pl + a));
+        const bool in_q = seg[i] == 0, in_k = seg[i] == last;
+        QG[i * pr + a / 2] = __floats2bfloat162_rn(in_q ? __expf(gi0) * (scale * qv.x) : 0.0f,
+                                                   in_q ? __expf(gi1) * (scale * qv.y) : 0.0f);
+        KL[i * pr + a / 2] = __floats2bfloat162_rn(in_k ? __expf(gl0 - gi0) * kv.x : 0.0f,
+                                                   in_k ? __expf(gl1 - gi1) * kv.y : 0.0f);
+      }
     }
-    QG[e] = __floats2bfloat162_rn(qg[0], qg[1]);
-    KL[e] = __floats2bfloat162_rn(kl[0], kl[1]);
   }
   if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? __expf(gc[(CH - 1) * ld + tid]) : 0.0f;
   // M = (I + diag(beta) KK)^-1 (unit lower triangular) in 16-row blocks, into Ms over q (free from here on):
@@ -785,6 +813,11 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   __syncthreads();
   bf16_t *vh = (bf16_t *)kks;  // (64, V + 2): at most 64 * 130 bf16 = 64 * 65 floats
   const int pv = V + 2;
+  // M rounded to tf32 in place: both its readers take it as tf32 operands (W | U below, M^T in the WY backward).
+  for (int e = tid; e < CH * CH; e += NT) {
+    float *m = Ms + (e >> 6) * lm + (e & 63);
+    *m = round_tf32(*m);
+  }
 #pragma unroll
   for (int u = 0; u < 4; u++) {
     const int e = tid + u * NT;

@@ -26,13 +26,13 @@ def timed(s, start, marks, kid, end_id):
     except ValueError:
         print(f"phase_timers: {start.split('(')[0]} left untimed (an anchor is missing)", file=sys.stderr)
     return s
-s = timed(s, "kda_intra_kernel(Scratch", [("load_rows_l2norm(qh", 0), ("// Pairwise products inside", 1), ("// Sub-chunk I against", 2),
+s = timed(s, "kda_intra_kernel(Scratch", [("load_rows_l2norm(qh", 0), ("// Pairwise products inside", 1), ("// Eight units on the tensor cores", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
 wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
       ("// dbeta_i = Y_i", 3)]
 s = timed(s, "kda_wy_backward_kernel(bf16_t", wy, 1, len(wy))
 # the pairwise kernel (units in rounds): loads, wl | dA, the rounds, dg and the norms
-s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("// dL and dA come by cp.async", 0),
+s = timed(s, "kda_pairwise_backward_kernel(bf16_t", [("// dL and dA (bf16) come by cp.async", 0),
           ("float wl[CH * CH / NT]", 1), ("for (int round = 0", 2), ("if (tid < K) {\n    // dg_t", 3)], 2, 4)
 head = '''
 __device__ long long kda_prof[3][4096][12];

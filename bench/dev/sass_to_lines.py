@@ -29,9 +29,10 @@ def kernel_instructions(src_path, prefix):
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("//----")), len(lines))
     out, cur = [], None
     for l in lines[start:end]:
-        m = re.search(r'//## File ".*?", line (\d+)', l)
-        if m:
-            cur = int(m.group(1))
+        m = re.search(r'//## File "(.*?)", line (\d+)', l)
+        if m:  # a line of the kernel file, or (an inlined header's) "header:line"
+            f = m.group(1)
+            cur = int(m.group(2)) if f.endswith("_sass_to_lines_tmp.cu") else f"{os.path.basename(f)}:{m.group(2)}"
             continue
         m = re.search(r"/\*([0-9a-f]{4,6})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", l)
         if m:
@@ -50,7 +51,7 @@ if sys.argv[1] == "--static":
     print(f"{prefix}: {sum(count.values())} instructions")
     for ln in sorted(count, key=lambda k: -count[k])[:top]:
         mix = ", ".join(f"{o} {n}" for o, n in sorted(ops[ln].items(), key=lambda x: -x[1])[:6])
-        print(f"  line {ln}: {count[ln]}  ({mix})")
+        print(f"  line {ln}: {count[ln]}  ({mix})")  # (a header's line: file:line)
     sys.exit()
 csv_path, src_path, prefix = sys.argv[1:4]
 top = int(sys.argv[4]) if len(sys.argv) > 4 else 25
@@ -68,4 +69,4 @@ for r in data:
 total = sum(per_line.values())
 text = open(src_path).read().split("\n")
 for ln, v in sorted(per_line.items(), key=lambda x: -x[1])[:top]:
-    print(f"{100 * v / total:5.1f}%  line {ln}: {text[ln - 1].strip()[:110] if ln else '?'}")
+    print(f"{100 * v / total:5.1f}%  line {ln}: {text[ln - 1].strip()[:110] if isinstance(ln, int) else ''}")
