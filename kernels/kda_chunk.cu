@@ -141,6 +141,14 @@ struct Scratch {
 static __device__ __forceinline__ unsigned tf32_bits(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
 // x rounded to the nearest tf32 (kept as a float), as a B operand.
 static __device__ __forceinline__ float round_tf32(float x) { return __uint_as_float(tf32_bits(x)); }
+// e^x as __expf computes it (ex2.approx of x log2(e)), but with .ftz: two instructions instead of five (__expf's
+// ex2.approx without .ftz rescales an input below -126 around the MUFU, to return subnormals). Every exponential
+// here is of a gate (or a difference of two); a value below 2^-126 (then 0) changes nothing a result can show.
+static __device__ __forceinline__ float exp_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
+}
 static __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], float b0, float b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -247,21 +255,25 @@ static __device__ __forceinline__ void column_tiles_step(float (&acc)[4][NTW][4]
     for (int nt = 0; nt < NTW; nt++) mma_tf32(acc[mt][nt], a, bv[nt][0], bv[nt][1]);
   }
 }
-// The epilogue of a column_tiles_step product (NW warps, as there): f(j, i, n, x0, x1) for each of the thread's
-// (row i, columns n, n + 1) pairs of the warp's tiles below nn, x0 and x1 their values, j = 2 mt + hf its row
-// slot (of 8).
-template <int NW = 8, int NTW, class F>
-static __device__ __forceinline__ void column_tiles_epilogue(const float (&acc)[4][NTW][4], int nn, F f) {
+// The result of column_tiles_step products (NW warps, as there) in bf16: columns n < nw to X0 (row pitch nw), the
+// others to X1 (row pitch n1, column n - nw). Thread (g, t) holds rows 16 mt + g (+ 8) of its tiles' columns 2t,
+// 2t + 1: one address a tile, the rows at constant offsets.
+template <int NW = 8, int NTW>
+static __device__ __forceinline__ void column_tiles_store(const float (&acc)[4][NTW][4], int nn, bf16_t *X0, int nw,
+                                                          bf16_t *X1, int n1) {
   static_assert(NW * NTW == 32, "the warps' tiles cover 32 column tiles");
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
   for (int nt = 0; nt < NTW; nt++) {
     if (warp + NW * nt >= nn) continue;
-    const int n = 8 * (warp + NW * nt) + 2 * t;
+    const int n = 8 * (warp + NW * nt) + 2 * t, pitch = n < nw ? nw : n1;
+    bf16_t *p = (n < nw ? X0 + n : X1 + n - nw) + g * pitch;
 #pragma unroll
     for (int mt = 0; mt < 4; mt++)
 #pragma unroll
-      for (int hf = 0; hf < 2; hf++) f(2 * mt + hf, 16 * mt + g + 8 * hf, n, acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]);
+      for (int hf = 0; hf < 2; hf++)
+        *(__nv_bfloat162 *)(p + (16 * mt + 8 * hf) * pitch) =
+            __floats2bfloat162_rn(acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]);
   }
 }
 
@@ -538,6 +550,8 @@ static __device__ __forceinline__ float l2norm_bf16(float x, float s) {
   return __bfloat162float(__float2bfloat16(x * s));
 }
 static __device__ __forceinline__ float bf(const bf16_t *p) { return __bfloat162float(*p); }
+// Two neighbouring bf16 (p 4-byte aligned) in one load; bf_lo, bf_hi take them apart.
+static __device__ __forceinline__ unsigned bf2(const bf16_t *p) { return *(const unsigned *)p; }
 
 // ---------------------------------------------------------------------------------------------------------
 // q's region, later M (64 x 65 floats), in bf16 elements.
@@ -551,6 +565,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
                                                                  const unsigned char *doc_start, float scale, int T,
                                                                  int H, int K_, int V_, int NC, int c_begin, int c_end) {
   const int K = KS ? KS : K_, V = VS ? VS : V_;
+  __builtin_assume(threadIdx.x < NT);
   // About 83 KB of shared memory at K = V = 128 (q, k, v in bf16; Aqk straight to global memory), so two
   // blocks share an SM.
   extern __shared__ __align__(128) float smem[];
@@ -603,7 +618,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
 #pragma unroll
           for (int r = 0; r < 8; r++) {
             const int a = a0 + r;
-            const float x = bf(kj + a) * __expf(gi[a] - gj[a]);
+            const float x = bf(kj + a) * exp_ftz(gi[a] - gj[a]);
             kk = fmaf(bf(ki + a), x, kk);
             qk = fmaf(bf(qi + a), x, qk);
           }
@@ -627,10 +642,8 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   // (48, 24, 24), (32, 0, 32), (16, 0, 16), so that every unit costs about the same.
   {
     const int warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
-    auto slot = [&](int ks, int hk) {  // the channel of k slot t + 4 hk at step ks
-      const int c = 2 * ks + hk;
-      return K % 32 == 0 ? 8 * t + (c & 7) + 32 * (c >> 3) : 8 * ks + t + 4 * hk;
-    };
+    // k slots t and t + 4 of step ks: channels a and a + 1 (one 4-byte load of a bf16 row), a = slot(ks)
+    auto slot = [&](int ks) { return K % 32 == 0 ? 8 * t + 2 * (ks & 3) + 32 * (ks >> 2) : 8 * ks + 2 * t; };
     if (warp < 4 && !steep) {
       const int i0 = 16 * warp;
       const bf16_t *kr = kh + (i0 + g) * pl, *qr = qh + (i0 + g) * pl;  // rows i0 + g, + 8 at + 8 pl
@@ -641,20 +654,22 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       for (int ks = 0; ks < K / 8; ks++) {
         unsigned kax[4], kaz[4], qax[4], qaz[4];
         float bx[2], by[2], bz[2];
+        const int a0 = slot(ks);
+        const unsigned kw = bf2(kr + a0), kw8 = bf2(kr + 8 * pl + a0), qw = bf2(qr + a0), qw8 = bf2(qr + 8 * pl + a0);
 #pragma unroll
-        for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk
-          const int a = slot(ks, hk);
+        for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk: channel a0 + hk
+          const int a = a0 + hk;
           const float lo = gr[a], hi = gr[8 * ld + a];  // gc of rows i0 + g and i0 + g + 8
-          const float k_lo = bf(kr + a), k_hi = bf(kr + 8 * pl + a);
-          const float q_lo = scale * bf(qr + a), q_hi = scale * bf(qr + 8 * pl + a);
-          const float ex = __expf(lo - g4[a]), ey = __expf(hi - g12[a]), ez = __expf(hi - g8[a]);
+          const float k_lo = hk ? bf_hi(kw) : bf_lo(kw), k_hi = hk ? bf_hi(kw8) : bf_lo(kw8);
+          const float q_lo = scale * (hk ? bf_hi(qw) : bf_lo(qw)), q_hi = scale * (hk ? bf_hi(qw8) : bf_lo(qw8));
+          const float ex = exp_ftz(lo - g4[a]), ey = exp_ftz(hi - g12[a]), ez = exp_ftz(hi - g8[a]);
           kax[2 * hk] = tf32_bits(k_lo * ex), kax[2 * hk + 1] = tf32_bits(k_hi * ey);
           qax[2 * hk] = tf32_bits(q_lo * ex), qax[2 * hk + 1] = tf32_bits(q_hi * ey);
           kaz[2 * hk] = qaz[2 * hk] = 0u;
           kaz[2 * hk + 1] = tf32_bits(k_hi * ez), qaz[2 * hk + 1] = tf32_bits(q_hi * ez);
-          bx[hk] = round_tf32(k_lo * __expf(g4[a] - lo));
-          by[hk] = round_tf32(k_hi * __expf(g12[a] - hi));
-          bz[hk] = round_tf32(k_lo * __expf(g8[a] - lo));
+          bx[hk] = round_tf32(k_lo * exp_ftz(g4[a] - lo));
+          by[hk] = round_tf32(k_hi * exp_ftz(g12[a] - hi));
+          bz[hk] = round_tf32(k_lo * exp_ftz(g8[a] - lo));
         }
         mma_tf32(kx, kax, bx[0], bx[1]);
         mma_tf32(ky, kax, by[0], by[1]);
@@ -684,17 +699,23 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       for (int ks = 0; ks < K / 8; ks++) {
         unsigned ak[4], aq[4];
         float bk[4][2];
+        const int a0 = slot(ks);
+        const unsigned kw = bf2(kr + a0), kw8 = bf2(kr + 8 * pl + a0), qw = bf2(qr + a0), qw8 = bf2(qr + 8 * pl + a0);
+        unsigned cw[4];
 #pragma unroll
-        for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk
-          const int a = slot(ks, hk);
-          const float e_lo = __expf(gr[a] - an[a]), e_hi = __expf(gr[8 * ld + a] - an[a]);
-          ak[2 * hk] = tf32_bits(bf(kr + a) * e_lo);
-          ak[2 * hk + 1] = tf32_bits(bf(kr + 8 * pl + a) * e_hi);
-          aq[2 * hk] = tf32_bits(scale * bf(qr + a) * e_lo);
-          aq[2 * hk + 1] = tf32_bits(scale * bf(qr + 8 * pl + a) * e_hi);
+        for (int nt = 0; nt < 4; nt++) cw[nt] = nt < nn ? bf2(kc + 8 * nt * pl + a0) : 0u;
+        auto half = [](unsigned w, int hk) { return hk ? bf_hi(w) : bf_lo(w); };
+#pragma unroll
+        for (int hk = 0; hk < 2; hk++) {  // k slot t + 4 hk: channel a0 + hk
+          const int a = a0 + hk;
+          const float e_lo = exp_ftz(gr[a] - an[a]), e_hi = exp_ftz(gr[8 * ld + a] - an[a]);
+          ak[2 * hk] = tf32_bits(half(kw, hk) * e_lo);
+          ak[2 * hk + 1] = tf32_bits(half(kw8, hk) * e_hi);
+          aq[2 * hk] = tf32_bits(scale * half(qw, hk) * e_lo);
+          aq[2 * hk + 1] = tf32_bits(scale * half(qw8, hk) * e_hi);
 #pragma unroll
           for (int nt = 0; nt < 4; nt++)
-            if (nt < nn) bk[nt][hk] = round_tf32(bf(kc + 8 * nt * pl + a) * __expf(an[a] - gj[8 * nt * ld + a]));
+            if (nt < nn) bk[nt][hk] = round_tf32(half(cw[nt], hk) * exp_ftz(an[a] - gj[8 * nt * ld + a]));
         }
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
@@ -718,7 +739,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   }
   __syncthreads();
   float *KKg = sc.KK + (size_t)ch * CH * CH;
-  for (int e = tid; e < CH * CH; e += NT) KKg[e] = kks[e];
+  for (int e = tid; e < CH * CH / 4; e += NT) ((float4 *)KKg)[e] = ((const float4 *)kks)[e];
   // qg, kl, el.
   // (bf16, two channels a store)
   __nv_bfloat162 *QG = (__nv_bfloat162 *)(sc.QG + (size_t)ch * CH * K);
@@ -734,14 +755,14 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
         const float2 qv = __bfloat1622float2(*(const __nv_bfloat162 *)(qh + i * pl + a));
         const float2 kv = __bfloat1622float2(*(const __nv_bfloat162 *)(kh + i * pl + a));
         const bool in_q = seg[i] == 0, in_k = seg[i] == last;
-        QG[i * pr + a / 2] = __floats2bfloat162_rn(in_q ? __expf(gi0) * (scale * qv.x) : 0.0f,
-                                                   in_q ? __expf(gi1) * (scale * qv.y) : 0.0f);
-        KL[i * pr + a / 2] = __floats2bfloat162_rn(in_k ? __expf(gl0 - gi0) * kv.x : 0.0f,
-                                                   in_k ? __expf(gl1 - gi1) * kv.y : 0.0f);
+        const float q0 = exp_ftz(gi0) * (scale * qv.x), q1 = exp_ftz(gi1) * (scale * qv.y);
+        const float k0 = exp_ftz(gl0 - gi0) * kv.x, k1 = exp_ftz(gl1 - gi1) * kv.y;
+        QG[i * pr + a / 2] = __floats2bfloat162_rn(in_q ? q0 : 0.0f, in_q ? q1 : 0.0f);
+        KL[i * pr + a / 2] = __floats2bfloat162_rn(in_k ? k0 : 0.0f, in_k ? k1 : 0.0f);
       }
     }
   }
-  if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? __expf(gc[(CH - 1) * ld + tid]) : 0.0f;
+  if (tid < K) sc.EL[(size_t)ch * K + tid] = last == 0 ? exp_ftz(gc[(CH - 1) * ld + tid]) : 0.0f;
   // M = (I + diag(beta) KK)^-1 (unit lower triangular) in 16-row blocks, into Ms over q (free from here on):
   // the diagonal blocks D_I by forward substitution, one column per thread; then the blocks below them,
   // M_IJ = -D_I sum_{J <= P < I} diag(beta_I) KK_IP M_PJ, which need only column block J's earlier blocks:
@@ -829,7 +850,10 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
   __syncthreads();
   // M^T for the backward's Y = M^T dX.
   float *MT = sc.MT + (size_t)ch * CH * CH;
-  for (int e = tid; e < CH * CH; e += NT) MT[e] = Ms[(e & 63) * lm + (e >> 6)];
+  for (int e = tid; e < CH * CH / 4; e += NT) {  // M^T[j][i .. i + 3] = M[i .. i + 3][j]
+    const float *m = Ms + 4 * (e & 15) * lm + (e >> 4);
+    ((float4 *)MT)[e] = make_float4(m[0], m[lm], m[2 * lm], m[3 * lm]);
+  }
   // (W | U) = M diag(beta) (eg K | V) on the tensor cores, fragments straight from shared memory: warp w owns the
   // 8-column tiles w, w + 8, w + 16, w + 24 (two of W, two of U at K = V = 128); k slot t (+ 4) of step s takes
   // row r = 8 t + c % 8 + 32 (c / 8), c = 2 s (+ 1), so that the reads of Ms (pitch 65) and gc hit 32 banks.
@@ -837,7 +861,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
     const int t = tid & 3, nn = (K + V) / 8;
     float acc[4][4][4] = {};  // (row tile mt, column tile w + 8 nt, fragment element)
     auto rhs = [&](int r, int n) {  // beta_r (eg_r k_r | v_r)[n]
-      if (n < K) return seg[r] == 0 ? beta[r] * __expf(gc[r * ld + n]) * bf(kh + r * pl + n) : 0.0f;
+      if (n < K) return seg[r] == 0 ? beta[r] * exp_ftz(gc[r * ld + n]) * bf(kh + r * pl + n) : 0.0f;
       return beta[r] * bf(vh + r * pv + n - K);
     };
 #pragma unroll 2
@@ -851,9 +875,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_intra_kernel(Scratch sc, con
       column_tiles_step(acc, Ms, lm, r[0], r[1], nn, rhs);
     }
     bf16_t *Wc = sc.W + (size_t)ch * CH * K, *Uc = sc.U + (size_t)ch * CH * V;
-    column_tiles_epilogue(acc, nn, [&](int, int i, int n, float x0, float x1) {
-      *(__nv_bfloat162 *)(n < K ? Wc + i * K + n : Uc + i * V + n - K) = __floats2bfloat162_rn(x0, x1);
-    });
+    column_tiles_store(acc, nn, Wc, K, Uc, V);
   }
 }
 
@@ -1270,9 +1292,9 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
   bf16_t *PDQ = sc.PDQ + cK, *PDK = sc.PDK + cK, *PDK2 = sc.PDK2 + cK, *DXK = sc.DXK + cK;
   // Phase 1: dqg = dO S0^T, dkl = Vp dS'^T, dX's k half = -dVp S0^T, del = rowsum(dS' * S0), dAqk = dO Vp^T
   state_products(dout, VP, DVP, S0, DS, stages, delS, b, h, t0, T, H, K, V, [&](int p, int i, int n, float x) {
-    if (p == 0) PDQ[i * K + n] = __float2bfloat16(seg[i] == 0 ? __expf(gc[i * ld + n]) * x : 0.0f);
+    if (p == 0) PDQ[i * K + n] = __float2bfloat16(seg[i] == 0 ? exp_ftz(gc[i * ld + n]) * x : 0.0f);
     else if (p == 1)
-      PDK[i * K + n] = __float2bfloat16(seg[i] == last ? __expf(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f);
+      PDK[i * K + n] = __float2bfloat16(seg[i] == last ? exp_ftz(gc[(CH - 1) * ld + n] - gc[i * ld + n]) * x : 0.0f);
     else if (p == 2) DXK[i * K + n] = __float2bfloat16(-x);
     else sc.DA[cC + i * CH + n] = __float2bfloat16(n <= i && seg[i] == seg[n] ? x : 0.0f);  // dAqk (lower, same doc.)
   });
@@ -1379,8 +1401,8 @@ static __global__ void __launch_bounds__(NT, 2) kda_wy_backward_kernel(bf16_t *d
           const __nv_bfloat162 r2 = *(const __nv_bfloat162 *)(kvs + wy_kv_at(i, nl));
           float r0 = __low2float(r2), r1 = __high2float(r2);
           if (n < K) {
-            const float e0 = seg[i] == 0 ? __expf(gc[i * ld + n]) : 0.0f;
-            const float e1 = seg[i] == 0 ? __expf(gc[i * ld + n + 1]) : 0.0f;
+            const float e0 = seg[i] == 0 ? exp_ftz(gc[i * ld + n]) : 0.0f;
+            const float e1 = seg[i] == 0 ? exp_ftz(gc[i * ld + n + 1]) : 0.0f;
             r0 = l2norm_bf16(r0, rk[i]) * e0, r1 = l2norm_bf16(r1, rk[i]) * e1;
             *(__nv_bfloat162 *)(PDK2 + i * K + n) = __floats2bfloat162_rn(e0 * beta[i] * y0, e1 * beta[i] * y1);
           } else if (t0 + i < T) {
@@ -1587,14 +1609,14 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
           for (int nt = 0; nt < 4; nt++) {
             if (nt >= ntg) continue;
             const int cn = cb + nt + ntg * g8;
-            const float b0 = round_tf32(kf(j, cn) * __expf(an[nt] - gc[j * ld + cn]));
-            const float b1 = round_tf32(kf(j + 4, cn) * __expf(an[nt] - gc[(j + 4) * ld + cn]));
+            const float b0 = round_tf32(kf(j, cn) * exp_ftz(an[nt] - gc[j * ld + cn]));
+            const float b1 = round_tf32(kf(j + 4, cn) * exp_ftz(an[nt] - gc[(j + 4) * ld + cn]));
             mma_tf32(cp[nt], ap, b0, b1);
             mma_tf32(cq[nt], aq, b0, b1);
           }
         }
         each_element([&](int nt, int r, int i, int cn) {
-          const float f = __expf(gc[i * ld + cn] - gc[I0 * ld + cn]);
+          const float f = exp_ftz(gc[i * ld + cn] - gc[I0 * ld + cn]);
           cp[nt][r] = cp[nt][r] * f, cq[nt][r] = cq[nt][r] * f;
         });
         transpose(cp, P, false);
@@ -1619,13 +1641,13 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
           for (int nt = 0; nt < 4; nt++) {
             if (nt >= ntg) continue;
             const int cn = cb + nt + ntg * g8;
-            const float e0 = __expf(gc[m * ld + cn] - an[nt]), e1 = __expf(gc[(m + 4) * ld + cn] - an[nt]);
+            const float e0 = exp_ftz(gc[m * ld + cn] - an[nt]), e1 = exp_ftz(gc[(m + 4) * ld + cn] - an[nt]);
             mma_tf32(cr[nt], aw, round_tf32(kf(m, cn) * e0), round_tf32(kf(m + 4, cn) * e1));
             mma_tf32(cr[nt], ad, round_tf32(qf(m, cn) * e0), round_tf32(qf(m + 4, cn) * e1));
           }
         }
         each_element([&](int nt, int r, int i, int cn) {
-          cr[nt][r] = cr[nt][r] * __expf(gc[I1 * ld + cn] - gc[i * ld + cn]);
+          cr[nt][r] = cr[nt][r] * exp_ftz(gc[I1 * ld + cn] - gc[i * ld + cn]);
         });
         transpose(cr, R, true);
       } else {
@@ -1642,7 +1664,7 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
       for (int r = 0; r < 16; r++) {
         const int i = I0 + r;
         kv[r] = kf(i, a), qv[r] = qf(i, a);
-        al[r] = r ? __expf(gc[i * ld + a] - gc[(i - 1) * ld + a]) : 1.0f;
+        al[r] = r ? exp_ftz(gc[i * ld + a] - gc[(i - 1) * ld + a]) : 1.0f;
       }
       // The diagonal pairs (E_ii = 1) apart: they give dq and dk but nothing to the gate (q_i dA_ii k_i enters
       // dgc_i through Q and again, negated, through R), so leaving them out of Q and R keeps dg free of that
