@@ -40,7 +40,9 @@
 //   sub-chunks (KK, Aqk, the pairwise backward's P, Q, R) with both factors <= 1, each warp building its fragments
 //   straight from shared memory (small products: no staging tile, no block barrier); inside a sub-chunk, in the
 //   forward, three 8 x 8 blocks with anchors 4, 12 (factors within e^+-64) and 8, falling back to one fp32 exponential
-//   per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over four rows; in the pairwise
+//   per pair and channel on the CUDA cores for a chunk whose gate falls by more than 64 over four rows (the forward's
+//   pairs are eight units, one a warp: a sub-chunk's KK and Aqk together, or 16-32 columns of one sub-chunk's cross
+//   pairs, each sharing its B fragments and exponentials between KK and Aqk); in the pairwise
 //   backward on the CUDA cores, a running product along the sub-chunk (one multiplication per pair). M = (I + L)^-1 is
 //   built from its four 16 x 16 diagonal blocks (forward substitution on CUDA cores), the blocks below them on the
 //   tensor cores in 3xTF32, one warp per column block (no block barriers); W | U = M diag(beta) (eg K | V) by warps
@@ -67,6 +69,9 @@
 //   times below were measured before, with the norms as separate kernels.
 // - The gate gradient dg_t = sum_i>=t dgc_i leaves out what cancels exactly (a diagonal pair's q_i dA_ii k_i,
 //   the last row's kl term): with steep decays dg is ~e^-10 of those terms, and their rounding was a 3% error.
+// - Every exponential is exp_ftz (ex2.approx.ftz of x log2(e): __expf without its subnormal rescaling, two
+//   instructions instead of five; a result below 2^-126 becomes 0). The per-chunk kernels issue about one per
+//   operand element they build, so this alone took 5% off the forward (session 27).
 // - fp32 is required for: the recurrent state and its gradient (they accumulate over the whole sequence),
 //   the cumulative gates and every exponential of them, M (built in fp32 or 3xTF32; it enters products as tf32),
 //   and all accumulators. tf32 inputs (10-bit mantissa) are used only as tensor-core operands (the per-chunk
@@ -281,6 +286,10 @@ static __device__ __forceinline__ void column_tiles_store(const float (&acc)[4][
 static __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+// bytes (a multiple of 16) from p (16-byte aligned) into L2, one instruction (sm_90's bulk prefetch).
+static __device__ __forceinline__ void l2_prefetch(const void *p, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
 static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 static __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
@@ -1529,6 +1538,10 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
     cp_async16(raw + CH * CH + 8 * e, sc.DA + cC + 8 * e);
   }
   cp_async_commit();
+  if (tid == 0) {  // PDQ, PDK, PDK2 (read after the products, at the end of each round) into L2 meanwhile
+    const size_t cK = (size_t)ch * CH * K;
+    for (const bf16_t *p : {sc.PDQ, sc.PDK, sc.PDK2}) l2_prefetch(p + cK, CH * K * sizeof(bf16_t));
+  }
   load_rows_l2norm(qh, pl, rq, q, b, h, t0, T, H, K);
   load_rows_l2norm(kh, pl, rk, k, b, h, t0, T, H, K);
   load_gates(gc, ld, beta, seg, g, beta_in, doc_start, b, h, t0, T, H, K);
@@ -1729,13 +1742,24 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
       const bf16_t *kp = k + AT(b, t0, h, K) + tid;  // row t0 + i at kp + i * row (read while t0 + i < T)
       const bf16_t *k1p = sc.PDK + cK + tid;
       float p = 0.0f;
-#pragma unroll 8
-      for (int i = 0; i < CH; i++) {
-        const float kv = t0 + i < T ? l2norm_bf16(bf(kp + i * row), rk[i]) : 0.0f;
-        // (not fused into p's sum: the one-block kernel's product went through shared memory, rounded)
-        const float x = __fmul_rn(__bfloat162float(__ldg(k1p + i * K)), kv);
-        pre[i * ld + tid] = p;
-        p += x;
+#pragma unroll
+      for (int i0 = 0; i0 < CH; i0 += 16) {  // 16 rows' loads in flight together, then their sums in order
+        float kr[16], k1[16];
+#pragma unroll
+        for (int u = 0; u < 16; u++) {
+          const int i = i0 + u;
+          kr[u] = t0 + i < T ? bf(kp + i * row) : 0.0f;
+          k1[u] = __bfloat162float(__ldg(k1p + i * K));
+        }
+#pragma unroll
+        for (int u = 0; u < 16; u++) {
+          const int i = i0 + u;
+          const float kv = t0 + i < T ? l2norm_bf16(kr[u], rk[i]) : 0.0f;
+          // (not fused into p's sum: the one-block kernel's product went through shared memory, rounded)
+          const float x = __fmul_rn(k1[u], kv);
+          pre[i * ld + tid] = p;
+          p += x;
+        }
       }
     }
     float acc = __ldg(sc.DGL + (size_t)ch * K + tid);
@@ -1750,17 +1774,43 @@ static __global__ void __launch_bounds__(NT, 2) kda_pairwise_backward_kernel(bf1
     // w - 4, w, w + 4, .. of q and k; xn read again from global memory (l2norm_bf16: the bits load_rows_l2norm
     // gave), dxn from q's and k's shared memory.
     const size_t row = (size_t)H * K, o0 = AT(b, t0, h, K);  // row t0 + i of q, k, dq and dk at o0 + i * row
-    for (int i = (tid >> 5) - NT / 64; i < CH && t0 + i < T; i += NT / 64) {
-      const size_t o = o0 + i * row;
-      float dotq = 0.0f, dotk = 0.0f;
-      for (int a = lane; a < K; a += 32) {
-        dotq = fmaf(l2norm_bf16(bf(q + o + a), rq[i]), bf(qh + i * pl + a), dotq);
-        dotk = fmaf(l2norm_bf16(bf(k + o + a), rk[i]), bf(kh + i * pl + a), dotk);
+    // RB rows at a time (rows i0 + 4 r): their loads in flight together, the raw rows kept in registers.
+    constexpr int RB = 4;
+    for (int i0 = (tid >> 5) - NT / 64; i0 < CH; i0 += RB * (NT / 64)) {
+      float xq[RB][4], xk[RB][4];
+#pragma unroll
+      for (int r = 0; r < RB; r++) {
+        const int i = i0 + 4 * r;
+        const bool in = i < CH && t0 + i < T;
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          const int a = lane + 32 * u;
+          xq[r][u] = in && a < K ? bf(q + o0 + i * row + a) : 0.0f;
+          xk[r][u] = in && a < K ? bf(k + o0 + i * row + a) : 0.0f;
+        }
       }
-      dotq = warp_sum(dotq), dotk = warp_sum(dotk);
-      for (int a = lane; a < K; a += 32) {
-        dq[o + a] = __float2bfloat16(rq[i] * fmaf(-l2norm_bf16(bf(q + o + a), rq[i]), dotq, bf(qh + i * pl + a)));
-        dk[o + a] = __float2bfloat16(rk[i] * fmaf(-l2norm_bf16(bf(k + o + a), rk[i]), dotk, bf(kh + i * pl + a)));
+#pragma unroll
+      for (int r = 0; r < RB; r++) {
+        const int i = i0 + 4 * r;
+        if (i >= CH || t0 + i >= T) break;
+        const size_t o = o0 + i * row;
+        float dotq = 0.0f, dotk = 0.0f;
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          const int a = lane + 32 * u;
+          if (a >= K) break;
+          xq[r][u] = l2norm_bf16(xq[r][u], rq[i]), xk[r][u] = l2norm_bf16(xk[r][u], rk[i]);
+          dotq = fmaf(xq[r][u], bf(qh + i * pl + a), dotq);
+          dotk = fmaf(xk[r][u], bf(kh + i * pl + a), dotk);
+        }
+        dotq = warp_sum(dotq), dotk = warp_sum(dotk);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          const int a = lane + 32 * u;
+          if (a >= K) break;
+          dq[o + a] = __float2bfloat16(rq[i] * fmaf(-xq[r][u], dotq, bf(qh + i * pl + a)));
+          dk[o + a] = __float2bfloat16(rk[i] * fmaf(-xk[r][u], dotk, bf(kh + i * pl + a)));
+        }
       }
     }
   }
