@@ -86,24 +86,24 @@
 // - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside, session 27: fwd 1.87 ms,
 //   fwd+bwd 5.24 ms; fla's Triton chunk_kda 2.37 / 12.33 ms in the same command). Per kernel (ncu, kernels serialized;
 //   ms, DRAM GB, TB/s; measured on this file plus two changes that were dropped as neutral): intra 1.08 (0.91 with the
-//   bounded gate or the op's raw inputs: bench/README, "Steep gates"), 1.56, 1.45; state 0.61, 1.15, 1.87; state backward
-//   0.50, 1.01, 2.03; WY backward 1.38, 2.99, 2.17; pairwise backward 1.23, 1.93, 1.57; the gate's kernels 0.16 and 0.19.
-//   Session 26's bf16 buffers took the bytes to 8.8 GB (fwd+bwd 6.82 -> 5.79 ms), and the kernels that streamed at 2.7
-//   TB/s now run at about 2: they wait on latency and instructions more than on bytes. Session 27 cut instructions: the
-//   intra kernel built its operand elements one at a time, about one exponential each, five instructions as __expf (now
-//   two), the same ones twice in the KK and Aqk warps (now once); 1.42 -> 1.08 ms (67.7 K warp instructions a block after
-//   the first of those changes, ncu at 2 x 4096). The pairwise backward's tail (dg's prefix sums and the norms' backward,
-//   49% of a block's cycles) was a chain of memory latencies, one a row; now 16 or 4 rows' loads fly together (1.40 ->
-//   1.23 ms). The backward kernels' phases (prologue loads of q, k and the gates, a serial memory latency; the state
-//   products; the panels) ran one after another at one block per SM; a second block per SM overlaps them (session 21, the
-//   WY backward at 108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session 22, the pairwise backward at 107 KB instead of
-//   200: 7.52 -> 7.32 ms). With few heads and long sequences (1 x 65536 x 16) the state passes are still the largest
-//   part: one warp per SM sub-partition, each instruction waiting on the one before (the bf16 products halved that chain:
-//   fwd 6.3 -> 6.1 ms there). bench/README has the per-phase tables. Tried and dropped: fp16 per-chunk buffers (session
-//   25: the widening on the state passes' chain, and QG's, W's rows below fp16's range under steep decays), an L2
-//   prefetch of the next chunk's operands in the state passes (session 26: 1 x 65536 fwd -1.4% but fwd+bwd +2.7%, 2 x
-//   16384 +1.7%); the gates' loads in flight while q and k load and normalize (session 27: fwd+bwd +3%, the backward
-//   kernels' prologue longer).
+//   bounded gate or the op's raw inputs: bench/README, "Steep gates"), 1.56, 1.45; state 0.61, 1.15, 1.87; state
+//   backward 0.50, 1.01, 2.03; WY backward 1.38, 2.99, 2.17; pairwise backward 1.23, 1.93, 1.57; the gate's kernels
+//   0.16 and 0.19. Session 26's bf16 buffers took the bytes to 8.8 GB (fwd+bwd 6.82 -> 5.79 ms), and the kernels that
+//   streamed at 2.7 TB/s now run at about 2: they wait on latency and instructions more than on bytes. Session 27 cut
+//   instructions: the intra kernel built its operand elements one at a time, about one exponential each, five
+//   instructions as __expf (now two), the same ones twice in the KK and Aqk warps (now once); 1.42 -> 1.08 ms (67.7 K
+//   warp instructions a block after the first of those changes, ncu at 2 x 4096). The pairwise backward's tail (dg's
+//   prefix sums and the norms' backward, 49% of a block's cycles) was a chain of memory latencies, one a row; now 16 or
+//   4 rows' loads fly together (1.40 -> 1.23 ms). The backward kernels' phases (prologue loads of q, k and the gates, a
+//   serial memory latency; the state products; the panels) ran one after another at one block per SM; a second block
+//   per SM overlaps them (session 21, the WY backward at 108 KB instead of 215: fwd+bwd 7.81 -> 7.46 ms; session 22,
+//   the pairwise backward at 107 KB instead of 200: 7.52 -> 7.32 ms). With few heads and long sequences (1 x 65536 x
+//   16) the state passes are still the largest part: one warp per SM sub-partition, each instruction waiting on the one
+//   before (the bf16 products halved that chain: fwd 6.3 -> 6.1 ms there). bench/README has the per-phase tables. Tried
+//   and dropped: fp16 per-chunk buffers (session 25: the widening on the state passes' chain, and QG's, W's rows below
+//   fp16's range under steep decays), an L2 prefetch of the next chunk's operands in the state passes (session 26: 1 x
+//   65536 fwd -1.4% but fwd+bwd +2.7%, 2 x 16384 +1.7%); the gates' loads in flight while q and k load and normalize
+//   (session 27: fwd+bwd +3%, the backward kernels' prologue longer).
 // - Few (b, h), long sequences (the state passes' blocks on at most half of the SMs, e.g. 2 x 16384 x 16 and
 //   1 x 65536 x 16): the chunks are cut into segments, and the per-chunk kernels of one segment run on a second
 //   stream beside the state pass of another (forward: intra(s + 1) beside state(s), the output inside the state
