@@ -85,7 +85,7 @@
 //   contract is 1e-2.
 // - What limits it now (H100, 8 x 4096 x 16 x 128 with the softplus gate, the norms inside, session 27: fwd 1.87 ms,
 //   fwd+bwd 5.24 ms; fla's Triton chunk_kda 2.37 / 12.33 ms in the same command). Per kernel (ncu, kernels serialized;
-//   ms, DRAM GB, TB/s; measured on this file plus two changes that were dropped as neutral): intra 1.08 (0.91 with the
+//   ms, DRAM GB, TB/s; measured on this file plus two dropped changes, together neutral): intra 1.08 (0.91 with the
 //   bounded gate or the op's raw inputs: bench/README, "Steep gates"), 1.56, 1.45; state 0.61, 1.15, 1.87; state
 //   backward 0.50, 1.01, 2.03; WY backward 1.38, 2.99, 2.17; pairwise backward 1.23, 1.93, 1.57; the gate's kernels
 //   0.16 and 0.19. Session 26's bf16 buffers took the bytes to 8.8 GB (fwd+bwd 6.82 -> 5.79 ms), and the kernels that
