@@ -26,7 +26,8 @@ def timed(s, start, marks, kid, end_id):
     except ValueError:
         print(f"phase_timers: {start.split('(')[0]} left untimed (an anchor is missing)", file=sys.stderr)
     return s
-s = timed(s, "kda_intra_kernel(Scratch", [("load_rows_l2norm(qh", 0), ("// Pairwise products inside", 1), ("// Eight units on the tensor cores", 2),
+s = timed(s, "kda_intra_kernel(Scratch", [("load_rows_l2norm(qh", 0), ("// Pairwise products inside", 1),
+          ("// Eight units on the tensor cores", 2),
           ("float *KKg = sc.KK", 3), ("// qg, kl, el.", 4), ("// M = (I + diag(beta) KK)^-1", 5), ("// M^T for the backward", 6)], 0, 7)
 wy = [("const size_t cK = (size_t)ch * CH * K, cV", 0), ("// Y = M^T dX on the tensor cores", 1), ("// dL = -Y X^T", 2),
       ("// dbeta_i = Y_i", 3)]
